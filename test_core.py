@@ -3,15 +3,26 @@
 Exact answers where the math gives one, equivalence with diffusers' reference models on
 tiny random weights, behaviour rather than shapes. Sections follow the files they test.
 """
+import io
+import json
+import math
 import os
+import tarfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup must fail at once, never retry
 
-import pytest
-import torch
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-import diffusion
-from diffusion import T, Schedule
+import conditioning  # noqa: E402
+import data  # noqa: E402
+import diffusion  # noqa: E402
+import models  # noqa: E402
+from diffusion import T, Schedule  # noqa: E402
+from models import UNET_SIZES, UNet, import_diffusers_unet, unet_kwargs_from_diffusers  # noqa: E402
+
 
 # ----------------------------------------------------------------------------- diffusion.py
 
@@ -147,3 +158,473 @@ def test_guidance_law():
     assert diffusion.guidance_law(1.5, 2) == 2.0  # App. C: 1.5 at 256 -> 2.0 at 512
     assert diffusion.guidance_law(1.5, 1) == 1.5
     assert diffusion.guidance_law(1.0, 4) == 1.0  # no guidance stays no guidance
+
+
+# ----------------------------------------------------------------------------- conditioning.py + data.py
+
+def _dat_png_bytes(seed, fmt="JPEG", size=(40, 56)):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _dat_bad_files():
+    """The three kinds of bad data: truncated JPEG, zero-byte file, a text file named like an image."""
+    good = _dat_png_bytes(99)
+    return {"trunc.jpg": good[: len(good) // 2], "empty.jpg": b"", "notimage.jpg": b"this is not an image\n"}
+
+
+def test_gamma_schedules():
+    torch.manual_seed(0)
+    T = diffusion.T
+    t = torch.arange(T + 1)
+    g = conditioning.gamma_c(t, "cosine", alpha=8.0)
+    assert g[0] == 1 and g[-1] == 0  # clean data -> 1, pure noise (t = T) -> 0
+    assert (g[1:] <= g[:-1]).all()  # monotone non-increasing in t
+    # exact values of Eq. 1 (float64 reference)
+    ref = [(1 - math.cos(math.pi * (1 - k / T) ** 8)) / 2 for k in range(T + 1)]
+    assert torch.allclose(g.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-6)
+    assert (g[t >= 0.4 * T] < 0.01).all()  # alpha = 8: off until t/T < 0.4 ...
+    assert g[int(0.2 * T)] > 0.05  # ... and on well before clean data
+    assert torch.isclose(g[int(0.4 * T)], torch.tensor((1 - math.cos(math.pi * 0.6 ** 8)) / 2), atol=1e-7)
+    assert (conditioning.gamma_c(t, "uniform") == 1).all()
+    assert torch.allclose(conditioning.gamma_c(t, "linear"), 1 - t / T)
+    step = conditioning.gamma_c(t[:T], "step", step_sigma=1.0)
+    assert torch.equal(step, (diffusion.Schedule().sigma <= 1.0).float())  # Tab. A6: delta(sigma_t <= c)
+    assert step[0] == 1 and step[-1] == 0
+    with pytest.raises(ValueError):
+        conditioning.gamma_c(t, "bogus")
+
+
+def test_control_zero_init():
+    torch.manual_seed(0)
+    phi = torch.tensor([[10.0, 3.0, 1.0, 256.0, 341.0], [0.0, 0.0, 0.0, 64.0, 48.0]])
+    t = torch.tensor([17, 900])
+    for signals in [("crop",), ("size",), ("flip",), ("crop", "size", "flip")]:
+        for sched in conditioning.GAMMA_SCHEDULES:
+            emb = conditioning.ControlEmbedder(32, signals, schedule=sched)
+            out = emb(phi, t)
+            assert out.shape == (2, 32) and torch.equal(out, torch.zeros(2, 32))  # exactly zero when fresh
+    # the test can fail: a trained (non-zero) last layer gives a non-zero output, except where keep = 0
+    emb = conditioning.ControlEmbedder(32)
+    for m in (emb.E_h, emb.E_l):
+        torch.nn.init.normal_(m.mlp[2].weight)
+    out = emb(phi, torch.tensor([0, 0]), keep=torch.tensor([1.0, 0.0]))
+    assert out[0].abs().sum() > 0 and torch.equal(out[1], torch.zeros(32))
+    # gamma_c gates the low-level (size) branch: at t = T-1 only E_h contributes
+    assert torch.allclose(emb(phi, torch.tensor([999, 999])), emb.E_h(phi[:, emb.hi_cols]), atol=1e-6)
+
+
+def test_text_padding_modes():
+    torch.manual_seed(0)
+    B, L, D = 3, conditioning.TEXT_LEN, 256
+    tokens = torch.randn(B, L, D) * torch.rand(1, 1, D) * 3 + 1  # channel-dependent scales
+    eot = torch.tensor([4, 10, 76])
+    pos = torch.arange(L)[None]
+    pad = pos > eot[:, None]  # (B, L)
+    z = conditioning.pad_text(tokens, eot, "zero")
+    assert (z[pad] == 0).all() and torch.equal(z[~pad], tokens[~pad])
+    r = conditioning.pad_text(tokens, eot, "replicate")
+    for b in range(B):
+        n = int(eot[b]) + 1
+        assert torch.equal(r[b], tokens[b, torch.arange(L) % n])  # exact cyclic copies of SOT..EOT
+    assert torch.equal(conditioning.pad_text(tokens, eot, "noisy", training=False), r)  # no noise at sampling
+    beta = 0.1
+    g = torch.Generator().manual_seed(0)
+    noisy = conditioning.pad_text(tokens, eot, "noisy", beta=beta, training=True, generator=g)
+    assert torch.equal(noisy[~pad], tokens[~pad])  # real tokens untouched
+    for b in range(2):  # b = 2 fills the context: m = 1, no noise
+        n = int(eot[b]) + 1
+        real = tokens[b, :n]
+        std_ch = real.std(0, unbiased=False)  # (D,) per-channel std over the real tokens
+        m = math.ceil(L / n)
+        dev = (noisy[b] - r[b])[n:] / (beta * math.sqrt(m - 1) * std_ch)  # should be N(0, 1)
+        assert abs(dev.std().item() - 1) < 0.03 and abs(dev.mean().item()) < 0.03
+    assert torch.equal(noisy[2], r[2])
+    # the real tokenizer's EOT index: SOT + words + EOT
+    enc = conditioning.TextEncoder("tiny")
+    tok, pooled, eot2 = enc(["a red circle on the left", ""])
+    assert tok.shape == (2, L, enc.dim) and pooled.shape == (2, enc.pooled_dim)
+    assert eot2.tolist() == [7, 1]
+    cond = conditioning.encode_text(enc, ["a red circle on the left"], "replicate")
+    assert torch.equal(cond["text"][0, 8:16], cond["text"][0, :8])  # copies start right after EOT
+    assert torch.allclose(cond["text"][0, :8], tok[0, :8], atol=1e-5)
+    with pytest.raises(SystemExit, match="--text-weights"):  # missing weights: one line naming the flag
+        conditioning.TextEncoder("ViT-L-14", "/nonexistent/open_clip.bin", flag="--text-weights")
+
+
+def test_condition_dropout_rates():
+    torch.manual_seed(0)
+    B, K = 40_000, 10
+    cond = {"y": torch.randint(0, K, (B,)), "phi": torch.rand(B, 5)}
+    null = conditioning.null_semantic(num_classes=K)
+    out = conditioning.drop_conditions(cond, p_sem=0.1, p_ctrl=0.3, null_sem=null,
+                                       generator=torch.Generator().manual_seed(1))
+    sem, ctrl = out["y"] == K, out["keep_ctrl"] == 0
+    assert abs(sem.float().mean() - 0.1) < 0.01 and abs(ctrl.float().mean() - 0.3) < 0.01
+    assert abs((sem & ctrl).float().mean() - 0.03) < 0.005  # independent: joint rate = product
+    assert torch.equal(out["y"][~sem], cond["y"][~sem]) and "keep_ctrl" not in cond  # input untouched
+    none = conditioning.drop_conditions(cond, 0.0, 0.0, null)
+    assert torch.equal(none["y"], cond["y"]) and (none["keep_ctrl"] == 1).all()
+    # text mode: dropped rows carry exactly the empty-prompt features
+    D = 8
+    tcond = {"text": torch.randn(2000, 77, D), "pooled": torch.randn(2000, D)}
+    tnull = {"text": torch.randn(1, 77, D), "pooled": torch.randn(1, D)}
+    tout = conditioning.drop_conditions(tcond, 0.5, 0.5, tnull, torch.Generator().manual_seed(2))
+    dropped = (tout["pooled"] == tnull["pooled"]).all(-1)
+    assert abs(dropped.float().mean() - 0.5) < 0.05
+    assert (tout["text"][dropped] == tnull["text"]).all()
+    assert torch.equal(tout["text"][~dropped], tcond["text"][~dropped])
+    # guidance branches (Eq. 2): cond_s drops control only, cond_null drops both
+    c, c_s, c_null = conditioning.guidance_conds(cond, null)
+    assert c is cond and torch.equal(c_s["y"], cond["y"]) and (c_s["keep_ctrl"] == 0).all()
+    assert (c_null["y"] == K).all() and (c_null["keep_ctrl"] == 0).all()
+
+
+def test_crop_metadata():
+    torch.manual_seed(0)
+    R = 24
+    for crop in ("global", "local", "mix", "center"):
+        ds = data.build_dataset("embedded", resolution=R, crop=crop, seed=3, length=40)
+        flips = set()
+        for i in range(0, 40, 3):
+            s = ds[i]
+            top, left, flip, h, w = (int(v) for v in s["phi"])
+            orig = np.asarray(ds.original(i))
+            assert (h, w) == orig.shape[:2]  # φ sizes are the original's, in pixels
+            side = s["crop_size"]
+            if crop != "center":
+                lo, hi = data.CROP_RANGES[crop]
+                assert lo - 0.01 <= side / min(h, w) <= hi + 0.01
+            assert 0 <= top <= h - side and 0 <= left <= w - side
+            # re-crop the original with φ (numpy slicing, independent of the loader) -> same pixels
+            patch = Image.fromarray(orig[top:top + side, left:left + side]).resize((R, R), Image.BICUBIC)
+            ref = torch.from_numpy(np.asarray(patch).copy()).permute(2, 0, 1).float() / 127.5 - 1
+            ref = ref.flip(-1) if flip else ref
+            assert torch.equal(s["image"], ref), (crop, i)
+            flips.add(flip)
+            assert torch.equal(ds[i]["image"], s["image"])  # deterministic given (seed, epoch, i)
+        assert flips == ({0} if crop == "center" else {0, 1})  # flipped samples were exercised
+    ds.crop = "mix"
+    a = ds[5]["phi"]
+    ds.set_epoch(1)
+    assert not torch.equal(a, ds[5]["phi"])  # new epoch, new augmentation
+
+
+def test_bad_images_skipped(tmp_path):
+    torch.manual_seed(0)
+    # ImageFolder: 3 good images in 2 classes + 3 bad files
+    for cls, files in {"cat": {"a.jpg": _dat_png_bytes(0), "b.png": _dat_png_bytes(1, "PNG"), **_dat_bad_files()},
+                       "dog": {"c.jpg": _dat_png_bytes(2)}}.items():
+        os.makedirs(tmp_path / "folder" / cls)
+        for name, b in files.items():
+            (tmp_path / "folder" / cls / name).write_bytes(b)
+    ds = data.build_dataset("imagefolder", str(tmp_path / "folder"), resolution=16)
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=data.collate))
+    assert sum(len(b.get("y", [])) for b in batches) == 3 and sum(b["n_bad"] for b in batches) == 3
+    assert sorted(sum((b.get("y", torch.zeros(0)).tolist() for b in batches), [])) == [0, 0, 1]
+    # tar shard (img2dataset layout): 2 good (one without caption) + 3 bad
+    members = {"000.jpg": _dat_png_bytes(3), "000.txt": b"a good one", "001.jpg": _dat_bad_files()["trunc.jpg"],
+               "001.txt": b"x", "002.jpg": b"", "002.txt": b"y", "003.png": b"not a png", "003.txt": b"z",
+               "004.png": _dat_png_bytes(4, "PNG")}
+    with tarfile.open(tmp_path / "shard-00000.tar", "w") as tar:
+        for name, b in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(b)
+            tar.addfile(info, io.BytesIO(b))
+    wds = data.build_dataset("wds", str(tmp_path / "shard-*.tar"), resolution=16)
+    batches = list(torch.utils.data.DataLoader(wds, batch_size=2, collate_fn=data.collate))
+    caps = sum((b.get("caption", []) for b in batches), [])
+    assert caps == ["a good one", ""]
+    assert sum(b["n_bad"] for b in batches) == 3 and sum(b["n_nocap"] for b in batches) == 1
+    # caption sidecar folder: missing caption -> "" and counted; bad file -> skipped
+    os.makedirs(tmp_path / "caps")
+    (tmp_path / "caps" / "p.jpg").write_bytes(_dat_png_bytes(5))
+    (tmp_path / "caps" / "p.txt").write_text("hello")
+    (tmp_path / "caps" / "q.jpg").write_bytes(_dat_png_bytes(6))
+    (tmp_path / "caps" / "r.jpg").write_bytes(b"")
+    b = data.collate([s for s in data.build_dataset("captions", str(tmp_path / "caps"), resolution=16)])
+    assert b["caption"] == ["hello", ""] and b["n_bad"] == 1 and b["n_nocap"] == 1
+
+
+def test_latent_shards_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    ds = data.build_dataset("embedded", resolution=32, crop="mix", seed=1, length=6)
+    vae = data.load_vae("tiny")
+    meta = data.extract_latents(ds, vae, str(tmp_path), k=2, shard_size=5, dtype=torch.float32)
+    assert meta["rows"] == 12 and len([f for f in os.listdir(tmp_path) if f.startswith("shard_")]) == 3
+    assert json.load(open(tmp_path / "meta.json"))["scale"] == data.VAE_SCALE
+    expected = {}  # (key, φ) -> latent, computed independently of the writer
+    for j in range(2):
+        ds.set_epoch(j)
+        b = data.collate([ds[i] for i in range(6)])
+        z = data.encode(vae, b["image"])
+        assert z.shape == (6, 4, 4, 4)
+        for i in range(6):
+            expected[(b["key"][i], tuple(b["phi"][i].tolist()))] = (z[i], b["y"][i].item(), b["caption"][i])
+    lds = data.build_dataset("latents", str(tmp_path), seed=0)
+    assert len(lds) == 6
+    seen = set()
+    for e in range(16):
+        lds.set_epoch(e)
+        for i in range(6):
+            s = lds[i]
+            z, y, cap = expected[(s["key"], tuple(s["phi"].tolist()))]  # same φ as written
+            assert torch.allclose(s["latent"], z, atol=1e-6) and s["y"] == y and s["caption"] == cap
+            seen.add((s["key"], tuple(s["phi"].tolist())))
+    assert len(seen) == 12  # both stored crops of every image are served across epochs
+    with pytest.raises(SystemExit, match="--vae"):  # missing weights: one line naming the flag
+        data.load_vae("/nonexistent/vae")
+    x = data.decode(vae, s["latent"][None])
+    assert x.shape == (1, 3, 32, 32) and x.abs().max() <= 1
+
+
+# ----------------------------------------------------------------------------- models.py
+
+_MDL_CTRL = ("crop", "size", "flip")
+
+
+def _mdl_modes(arch):
+    """Every conditioning mode an architecture supports: class via each class_in, and text."""
+    cls = models.MODELS[arch]
+    modes = [dict(num_classes=10, class_in=ci) for ci in getattr(cls, "class_in_modes", ("adaln",))]
+    if getattr(cls, "supports_text", False):
+        modes.append(dict(text_dim=48, pooled_dim=24))
+    return modes
+
+
+_MDL_CASES = [(a, m) for a in models.MODELS for m in _mdl_modes(a)]
+_MDL_IDS = [f"{a}-{m.get('class_in', 'text')}" for a, m in _MDL_CASES]
+
+
+def _mdl_inputs(B=2, C=4, R=16, text_dim=48, pooled_dim=24):
+    return (torch.randn(B, C, R, R), torch.randint(0, 1000, (B,)),
+            {"y": torch.tensor([3, 10, 7, 1][:B]), "text": torch.randn(B, 77, text_dim),
+             "pooled": torch.randn(B, pooled_dim), "phi": torch.rand(B, 5) * 256, "keep_ctrl": torch.ones(B)})
+
+
+@torch.no_grad()
+def _mdl_randomize(module, std=0.05):
+    """Perturb every parameter so zero-initialised layers stop hiding dead branches / bad mappings."""
+    for p in module.parameters():
+        p.add_(torch.randn_like(p) * std)
+
+
+def test_equivalence_dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    ref = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10).eval()
+    _mdl_randomize(ref)
+    with pytest.raises(ValueError):  # untied per-block embedders cannot be one DiT: the importer must refuse
+        models.import_diffusers(ref)
+    with torch.no_grad():  # converted DiT checkpoints tie them: do the same
+        for blk in ref.transformer_blocks[1:]:
+            blk.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
+    ours = models.import_diffusers(ref).eval()
+    x, t, cond = _mdl_inputs()
+    with torch.no_grad():
+        want = ref(x, timestep=t, class_labels=cond["y"]).sample[:, :4]  # eps half of eps + variance
+        got = ours(x, t, cond)
+    err = (got - want).abs().max().item()
+    print(f"DiT max abs err {err:.2e}")
+    assert err <= 1e-5, err
+
+
+def test_equivalence_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    ref = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                   num_layers=2, cross_attention_dim=32, sample_size=16, patch_size=2,
+                                   caption_channels=48).eval()
+    _mdl_randomize(ref)
+    ours = models.import_diffusers(ref).eval()
+    x, t, cond = _mdl_inputs()
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=cond["text"], timestep=t,
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :4]
+        got = ours(x, t, cond)
+    err = (got - want).abs().max().item()
+    print(f"PixArt max abs err {err:.2e}")
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
+def test_equivalence_sd3_mmdit(qk_norm):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    ref = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=32,
+                                qk_norm=qk_norm).eval()
+    _mdl_randomize(ref)
+    ours = models.import_diffusers(ref).eval()
+    x, t, cond = _mdl_inputs()
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], timestep=t).sample
+        got = ours(x, t, cond)
+        # a non-square input exercises SD3's centre-cropped PE on both axes
+        x2 = torch.randn(2, 4, 12, 20)
+        want2 = ref(x2, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], timestep=t).sample
+        got2 = ours(x2, t, cond)
+    err = max((got - want).abs().max().item(), (got2 - want2).abs().max().item())
+    print(f"SD3 (qk_norm={qk_norm}) max abs err {err:.2e}")
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("arch,mode", _MDL_CASES, ids=_MDL_IDS)
+def test_zero_init_outputs_zero(arch, mode):
+    torch.manual_seed(0)
+    model = models.build_model(arch, "tiny", input_size=16, in_channels=4, control=_MDL_CTRL, **mode)
+    x, t, cond = _mdl_inputs()
+    for train in (True, False):
+        model.train(train)
+        out = model(x, t, cond)
+        assert out.shape == x.shape
+        assert torch.equal(out, torch.zeros_like(out)), f"{arch} fresh output is not exactly 0"
+
+
+@pytest.mark.parametrize("arch,mode", _MDL_CASES, ids=_MDL_IDS)
+def test_every_param_gets_grad(arch, mode):
+    torch.manual_seed(0)
+    model = models.build_model(arch, "tiny", input_size=16, in_channels=4, control=_MDL_CTRL, **mode).train()
+    _mdl_randomize(model)
+    x, t, cond = _mdl_inputs(B=4)
+    cond["phi"][:, 2] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # flip flag as the data gives it
+    t = torch.tensor([10, 300, 600, 900])  # gamma_c(t) > 0 for some samples, so the size branch is live
+    model(x, t, cond).square().mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not dead, f"{arch}: parameters without gradient: {dead}"
+
+
+def test_pe_resample():
+    n_base = 8
+    base = models.grid_1d(n_base, "resample", n_base)
+    up = models.grid_1d(2 * n_base, "resample", n_base)
+    assert up.min() == base.min() and up.max() == base.max() == n_base  # same span at 2x resolution
+    assert len(up) == 2 * n_base and torch.allclose(up[1] - up[0], torch.tensor(n_base / (2 * n_base - 1), dtype=up.dtype))
+    ext = models.grid_1d(2 * n_base, "extrapolate")
+    assert ext.max() > models.grid_1d(n_base, "extrapolate").max()  # extrapolation leaves the trained range
+    # a model built for 16x16 latents runs at 32x32 in both modes, and the modes give different embeddings there
+    torch.manual_seed(0)
+    outs = {}
+    for mode in models.PE_GRIDS:
+        model = models.build_model("dit", "tiny", input_size=16, in_channels=4, num_classes=10, pe_grid=mode)
+        _mdl_randomize(model)
+        pe = model.x_embedder.pos_embed(16, 16, torch.device("cpu"))
+        assert pe.shape == (1, 256, model.hidden)
+        x, t, cond = _mdl_inputs(R=32)
+        outs[mode] = (pe, model(x, t, cond))
+        assert outs[mode][1].shape == x.shape
+    assert not torch.allclose(outs["resample"][0], outs["extrapolate"][0])
+
+
+def test_mdt_masking_train_only():
+    torch.manual_seed(0)
+    model = models.build_model("mdt", "tiny", input_size=16, in_channels=4, num_classes=10, mask_ratio=0.3)
+    _mdl_randomize(model)
+    x, t, cond = _mdl_inputs()
+    model.eval()
+    with torch.no_grad():
+        e1, e2 = model(x, t, cond), model(x, t, cond)
+        model.mask_ratio = 0.0  # eval output must not depend on the mask ratio at all
+        e3 = model(x, t, cond)
+        model.mask_ratio = 0.3
+        model.train()
+        tr = model(x, t, cond)
+    assert torch.equal(e1, e2) and torch.equal(e1, e3), "eval output changed: masking leaked into eval"
+    assert not torch.allclose(tr, e1, atol=1e-4), "training mode output ignores the mask"
+
+
+def test_import_dit_original_layout():
+    """A facebookresearch/DiT-style state_dict (stored pos_embed, 8 output channels eps + variance) imports exactly."""
+    torch.manual_seed(0)
+    src = models.build_model("dit", "tiny", input_size=16, in_channels=4, num_classes=10)
+    _mdl_randomize(src)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    D, p = src.hidden, src.patch_size
+    for n in ("weight", "bias"):  # interleave a fake variance half: rows are ordered (p, q, c) with c = 8 channels
+        eps = sd[f"final_layer.linear.{n}"].view(p * p, 4, *sd[f"final_layer.linear.{n}"].shape[1:])
+        sd[f"final_layer.linear.{n}"] = torch.cat([eps, torch.randn_like(eps)], 1).flatten(0, 1)
+    sd["pos_embed"] = torch.zeros(1, 64, D)
+    ours = models.import_dit_original(sd)
+    x, t, cond = _mdl_inputs()
+    with torch.no_grad():
+        assert torch.equal(ours(x, t, cond), src(x, t, cond))
+
+
+# ----------------------------------------------------------------------------- models.py: SDXL UNet
+
+# tiny SDXL-style reference config (REFERENCES.md): 2 levels, cross-attn at the coarse one, "text_time" add-embedding
+_UNET_DIFFUSERS_CFG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    norm_num_groups=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), cross_attention_dim=32,
+    transformer_layers_per_block=(1, 1), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8)
+
+
+def _unet_perturb(model, std=0.02):
+    """Give every parameter (zero-initialised ones included) a random nudge, so no branch starts dead."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def _unet_conds(B, num_classes=None, text_dim=32, pooled_dim=24):
+    phi = torch.tensor([[3.0, 5.0, 1.0, 300.0, 400.0]]).repeat(B, 1)  # crop_top, crop_left, flip, orig_h, orig_w
+    if num_classes:
+        return {"y": torch.arange(B) % (num_classes + 1), "phi": phi}  # includes the null id
+    return {"text": torch.randn(B, 7, text_dim), "pooled": torch.randn(B, pooled_dim), "phi": phi}
+
+
+def test_equivalence_sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    ref = _unet_perturb(UNet2DConditionModel(**_UNET_DIFFUSERS_CFG)).eval()  # diffusers zero-inits nothing here,
+    ours = import_diffusers_unet(UNet(**unet_kwargs_from_diffusers(ref.config)), ref).eval()  # but perturb anyway
+    B = 2
+    x, t = torch.randn(B, 4, 16, 15), torch.tensor([10, 937])  # odd width exercises the upsample-to-skip-size path
+    text, pooled = torch.randn(B, 7, 32), torch.randn(B, 24)
+    time_ids = torch.tensor([[512.0, 640, 16, 32, 256, 256], [1024, 768, 0, 0, 512, 512]])
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=text,
+                   added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        got = ours(x, t, {"text": text, "pooled": pooled, "time_ids": time_ids})
+    err = (got - want).abs().max().item()
+    assert want.abs().max() > 0.1 and err <= 1e-5, f"max abs diff {err:.3g}"
+    # importing into a model with our control: the (zero-init) control embedder is the only new module
+    ours_c = import_diffusers_unet(UNet(**unet_kwargs_from_diffusers(ref.config), control=("crop", "size")), ref)
+    phi = torch.tensor([[16.0, 32, 0, 512, 640], [0, 0, 1, 1024, 768]])
+    with torch.no_grad():
+        got = ours_c.eval()(x, t, {"text": text, "pooled": pooled, "time_ids": time_ids, "phi": phi})
+    assert (got - want).abs().max() <= 1e-5
+    # the phi route builds the same time ids: (orig_h, orig_w, crop_top, crop_left, target = 8 x latent size)
+    x = torch.randn(B, 4, 16, 16)
+    ids = torch.tensor([[512.0, 640, 16, 32, 128, 128], [1024, 768, 0, 0, 128, 128]])
+    with torch.no_grad():
+        a = ours(x, t, {"text": text, "pooled": pooled, "phi": phi})
+        b = ours(x, t, {"text": text, "pooled": pooled, "time_ids": ids})
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["class", "text", "text_sdxl"])
+def test_unet_zero_init_and_grads(mode):
+    torch.manual_seed(0)
+    kw = dict(num_classes=10) if mode == "class" else dict(text_dim=32, pooled_dim=24)
+    model = UNet(**UNET_SIZES["tiny"], **kw, in_channels=4, control=("crop", "size", "flip"), gamma="uniform",
+                 time_ids=mode == "text_sdxl")
+    cond = _unet_conds(4, **({"num_classes": 10} if mode == "class" else {}))
+    x, t = torch.randn(4, 4, 8, 8), torch.tensor([0, 250, 500, 999])
+    assert torch.equal(model(x, t, cond), torch.zeros_like(x))  # fresh model: eps = 0 exactly
+    _unet_perturb(model)
+    loss = (model(x, t, cond) - torch.randn_like(x)).pow(2).mean()
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    assert not dead, f"parameters without gradient: {dead}"

@@ -1,0 +1,507 @@
+"""
+Data: datasets with control metadata φ, crop strategies, the VAE, latent pre-extraction (SPEC §5, paper §2.2, §3.3).
+
+Every dataset yields dicts
+    {"image": (3, R, R) float in [-1, 1]  (or "latent": (4, R/8, R/8) from latent shards),
+     "y": int (class sources) and/or "caption": str (text sources),
+     "phi": (5,) float = PHI_KEYS (crop_top, crop_left, flip, orig_h, orig_w) in original-image pixels,
+     "crop_size": int side of the square crop in original pixels (not seen by the model; makes φ reproducible),
+     "key": str (stable sample id)}
+and None for a sample that cannot be decoded; `collate` drops the Nones and counts them (batch["n_bad"]), so
+bad files never stop a run and the count reaches the training log even from DataLoader workers.
+
+Sources (build_dataset(source, ...)):
+    embedded     procedural shapes, needs no files (default); class ids AND captions with colour + left/right
+    imagefolder  root/<class>/<img>  (ImageNet layout)                         map-style
+    captions     folder of images with <name>.txt caption sidecars             map-style
+    wds          webdataset tar shards (img2dataset: key.jpg|png + key.txt)  iterable (see WdsDataset)
+    latents      shards written by `python data.py --out DIR ...`              map-style
+Map-style datasets are exactly resumable: sample i of epoch e depends only on (seed, e, i); call set_epoch(e).
+
+Example (pre-extract 4 augmented crops per image with the SD VAE):
+    python data.py --source imagefolder --path /data/imagenet/train --resolution 256 --k 4 \
+        --vae stabilityai/sd-vae-ft-ema --device cuda --out /data/in256_latents
+    python data.py --preview assets/embedded_examples.png      # look at the embedded dataset
+"""
+import argparse
+import glob
+import io
+import json
+import math
+import os
+import tarfile
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from conditioning import PHI_KEYS
+
+# ----------------------------------------------------------------------------- constants (defined once)
+VAE_SCALE = 0.18215  # SD / LDM latent scale factor (diffusers AutoencoderKL config "scaling_factor")
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT / SPEC §5
+SOURCES = ("embedded", "imagefolder", "captions", "wds", "latents")
+CROP_RANGES = {"global": (0.9, 1.0), "local": (0.4, 0.6), "mix": (0.4, 1.0)}  # §2.2, Fig. 8c: side = u * min(H, W)
+CROPS = (*CROP_RANGES, "center")  # center: evaluation
+FLIP_P = 0.5
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# embedded dataset: 10 shapes x 8 colours, left/right placement, varied original sizes (§3.3: flip matters)
+CLASSES = ("circle", "square", "triangle", "diamond", "ring", "cross", "star", "hexagon", "moon", "bar")
+COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
+          "magenta": (210, 50, 200), "cyan": (40, 200, 210), "orange": (240, 140, 30), "white": (240, 240, 240)}
+
+
+# ----------------------------------------------------------------------------- crops and φ
+def sample_crop(h, w, crop, rng):
+    """Square crop (top, left, side) in original pixels: side = u*min(h, w), u ~ U[lo, hi], uniform position."""
+    if crop == "center":
+        side = min(h, w)
+        return (h - side) // 2, (w - side) // 2, side
+    lo, hi = CROP_RANGES[crop]
+    side = max(1, int(round(rng.uniform(lo, hi) * min(h, w))))
+    return int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1)), side
+
+
+def crop_image(img, top, left, side, flip, resolution):
+    """PIL image -> (3, R, R) float in [-1, 1]: crop, resize (bicubic, antialiased), then flip."""
+    img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, R, R)
+    return x.flip(-1) if flip else x
+
+
+def load_image(path_or_file):
+    """Decode fully (so truncated files fail here, not later) and convert to RGB; raises on bad data."""
+    with Image.open(path_or_file) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+class _Augmented:
+    """Shared augmentation: crop strategy + random flip, randomness from (seed, epoch, index) only."""
+
+    def __init__(self, resolution=32, crop="global", flip=True, seed=0):
+        assert crop in CROPS, f"crop must be one of {CROPS}"
+        self.resolution, self.crop, self.flip, self.seed, self.epoch = resolution, crop, flip, seed, 0
+        self.n_bad = 0  # bad samples seen by THIS process (workers report theirs through collate's n_bad)
+        self.num_classes = None  # class sources set it; None = captions only
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def augment(self, img, index, **extra):
+        rng = np.random.default_rng([self.seed, self.epoch, *index])  # deterministic given (seed, epoch, index)
+        w, h = img.size
+        top, left, side = sample_crop(h, w, self.crop, rng)
+        flip = bool(self.flip and self.crop != "center" and rng.random() < FLIP_P)
+        vals = dict(crop_top=top, crop_left=left, flip=float(flip), orig_h=h, orig_w=w)
+        phi = torch.tensor([vals[k] for k in PHI_KEYS], dtype=torch.float32)  # (5,) original-image pixels
+        return {"image": crop_image(img, top, left, side, flip, self.resolution), "phi": phi, "crop_size": side,
+                **extra}
+
+
+# ----------------------------------------------------------------------------- embedded procedural dataset
+def _shape_polygon(name, cx, cy, r):
+    """Vertices of the polygonal classes, centred at (cx, cy) with radius r."""
+    def ring(n, rad, phase=0.0):
+        return [(cx + rad[i % len(rad)] * math.cos(phase + 2 * math.pi * i / n),
+                 cy + rad[i % len(rad)] * math.sin(phase + 2 * math.pi * i / n)) for i in range(n)]
+    if name == "triangle":
+        return ring(3, [r], -math.pi / 2)
+    if name == "diamond":
+        return ring(4, [r], -math.pi / 2)
+    if name == "star":
+        return ring(10, [r, 0.45 * r], -math.pi / 2)
+    if name == "hexagon":
+        return ring(6, [r])
+    a = 0.3 * r  # cross: 12-gon
+    return [(cx - a, cy - r), (cx + a, cy - r), (cx + a, cy - a), (cx + r, cy - a), (cx + r, cy + a), (cx + a, cy + a),
+            (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a)]
+
+
+def render_embedded(seed, i):
+    """Image i of the embedded dataset: (PIL image, class id, caption). Deterministic in (seed, i)."""
+    rng = np.random.default_rng([seed, i, 7])
+    y = i % len(CLASSES)
+    cname, (colname, rgb) = CLASSES[y], list(COLORS.items())[int(rng.integers(len(COLORS)))]
+    side = int(rng.integers(48, 161))  # short side 48..160 px, aspect ratio 1:2 .. 2:1
+    long = int(side * rng.uniform(1.0, 2.0))
+    h, w = (side, long) if rng.random() < 0.5 else (long, side)
+    # dark two-tone vertical gradient background
+    c0, c1 = rng.integers(0, 70, 3), rng.integers(0, 70, 3)
+    ramp = np.linspace(0, 1, h)[:, None, None]
+    bg = (c0 * (1 - ramp) + c1 * ramp).astype(np.uint8).repeat(w, axis=1)  # (h, w, 3)
+    img = Image.fromarray(bg)
+    d = ImageDraw.Draw(img)
+    r = min(h, w) * rng.uniform(0.18, 0.28)
+    pos = "left" if rng.random() < 0.5 else "right"
+    cx = w * (rng.uniform(0.15, 0.4) if pos == "left" else rng.uniform(0.6, 0.85))
+    cx = float(np.clip(cx, r, w - r))
+    cy = float(h * rng.uniform(0.3, 0.7))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    col = tuple(int(c) for c in rgb)
+    if cname == "circle":
+        d.ellipse(box, fill=col)
+    elif cname == "square":
+        d.rectangle((cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r), fill=col)
+    elif cname == "ring":
+        d.ellipse(box, outline=col, width=max(2, int(r / 3)))
+    elif cname == "moon":  # crescent opening to the right: not mirror-symmetric, so flips are visible
+        d.ellipse(box, fill=col)
+        bite = tuple(int(v) for v in bg[int(cy), min(w - 1, int(cx))])  # background colour at the centre
+        d.ellipse((cx - 0.4 * r, cy - r, cx + 1.6 * r, cy + r), fill=bite)
+    elif cname == "bar":
+        d.rectangle((cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r), fill=col)
+    else:
+        d.polygon(_shape_polygon(cname, cx, cy, r), fill=col)
+    return img, y, f"{'an' if colname[0] in 'aeiou' else 'a'} {colname} {cname} on the {pos}"
+
+
+class EmbeddedDataset(_Augmented, torch.utils.data.Dataset):
+    """Procedural default dataset (no files): 10 shape classes, colour + left/right captions, varied sizes."""
+
+    def __init__(self, length=10_000, **kw):
+        super().__init__(**kw)
+        self.length, self.num_classes = length, len(CLASSES)
+
+    def __len__(self):
+        return self.length
+
+    def original(self, i):
+        return render_embedded(self.seed, i)[0]
+
+    def __getitem__(self, i):
+        img, y, caption = render_embedded(self.seed, i)
+        return self.augment(img, (i,), y=y, caption=caption, key=str(i))
+
+
+# ----------------------------------------------------------------------------- file-based map-style datasets
+class ImageFolderDataset(_Augmented, torch.utils.data.Dataset):
+    """ImageNet layout root/<class>/<file>; classes sorted by name -> y. Bad files -> None (counted)."""
+
+    def __init__(self, root, **kw):
+        super().__init__(**kw)
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.files = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes)
+                      for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMG_EXTS)]
+        self.root, self.num_classes = root, len(self.classes)
+        assert self.files, f"no images found under {root}/<class>/"
+
+    def __len__(self):
+        return len(self.files)
+
+    def original(self, i):
+        return load_image(self.files[i][0])
+
+    def __getitem__(self, i):
+        path, y = self.files[i]
+        try:
+            img = load_image(path)
+        except Exception:  # unreadable, zero-byte, truncated, not an image
+            self.n_bad += 1
+            return None
+        return self.augment(img, (i,), y=y, key=os.path.relpath(path, self.root))
+
+
+class CaptionFolderDataset(ImageFolderDataset):
+    """Images (any depth) with <stem>.txt caption sidecars; a missing caption gives "" and is counted."""
+
+    def __init__(self, root, **kw):
+        _Augmented.__init__(self, **kw)
+        self.root = root
+        self.files = sorted((os.path.join(d, f), None) for d, _, fs in os.walk(root) for f in fs
+                            if f.lower().endswith(IMG_EXTS))
+        assert self.files, f"no images found under {root}"
+
+    def __getitem__(self, i):
+        path = self.files[i][0]
+        try:
+            img = load_image(path)
+        except Exception:
+            self.n_bad += 1
+            return None
+        txt = os.path.splitext(path)[0] + ".txt"
+        caption = open(txt, encoding="utf-8", errors="replace").read().strip() if os.path.exists(txt) else None
+        extra = {"missing_caption": 1} if caption is None else {}
+        return self.augment(img, (i,), caption=caption or "", key=os.path.relpath(path, self.root), **extra)
+
+
+# ----------------------------------------------------------------------------- webdataset shards (iterable)
+def expand_shards(path):
+    """'dir/', 'dir/{00000..00099}.tar', a glob, or a comma list -> sorted list of .tar files."""
+    if os.path.isdir(path):
+        return sorted(glob.glob(os.path.join(path, "*.tar")))
+    if "{" in path:
+        import braceexpand  # installed with webdataset
+        return [p for pat in path.split(",") for p in braceexpand.braceexpand(pat)]
+    return sorted(p for pat in path.split(",") for p in glob.glob(pat))
+
+
+class WdsDataset(_Augmented, torch.utils.data.IterableDataset):
+    """img2dataset / webdataset tar shards (key.jpg|png + key.txt [+ key.json]), streamed with tarfile.
+
+    Iterable: each epoch shuffles the shard order with (seed, epoch); shards are split over DDP ranks and DataLoader
+    workers (by sample index instead when there are fewer shards than readers). Augmentation of member j of shard s
+    depends on (seed, epoch, s, j) only, so an epoch is reproducible; resume skips `skip` samples of this reader's
+    stream (set_epoch(epoch, skip)); with workers, exact resume holds at epoch boundaries (DataLoader interleaving)."""
+
+    def __init__(self, path, **kw):
+        super().__init__(**kw)
+        self.shards, self.skip = expand_shards(path), 0
+        assert self.shards, f"no .tar shards found at {path}"
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def _reader(self):
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if dist else int(os.environ.get("RANK", 0))
+        world = torch.distributed.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", 1))
+        wi = torch.utils.data.get_worker_info()
+        nw, w = (wi.num_workers, wi.id) if wi else (1, 0)
+        return rank * nw + w, world * nw
+
+    def __iter__(self):
+        rid, nread = self._reader()
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        by_shard = len(self.shards) >= nread
+        mine = order[rid::nread] if by_shard else order
+        n = 0  # position in this reader's stream
+        for s in mine:
+            for j, group in enumerate(_tar_groups(self.shards[s])):
+                if not by_shard and j % nread != rid:
+                    continue
+                n += 1
+                if n <= self.skip:
+                    continue
+                yield self._decode(group, int(s), j)
+
+    def _decode(self, group, s, j):
+        key, files = group
+        img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in files), None)
+        try:
+            img = load_image(io.BytesIO(files[img_ext]))
+        except Exception:  # no image member, zero-byte, truncated, not an image
+            self.n_bad += 1
+            return None
+        caption = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
+        extra = {"missing_caption": 1} if caption is None else {}
+        return self.augment(img, (s, j), caption=caption or "", key=f"{os.path.basename(self.shards[s])}/{key}",
+                            **extra)
+
+
+def _tar_groups(path):
+    """Yield (key, {ext: bytes}) for consecutive members sharing a key (webdataset convention: key = name up to the
+    first dot of the basename). A corrupt shard ends early instead of raising."""
+    key, files = None, {}
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                d, base = os.path.split(m.name)
+                k, _, ext = base.partition(".")
+                k = os.path.join(d, k)
+                if k != key and files:
+                    yield key, files
+                    files = {}
+                key, files[ext.lower()] = k, tar.extractfile(m).read()
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # truncated shard: keep what was read
+    if files:
+        yield key, files
+
+
+# ----------------------------------------------------------------------------- latent shards (map-style)
+class LatentDataset(torch.utils.data.Dataset):
+    """Shards written by extract_latents: K augmented crops per image with their φ; epoch e uses crop
+    rng(seed, e, i) of image i, so control conditioning still works from cached latents."""
+
+    def __init__(self, root, seed=0, **_):
+        self.meta = json.load(open(os.path.join(root, "meta.json")))
+        cols = {}
+        for f in sorted(glob.glob(os.path.join(root, "shard_*.pt"))):
+            for k, v in torch.load(f, weights_only=True).items():
+                cols.setdefault(k, []).append(v)
+        self.cols = {k: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for k, v in cols.items()}
+        groups = {}
+        for row, key in enumerate(self.cols["key"]):
+            groups.setdefault(key, []).append(row)
+        self.rows = list(groups.values())  # image -> its K rows
+        self.seed, self.epoch, self.n_bad = seed, 0, 0
+        self.num_classes = self.meta.get("num_classes")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        rows = self.rows[i]
+        r = rows[int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(rows)))]
+        out = {"latent": self.cols["latent"][r].float(), "phi": self.cols["phi"][r],
+               "crop_size": int(self.cols["crop_size"][r]), "key": self.cols["key"][r]}
+        for k in ("y", "caption"):
+            if k in self.cols:
+                out[k] = self.cols[k][r] if k == "caption" else int(self.cols[k][r])
+        return out
+
+
+# ----------------------------------------------------------------------------- factory + collate
+def build_dataset(source="embedded", path=None, resolution=32, crop="global", flip=True, seed=0, length=10_000):
+    """One entry point for every source (SOURCES). `length` sizes the embedded dataset."""
+    kw = dict(resolution=resolution, crop=crop, flip=flip, seed=seed)
+    if source == "embedded":
+        return EmbeddedDataset(length=length, **kw)
+    assert source in SOURCES, f"source must be one of {SOURCES}"
+    assert path, f"--data-source {source} needs --data-path"
+    return {"imagefolder": ImageFolderDataset, "captions": CaptionFolderDataset, "wds": WdsDataset,
+            "latents": LatentDataset}[source](path, **kw)
+
+
+def collate(samples):
+    """Drop bad samples (None), stack the rest. Adds n_bad (dropped) and n_nocap (missing captions) counts."""
+    good = [s for s in samples if s is not None]
+    out = {"n_bad": len(samples) - len(good), "n_nocap": sum(s.pop("missing_caption", 0) for s in good)}
+    if not good:
+        return out  # every sample was bad: caller skips this batch
+    for k in good[0]:
+        v = [s[k] for s in good]
+        out[k] = torch.stack(v) if torch.is_tensor(v[0]) else torch.tensor(v) if k in ("y", "crop_size") else v
+    return out
+
+
+# ----------------------------------------------------------------------------- VAE
+def load_vae(name=DEFAULT_VAE, device="cpu", flag="--vae"):
+    """diffusers AutoencoderKL from the hub or a local folder; None / "none" -> pixel space; "tiny" -> random
+    1 M-param VAE (seeded; tests and CPU runs). Missing weights offline -> one-line SystemExit naming the flag."""
+    if name is None or name == "none":
+        return None
+    from diffusers import AutoencoderKL
+    if name == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vae = AutoencoderKL.from_config(dict(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+                latent_channels=4, norm_num_groups=32, sample_size=32))
+    else:
+        import warnings
+        try:
+            with warnings.catch_warnings():  # hub deprecation chatter
+                warnings.simplefilter("ignore")
+                vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)  # no `accelerate` needed
+        except (OSError, ValueError) as e:  # offline / missing: one line, no traceback
+            raise SystemExit(f"VAE weights '{name}' unavailable ({type(e).__name__}); pass {flag} PATH to a diffusers "
+                             f"AutoencoderKL folder, or {flag} none for pixel space") from None
+    return vae.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def encode(vae, images, generator=None):
+    """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) * VAE_SCALE; posterior mean unless a generator asks to sample."""
+    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    z = dist.sample(generator) if generator is not None else dist.mean
+    return z.float() * VAE_SCALE
+
+
+@torch.no_grad()
+def decode(vae, latents):
+    """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in [-1, 1]."""
+    return vae.decode(latents.to(vae.device, vae.dtype) / VAE_SCALE).sample.float().clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- pre-extraction
+def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=torch.float16, device="cpu",
+                    num_workers=0, vae_name=""):
+    """Encode k augmented passes (epochs 0..k-1) over ds into out/shard_*.pt with φ, crop size, key, y/caption."""
+    os.makedirs(out, exist_ok=True)
+    buf, n_shard, n_bad, n_rows = {}, 0, 0, 0
+
+    def flush(final=False):  # write full shards of exactly shard_size rows (the last one may be shorter)
+        nonlocal buf, n_shard
+        cols = {c: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for c, v in buf.items()}
+        while cols and (len(cols["key"]) >= shard_size or (final and cols["key"])):
+            name = os.path.join(out, f"shard_{n_shard:05d}.pt")
+            torch.save({c: v[:shard_size] for c, v in cols.items()}, name + ".tmp")
+            os.replace(name + ".tmp", name)  # atomic: a killed run never leaves half a shard
+            cols, n_shard = {c: v[shard_size:] for c, v in cols.items()}, n_shard + 1
+        buf = {c: [v] for c, v in cols.items()}
+
+    for j in range(k):
+        ds.set_epoch(j)  # pass j = augmentation epoch j
+        for b in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate):
+            n_bad += b["n_bad"]
+            if "image" not in b:
+                continue
+            z = encode(vae, b["image"].to(device)).to(dtype).cpu()  # (B, 4, R/8, R/8)
+            cols = {"latent": z, "phi": b["phi"], "crop_size": b["crop_size"], "key": b["key"]}
+            cols.update({c: b[c] for c in ("y", "caption") if c in b})
+            for c, v in cols.items():
+                buf.setdefault(c, []).append(v)
+            n_rows += len(z)
+            flush()
+    flush(final=True)
+    meta = dict(vae=vae_name, scale=VAE_SCALE, k=k, rows=n_rows, num_classes=ds.num_classes,
+                bad_per_pass=n_bad // max(k, 1), resolution=ds.resolution, crop=ds.crop)
+    json.dump(meta, open(os.path.join(out, "meta.json"), "w"), indent=1)
+    return meta
+
+
+def preview(path, n=8, seed=0, cell=112):
+    """README figure: embedded originals (letterboxed, mixed-crop box in red) beside the training crop, captioned."""
+    from PIL import ImageFont
+    ds = EmbeddedDataset(length=n, resolution=cell, crop="mix", seed=seed)
+    font = ImageFont.load_default(size=11)
+    pad, cols = 30, 4
+    grid = Image.new("RGB", (cols * (2 * cell + 12), (n // cols) * (cell + pad)), (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    for i in range(n):
+        s, orig = ds[i], ds.original(i)
+        top, left, flip, h, w = s["phi"].tolist()
+        f = cell / max(h, w)  # letterbox the original into a cell
+        o = orig.resize((max(1, round(w * f)), max(1, round(h * f))))
+        x0, y0 = (i % cols) * (2 * cell + 12), (i // cols) * (cell + pad)
+        grid.paste(o, (x0, y0))
+        side = s["crop_size"]
+        d.rectangle((x0 + left * f, y0 + top * f, x0 + (left + side) * f, y0 + (top + side) * f), outline=(255, 0, 0))
+        crop = ((s["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        grid.paste(Image.fromarray(crop), (x0 + cell + 2, y0))
+        d.text((x0, y0 + cell + 1), s["caption"], fill=(0, 0, 0), font=font)
+        info = f"orig {int(h)}x{int(w)}  crop {side}px @({int(top)},{int(left)})  flip={int(flip)}"
+        d.text((x0, y0 + cell + 14), info, fill=(90, 90, 90), font=font)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    grid.save(path)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Pre-extract VAE latents (K augmented crops per image, with φ) or preview "
+                                            "the embedded dataset.")
+    # data
+    p.add_argument("--source", default="embedded", choices=SOURCES[:-1], help="dataset to encode (default embedded)")
+    p.add_argument("--path", default=None, help="dataset root / shard pattern (not needed for embedded)")
+    p.add_argument("--length", type=int, default=10_000, help="number of embedded images")
+    p.add_argument("--resolution", type=int, default=256, help="crop side in pixels after resize")
+    p.add_argument("--crop", default="global", choices=CROPS, help="crop strategy (§2.2)")
+    p.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip p=0.5")
+    p.add_argument("--seed", type=int, default=0, help="augmentation seed")
+    # vae
+    p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL (hub id or folder), or 'tiny' (random)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored latent dtype")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="encoding device")
+    # io
+    p.add_argument("--out", default=None, help="output folder for shard_*.pt + meta.json")
+    p.add_argument("--k", type=int, default=1, help="augmented crops stored per image")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
+    p.add_argument("--shard-size", type=int, default=4096, help="rows per shard file")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for decoding")
+    p.add_argument("--preview", default=None, help="write a PNG grid of embedded examples here and exit")
+    args = p.parse_args()
+    if args.preview:
+        preview(args.preview, seed=args.seed)
+    else:
+        assert args.out, "--out is required for extraction"
+        ds = build_dataset(args.source, args.path, args.resolution, args.crop, args.flip, args.seed, args.length)
+        meta = extract_latents(ds, load_vae(args.vae, args.device), args.out, args.k, args.batch_size,
+                               args.shard_size, getattr(torch, args.dtype), args.device, args.num_workers, args.vae)
+        print(json.dumps(meta))
