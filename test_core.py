@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import sys
 import tarfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup must fail at once, never retry
@@ -16,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import bench  # noqa: E402
 import conditioning  # noqa: E402
 import data  # noqa: E402
 import diffusion  # noqa: E402
@@ -628,3 +630,57 @@ def test_unet_zero_init_and_grads(mode):
     loss.backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert not dead, f"parameters without gradient: {dead}"
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+def test_flops_counter_matches_formula():
+    """Tiny DiT, 16x16x4 latent, patch 2 -> N = 64 tokens. Forward FLOPs (2 per multiply-add):
+    per token: patch conv 2*C*p*p*D, per block qkv 2*3D^2 + proj 2*D^2 + MLP 2*8D^2, final linear 2*D*p*p*C;
+    per block attention q@k^T and attn@v 2*2*N^2*D; per image (not per token): t-MLP 2*(256*D + D^2),
+    adaLN 2*6D^2 per block, final adaLN 2*2D^2. Backward: 2x every matmul except the input-gradients nobody
+    needs (patch conv, t-MLP's first layer), attention 2.5x (the kernel recomputes q@k^T)."""
+    torch.manual_seed(0)
+    cfg, B, C, n, p = models.SIZES["tiny"], 2, 4, 16, 2
+    D, L, N = cfg["hidden"], cfg["depth"], (n // p) ** 2
+    model = models.build_model("dit", "tiny", input_size=n, in_channels=C, num_classes=10)
+    x, t, y = torch.randn(B, C, n, n), torch.randint(0, 1000, (B,)), torch.randint(0, 10, (B,))
+    fwd, total = bench.count_flops(lambda: model(x, t, {"y": y}).square().mean())
+    tok = 2 * N * (C * p * p * D + L * 12 * D * D + D * p * p * C)
+    attn = L * 4 * N * N * D
+    img = 2 * (256 * D + D * D + L * 6 * D * D + 2 * D * D)
+    no_input_grad = 2 * N * C * p * p * D + 2 * 256 * D
+    want_fwd, want_total = B * (tok + attn + img), B * (3 * (tok + img) + 3.5 * attn - no_input_grad)
+    assert abs(fwd / want_fwd - 1) < 0.05, (fwd, want_fwd)
+    assert abs(total / want_total - 1) < 0.05, (total, want_total)
+    # attention is a large share at this size: a counter that misses the CPU SDPA kernel must fail
+    assert B * attn > 0.1 * want_fwd
+
+
+def test_bench_cli_smoke(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--arch", "dit", "--size", "tiny", "--resolution", "64",
+                                      "--batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                                      "--out", str(out)])
+    bench.main()
+    rep = json.loads(out.read_text())
+    assert {"config", "device", "torch", "rows"} <= set(rep)
+    row = rep["rows"][0]
+    assert set(bench.TRAIN_COLS) <= set(row)
+    assert row["step_ms"] > 0 and row["img_per_s"] > 0 and row["sample_step_ms"] > 0
+    assert 2.5 < row["train_gflops_per_img"] / row["fwd_gflops_per_img"] < 4  # backward ~ 2x forward
+    assert row["mfu"] is None  # no known peak on a CPU
+    # the ours-vs-diffusers suite on the same tiny shapes, one pair
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--suite", "cpu-compare", "--size", "tiny", "--resolution", "64",
+                                      "--batch", "2", "--reps", "1", "--warmup", "0", "--compare-archs", "dit",
+                                      "--compare-dtypes", "fp32", "--device", "cpu", "--out", str(out)])
+    bench.main()
+    row = json.loads(out.read_text())["rows"][0]
+    assert set(bench.COMPARE_COLS) <= set(row) and row["ratio"] > 0
+    # the Tab. A1 counterpart runs on meta tensors: every arch, both resolutions, 4x the tokens -> > 4x the FLOPs
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--suite", "flops", "--size", "tiny", "--out", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["arch"] for r in rows} == set(models.MODELS)
+    assert all(r["gflops_512"] > 4 * r["gflops_256"] > 0 for r in rows if r["arch"] != "unet")
