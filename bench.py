@@ -24,13 +24,13 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import diffusion
 import models
 from conditioning import CONTROL_SIGNALS
+from data import LATENT_CH, VAE_DOWN  # SD VAE: 4 latent channels, 8x down
 
 # ----------------------------------------------------------------------------- constants
 # Dense bf16 tensor-core peaks, FLOP/s (datasheets quote 2x these "with sparsity"). Sources: NVIDIA H100 datasheet
 # (SXM 989 TF, PCIe 756 TF, NVL 835 TF), NVIDIA H200 datasheet (989 TF, same GH100 compute as H100 SXM),
 # NVIDIA A100 datasheet (312 TF, SXM and PCIe). First key whose words all appear in the device name wins.
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-VAE_DOWN, LATENT_CH = 8, 4  # SD VAE (data.DEFAULT_VAE): 8x downsampling, 4 latent channels
 NUM_CLASSES = 1000  # ImageNet-1k, for class-conditional archs
 TEXT_DIM = POOLED_DIM = 768  # open_clip ViT-L-14 token width and pooled width
 TEXT_ARCHS = ("pixart", "mmdit", "unet")  # archs benchmarked text-conditional (the paper's CC12M models)

@@ -39,6 +39,7 @@ from conditioning import PHI_KEYS
 
 # ----------------------------------------------------------------------------- constants (defined once)
 VAE_SCALE = 0.18215  # SD / LDM latent scale factor (diffusers AutoencoderKL config "scaling_factor")
+VAE_DOWN, LATENT_CH = 8, 4  # SD VAE (DEFAULT_VAE): 8x spatial downsampling, 4 latent channels
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT / SPEC §5
 SOURCES = ("embedded", "imagefolder", "captions", "wds", "latents")
 CROP_RANGES = {"global": (0.9, 1.0), "local": (0.4, 0.6), "mix": (0.4, 1.0)}  # §2.2, Fig. 8c: side = u * min(H, W)

@@ -3,10 +3,14 @@
 Exact answers where the math gives one, equivalence with diffusers' reference models on
 tiny random weights, behaviour rather than shapes. Sections follow the files they test.
 """
+import contextlib
 import io
 import json
 import math
 import os
+import re
+import shlex
+import subprocess
 import sys
 import tarfile
 
@@ -22,6 +26,8 @@ import conditioning  # noqa: E402
 import data  # noqa: E402
 import diffusion  # noqa: E402
 import models  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
 from diffusion import T, Schedule  # noqa: E402
 from models import UNET_SIZES, UNet, import_diffusers_unet, unet_kwargs_from_diffusers  # noqa: E402
 
@@ -684,3 +690,190 @@ def test_bench_cli_smoke(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert {r["arch"] for r in rows} == set(models.MODELS)
     assert all(r["gflops_512"] > 4 * r["gflops_256"] > 0 for r in rows if r["arch"] != "unet")
+
+
+# ----------------------------------------------------------------------------- train.py + sample.py
+
+_TRN_REPO = os.path.dirname(os.path.abspath(__file__))
+# a tiny, fast run: 16 px, patch 4 (16 tokens), batch 4; periodic grids effectively off (2 DDIM steps at the end)
+_TRN_FAST = ["--resolution", "16", "--patch-size", "4", "--global-batch", "4", "--warmup", "2", "--log-every", "1",
+             "--sample-every", "1000", "--sample-steps", "2", "--no-progress"]
+
+
+@contextlib.contextmanager
+def _trn_one_thread():
+    """Tiny models run fastest on one thread, and 2 threads on a busy 2-core box can be 100x slower (spin-waits)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _trn_env(threads=1):
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+
+
+def _trn_run(args, cwd=_TRN_REPO, launcher=None, timeout=300):
+    cmd = (launcher or [sys.executable]) + args
+    r = subprocess.run(cmd, cwd=cwd, env=_trn_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{shlex.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def _trn_load(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+
+
+def _trn_flat(state):
+    """Every tensor of a (nested) state dict, keyed by path, for exact comparisons."""
+    out = {}
+
+    def walk(x, key):
+        if torch.is_tensor(x):
+            out[key] = x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{key}/{i}")
+    walk(state, "")
+    return out
+
+
+def test_resume_exact(tmp_path):
+    torch.manual_seed(0)
+    n = 12
+    args = ["train.py", *_TRN_FAST, "--max-steps", str(n), "--ckpt-every", "4"]
+    _trn_run(args + ["--out-dir", str(tmp_path / "straight")])
+    # same command, killed (SIGKILL) right after its first checkpoint, then rerun: it must resume from ckpt.pt
+    cut = str(tmp_path / "cut")
+    proc = subprocess.Popen([sys.executable] + args + ["--out-dir", cut], cwd=_TRN_REPO, env=_trn_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "checkpoint saved" in line:
+            proc.kill()
+            break
+    proc.wait()
+    killed_at = _trn_load(cut)["step"]
+    assert 4 <= killed_at < n, f"the kill came too late (checkpoint at step {killed_at})"
+    out = _trn_run(args + ["--out-dir", cut])
+    assert f"resumed from" in out and f"at step {killed_at}" in out
+    a, b = _trn_load(tmp_path / "straight"), _trn_load(cut)
+    assert a["step"] == b["step"] == n and a["data"] == b["data"]
+    for part in ("model", "ema", "optimizer"):
+        fa, fb = _trn_flat(a[part]), _trn_flat(b[part])
+        assert fa.keys() == fb.keys() and fa
+        for k in fa:
+            assert torch.equal(fa[k], fb[k]), f"{part}{k} differs after resume"
+
+
+def test_atomic_checkpoint(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = str(tmp_path / "ckpt.pt")
+    good = {"step": 1, "w": torch.randn(4)}
+    train.save_checkpoint(good, path)
+
+    def crash(*_):  # the process dies after writing the temp file, before the rename
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+
+    real_save = torch.save
+
+    def half_write(obj, f):  # the process dies in the middle of writing
+        real_save(obj, f)
+        f.truncate(10)
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(torch, "save", half_write)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint({"step": 3, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    ck = torch.load(path, weights_only=False)
+    assert ck["step"] == 1 and torch.equal(ck["w"], good["w"])
+    train.save_checkpoint({"step": 4, "w": torch.ones(4)}, path)  # and the next good write replaces it
+    assert torch.load(path, weights_only=False)["step"] == 4
+
+
+def test_ddp_matches_single(tmp_path):
+    torch.manual_seed(0)
+    args = ["train.py", *_TRN_FAST, "--global-batch", "8", "--max-steps", "3", "--ckpt-every", "100"]
+    # one process, 2 micro-steps of 4 vs 2 ranks x 4: the same global batch of 8, the same images and noise
+    _trn_run(args + ["--grad-accum", "2", "--out-dir", str(tmp_path / "one")])
+    out = _trn_run(args + ["--out-dir", str(tmp_path / "ddp")],
+                   launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    assert "2 rank(s) x micro-batch 4 x accum 1" in out
+    a, b = _trn_load(tmp_path / "one"), _trn_load(tmp_path / "ddp")
+    assert a["step"] == b["step"] == 3
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert (v - b[part][k]).abs().max().item() <= 1e-6, f"{part}.{k} differs between DDP and one process"
+    fresh = sample.build_model_from_args(a["args"]).state_dict()
+    moved = max((a["model"][k] - fresh[k]).abs().max().item() for k in fresh if "final" in k)
+    assert moved > 1e-5, "training did not change the weights: the comparison would be vacuous"
+
+
+@pytest.mark.parametrize("arch", list(models.MODELS))
+def test_overfit_one_batch(arch):
+    torch.manual_seed(0)
+    class_in = getattr(models.MODELS[arch], "class_in_modes", ("adaln",))[-1]  # attn where the arch has it
+    a = vars(train.parse_args(["--arch", arch, "--class-in", class_in, "--resolution", "16", "--patch-size", "4"]))
+    a["num_classes"] = len(data.CLASSES)
+    model = sample.build_model_from_args(a)
+    ds = data.build_dataset("embedded", resolution=16)
+    b = data.collate([ds[i] for i in range(4)])
+    cond = {"y": b["y"], "phi": b["phi"], "keep_ctrl": torch.ones(4)}
+    sched = diffusion.Schedule()
+    t = torch.randint(0, diffusion.T, (4,))
+    eps = torch.randn(b["image"].shape)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=tuple(a["adam_betas"]), weight_decay=0.0)
+    losses = []
+    with _trn_one_thread():
+        for _ in range(40):  # the same images, timesteps and noise every step: the model can memorise them
+            loss = diffusion.loss_fn(model, sched, b["image"], cond, t, eps)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert losses[-1] <= 0.1 * losses[0], f"{arch}: loss {losses[0]:.3f} -> {losses[-1]:.3f} (< 90 % drop)"
+
+
+def test_sample_seed_invariance():
+    torch.manual_seed(0)
+    a = vars(train.parse_args(["--resolution", "16", "--patch-size", "4"]))
+    a["num_classes"] = len(data.CLASSES)
+    model = sample.build_model_from_args(a)
+    with torch.no_grad():  # a fresh model outputs exactly 0: give it random weights so the test means something
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    seeds, labels = list(range(100, 108)), [i % 10 for i in range(8)]
+    kw = dict(steps=4, cfg=1.5, control_cfg=1.375)
+    with _trn_one_thread():
+        big = sample.generate(model, a, seeds, labels, batch_size=8, **kw)
+        one = sample.generate(model, a, seeds, labels, batch_size=1, **kw)
+        alone = sample.generate(model, a, [seeds[3]], [labels[3]], batch_size=1, **kw)  # drawn on its own
+    assert big.shape == (8, 3, 16, 16)
+    torch.testing.assert_close(one, big, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone[0], big[3], atol=1e-5, rtol=0)
+    assert (big[0] - big[1]).abs().max() > 1e-2, "different seeds must give different images"
+
+
+def test_readme_commands(tmp_path):
+    torch.manual_seed(0)
+    text = open(os.path.join(_TRN_REPO, "README.md")).read()
+    blocks = re.findall(r"<!-- main-job -->(.*?)<!-- main-job -->", text, re.S)
+    assert blocks, "README.md has no <!-- main-job --> block"
+    cmds = [c.strip() for blk in blocks for line in blk.splitlines() for c in line.split("&&")
+            if re.search(r"\b(train|sample)\.py\b", c)]
+    assert any("train.py" in c for c in cmds) and any("sample.py" in c for c in cmds), cmds
+    limits = {"train.py": ["--max-steps", "2", "--sample-steps", "2", "--no-progress"], "sample.py": ["--steps", "2"]}
+    for c in cmds:  # run in a scratch dir: relative paths (out/ckpt.pt) resolve there, the scripts come from the repo
+        words = shlex.split(c)
+        i = next(i for i, w in enumerate(words) if w.endswith(("train.py", "sample.py")))
+        script = os.path.basename(words[i])
+        _trn_run([os.path.join(_TRN_REPO, script), *words[i + 1:], *limits[script]], cwd=tmp_path)
+    assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "samples" / "grid.png").exists()

@@ -1,0 +1,514 @@
+r"""
+Train a diffusion denoiser (SPEC §6): one process or torchrun DDP, bf16 on GPU, EMA, exact resume.
+
+    python train.py                                   # tiny "ours" mmDiT, embedded data, 24 px pixels, CPU, < 10 min
+    torchrun --nproc_per_node=8 train.py --recipe ours --size XL --data imagefolder --data-path /imagenet/train \
+        --resolution 256 --vae stabilityai/sd-vae-ft-ema --global-batch 2048 --lr 1e-4 --out-dir out/in1k256
+
+Rerunning the same command resumes from <out-dir>/ckpt.pt. `--recipe` sets the defaults of a whole
+recipe (Tab. A4); any flag given explicitly overrides them.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+import conditioning
+import data
+import diffusion
+import models
+import sample as sampling
+from bench import FLOP_MAP, device_peak
+from data import LATENT_CH, VAE_DOWN
+
+# ----------------------------------------------------------------------------- recipes (Tab. A4)
+# "ours" = mmDiT++: class/text only through attention, control (crop, size, flip) in adaLN with the cosine
+# schedule (alpha 8, Tab. 2a), noisy replicate text padding (beta_txt 0.02, Tab. 3), AdamW (0.9, 0.95), wd 0.03.
+RECIPES = {
+    "ours": dict(arch="mmdit", class_in="attn", control=["crop", "size", "flip"], gamma="cosine", gamma_alpha=8.0,
+                 text_pad="noisy", beta_txt=0.02, adam_betas=[0.9, 0.95], weight_decay=0.03, pe_grid="resample"),
+    "sd3": dict(arch="mmdit", class_in="attn", control=[], gamma="uniform", gamma_alpha=8.0,  # SD3 baseline column
+                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate"),
+    "dit": dict(arch="dit", class_in="adaln", control=[], gamma="uniform", gamma_alpha=8.0,  # plain DiT (Peebles & Xie)
+                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate"),
+}
+LOSS_BINS = 4  # loss logged in 4 bins of t (minRF-style diagnostic)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    R = "(default: set by --recipe)"
+    p.add_argument("--recipe", choices=list(RECIPES), default="ours", help="preset of Tab. A4: ours (mmDiT++), "
+                   "sd3 (mmDiT baseline) or dit (plain DiT); explicit flags override it (default: ours)")
+    # data
+    p.add_argument("--data", choices=data.SOURCES, default="embedded", help="dataset source; 'embedded' needs no files")
+    p.add_argument("--data-path", default=None, help="dataset root / shard pattern (unused for 'embedded')")
+    p.add_argument("--resolution", type=int, default=24, help="training resolution in pixels (default: 24, CPU run)")
+    p.add_argument("--crop", choices=["global", "local", "mix", "center"], default="global",
+                   help="crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2; default global)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random h-flip, p=0.5 (on)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank (default: 0)")
+    p.add_argument("--vae", default="none", help="'none' = pixel space; else a diffusers AutoencoderKL name/path, "
+                   f"e.g. {data.DEFAULT_VAE}, to train on its latents (default: none)")
+    p.add_argument("--semantic", choices=["class", "text"], default="class", help="semantic condition (default: class)")
+    p.add_argument("--num-classes", type=int, default=None, help="class count (default: taken from the dataset)")
+    # model
+    p.add_argument("--arch", choices=list(models.MODELS), default=None, help=f"denoiser {R}")
+    p.add_argument("--size", choices=list(models.SIZES), default="tiny", help="size preset (default: tiny)")
+    p.add_argument("--patch-size", type=int, default=2, help="transformer patch size (default: 2)")
+    p.add_argument("--class-in", choices=["adaln", "attn"], default=None, help=f"class via adaLN or attention {R}")
+    p.add_argument("--pe-grid", choices=["extrapolate", "resample"], default=None, help=f"2-D sin-cos PE grid {R}")
+    p.add_argument("--pe-base", type=int, default=None, help="PE grid size of pre-training (default: this grid)")
+    p.add_argument("--mask-ratio", type=float, default=0.3, help="mDT latent mask ratio (default: 0.3)")
+    # diffusion
+    p.add_argument("--schedule-scale", type=float, default=1.0, help="noise schedule scale s'/s, Eq. 3 (default: 1)")
+    # conditioning
+    p.add_argument("--control", nargs="*", choices=conditioning.CONTROL_SIGNALS, default=None,
+                   help=f"control signals in adaLN; give none for no control {R}")
+    p.add_argument("--gamma", choices=conditioning.GAMMA_SCHEDULES, default=None, help=f"gamma_c(t) of Eq. 1 {R}")
+    p.add_argument("--gamma-alpha", type=float, default=None, help=f"alpha of the cosine gamma_c {R}")
+    p.add_argument("--gamma-step-sigma", type=float, default=1.0, help="threshold of the 'step' gamma_c (default: 1)")
+    p.add_argument("--p-drop-sem", type=float, default=0.1, help="semantic dropout prob. for CFG (default: 0.1)")
+    p.add_argument("--p-drop-ctrl", type=float, default=0.1, help="control dropout prob. for Eq. 2 (default: 0.1)")
+    p.add_argument("--text-encoder", default="ViT-L-14", help="open_clip text tower, or 'tiny' (default: ViT-L-14)")
+    p.add_argument("--text-encoder-path", default="openai", help="open_clip pretrained tag or weights file "
+                   "(default: openai)")
+    p.add_argument("--text-pad", choices=conditioning.TEXT_PADDINGS, default=None, help=f"text padding §2.1 {R}")
+    p.add_argument("--beta-txt", type=float, default=None, help=f"noise of noisy replicate padding, Eq. 7 {R}")
+    # optim
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, constant after warm-up "
+                   "(default 2e-3 suits the tiny CPU run; the paper uses 1e-4)")
+    p.add_argument("--adam-betas", type=float, nargs=2, default=None, help=f"AdamW betas {R}")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay {R}")
+    p.add_argument("--global-batch", type=int, default=32, help="images per optimiser step, all ranks (default: 32)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step (default: 1)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(d, (1+n)/(10+n)) "
+                   "(default: 0.999; 0.9999 at full scale)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip grad norm; 0 = off (default: 1)")
+    p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (default: 100)")
+    p.add_argument("--max-steps", type=int, default=3000, help="optimiser steps to train (default: 3000)")
+    # system
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="autocast dtype; master weights stay fp32 (default: auto = bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (default: 0)")
+    # io
+    p.add_argument("--out-dir", default="out", help="checkpoints, config.json, log.jsonl, grids (default: out)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="resume from <out-dir>/ckpt.pt when it exists (default: on)")
+    p.add_argument("--init-from", default=None, help="initialise weights from a checkpoint (e.g. transfer.py "
+                   "output), strict=False with a report of missing/unexpected keys")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps (default: 500)")
+    p.add_argument("--sample-every", type=int, default=1000, help="sample grid interval in steps (default: 1000)")
+    p.add_argument("--log-every", type=int, default=50, help="log interval in steps (default: 50)")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the periodic grids (default: 50)")
+    p.add_argument("--sample-cfg", type=float, default=4.0,
+                   help="guidance lam of the periodic grids (default: 4, as DiT's sample grids; FID uses 1.5)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar (default: on)")
+    return p
+
+
+def parse_args(argv=None):
+    """Two passes: read --recipe, install its values as defaults, then parse; explicit flags win."""
+    p = get_parser()
+    recipe = p.parse_known_args(argv)[0].recipe
+    p.set_defaults(**RECIPES[recipe])
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data position & randomness
+class StepSampler(torch.utils.data.Sampler):
+    """Batch sampler over an endless stream of per-epoch permutations; knows its exact position.
+
+    Stream position p holds (epoch, perm_epoch[p % n]) with epoch = p // n. Optimiser step s consumes positions
+    [s*G, (s+1)*G), cut into world*accum chunks of `micro`; rank r, micro-step k takes chunk k*world + r. So the
+    data of a step depends only on (seed, step), not on how it is split over ranks and micro-steps, and resuming
+    at step s is exact. Items are (epoch, index) pairs: the dataset's augmentation is keyed by both.
+    """
+
+    def __init__(self, n, seed, step, micro, world, rank, accum):
+        self.n, self.seed, self.step, self.micro = n, seed, step, micro
+        self.world, self.rank, self.accum = world, rank, accum
+        self._perm = (None, None)
+
+    def position(self, step):
+        pos = step * self.micro * self.world * self.accum
+        return {"epoch": pos // self.n, "index": pos % self.n}
+
+    def _item(self, pos):
+        epoch = pos // self.n
+        if self._perm[0] != epoch:  # one permutation per epoch, seeded by (seed, epoch)
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return epoch, self._perm[1][pos % self.n].item()
+
+    def __iter__(self):
+        step = self.step
+        while True:
+            for k in range(self.accum):
+                start = (step * self.world * self.accum + k * self.world + self.rank) * self.micro
+                yield [self._item(start + i) for i in range(self.micro)]
+            step += 1
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """ds[(epoch, i)] = ds.set_epoch(epoch); ds[i]: works inside DataLoader workers, where set_epoch from the
+    main process would not reach the workers' copies."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, item):
+        self.ds.set_epoch(item[0])
+        return self.ds[item[1]]
+
+
+def stream_batches(ds, micro, num_workers, pos):
+    """Endless micro-batches of an iterable dataset (webdataset shards), updating pos = {"epoch", "index"} (samples
+    of this rank's stream consumed). Exact resume within an epoch without workers, at epoch boundaries with them."""
+    while True:
+        ds.set_epoch(pos["epoch"], skip=pos["index"])
+        for b in torch.utils.data.DataLoader(ds, batch_size=micro, num_workers=num_workers, collate_fn=data.collate):
+            pos["index"] += micro
+            yield b
+        pos["epoch"], pos["index"] = pos["epoch"] + 1, 0
+
+
+def chunk_generator(seed, step, chunk, device):
+    """RNG of one micro-batch chunk (t, eps, dropout, text noise): a function of (seed, step, chunk) only,
+    so DDP and one process draw the same numbers for the same images, and resume needs no RNG state."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 4099 + chunk)
+    return g
+
+
+# ----------------------------------------------------------------------------- small helpers
+def ema_update(ema, model, decay):
+    """EMA in fp32 over parameters; buffers are copied."""
+    with torch.no_grad():
+        ema_p, p = list(ema.parameters()), list(model.parameters())
+        torch._foreach_lerp_(ema_p, p, 1.0 - decay)
+        for eb, b in zip(ema.buffers(), model.buffers()):
+            eb.copy_(b)
+
+
+def rng_state(device):
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s, device):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: write <path>.tmp, fsync, os.replace. A crash at any point leaves the old file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_curve(steps, losses, path, w=480, h=300, pad=40):
+    """Loss curve (log y) drawn with PIL, so matplotlib is not a dependency."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    ly = [math.log10(max(v, 1e-8)) for v in losses]
+    x0, x1, y0, y1 = min(steps), max(steps), min(ly), max(ly)
+    sx = lambda s: pad + (s - x0) / max(x1 - x0, 1) * (w - 2 * pad)
+    sy = lambda v: h - pad - (v - y0) / max(y1 - y0, 1e-8) * (h - 2 * pad)
+    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    d.line([(sx(s), sy(v)) for s, v in zip(steps, ly)], fill="blue", width=2)
+    d.text((pad, 8), "training loss (log scale)", fill="black")
+    d.text((pad, h - pad + 6), str(x0), fill="black")
+    d.text((w - pad - 30, h - pad + 6), str(x1), fill="black")
+    d.text((2, pad - 12), f"{10 ** y1:.3g}", fill="black")
+    d.text((2, h - pad), f"{10 ** y0:.3g}", fill="black")
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    # --- system: DDP the nanoGPT way (torchrun sets RANK), same code path for one process
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    dev_name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        dist.init_process_group(backend="nccl" if dev_name.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dev_name.startswith("cuda"):
+            dev_name = f"cuda:{local_rank}"
+            torch.cuda.set_device(dev_name)
+    else:
+        rank, world = 0, 1
+    device = torch.device(dev_name)
+    master = rank == 0
+    bar = None
+
+    def print0(*a):
+        if master:
+            (bar.write if bar is not None else print)(" ".join(str(x) for x in a))
+            sys.stdout.flush()
+
+    assert args.global_batch % (world * args.grad_accum) == 0, (
+        f"--global-batch {args.global_batch} must divide by world size {world} x --grad-accum {args.grad_accum}; "
+        f"pick a global batch that is a multiple of {world * args.grad_accum}")
+    micro = args.global_batch // (world * args.grad_accum)
+    torch.manual_seed(args.seed)  # the same model init on every rank; per-rank seeds follow below
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    os.makedirs(args.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+
+    # --- data (+ frozen VAE / text encoder, outside the model)
+    ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
+                            seed=args.seed)
+    if args.semantic == "class" and args.num_classes is None:
+        args.num_classes = len(getattr(ds, "classes", data.CLASSES))
+    vae = data.load_vae(args.vae) if args.vae != "none" else None
+    if vae is not None:
+        vae = vae.to(device).eval().requires_grad_(False)
+    text_enc = sampling.get_text_encoder(vars(args), device) if args.semantic == "text" else None
+    if text_enc is not None:  # stored in args so that checkpoints rebuild the model without the encoder
+        args.text_dim, args.pooled_dim = text_enc.dim, text_enc.pooled_dim
+    in_ch = LATENT_CH if args.vae != "none" or args.data == "latents" else 3
+    if not isinstance(ds, torch.utils.data.IterableDataset):  # typical original size: sample.py's default φ
+        phis = torch.stack([ds[i]["phi"] for i in range(min(64, len(ds)))])
+        args.orig_size = phis[:, 3:].median(0).values.tolist()
+    null_sem = sampling.null_semantic(vars(args), text_enc, device)
+
+    # --- model, EMA, optimiser; resume or init-from
+    model = sampling.build_model_from_args(vars(args), text_enc).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    torch.manual_seed(args.seed + rank)  # per-rank seeds (nanoGPT); the training noise itself uses chunk_generator
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    step, ck = 0, None
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        optimizer.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+        rngs = ck["rng"]
+        set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
+        print0(f"resumed from {ckpt_path} at step {step} (data position {ck['data']})")
+        if master and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):  # drop log lines of the lost steps
+            log_file = os.path.join(args.out_dir, "log.jsonl")
+            keep = [ln for ln in open(log_file) if json.loads(ln)["step"] <= step]
+            open(log_file, "w").writelines(keep)
+    elif args.init_from:
+        src = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        sd = src.get("ema", src.get("model", src)) if isinstance(src, dict) else src
+        res = model.load_state_dict(sd, strict=False)
+        ema.load_state_dict(model.state_dict())
+        print0(f"init from {args.init_from}: missing {res.missing_keys}, unexpected {res.unexpected_keys}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print0(f"{args.recipe}: {args.arch}-{args.size}, {n_params / 1e6:.2f} M params, {world} rank(s) x micro-batch "
+           f"{micro} x accum {args.grad_accum} = {args.global_batch}, {device}, {str(dtype).split('.')[-1]}")
+    if master:
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+
+    # --- data order: exact position for map-style datasets (a function of the step), counted for shard streams
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        sampler, data_pos = None, dict(ck["data"]) if ck else {"epoch": 0, "index": 0}
+        batches = stream_batches(ds, micro, args.num_workers, data_pos)
+    else:
+        sampler = StepSampler(len(ds), args.seed, step, micro, world, rank, args.grad_accum)
+        loader = torch.utils.data.DataLoader(  # the generator keeps DataLoader from drawing on the global RNG
+            EpochIndexed(ds), batch_sampler=sampler, num_workers=args.num_workers, collate_fn=data.collate,
+            pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+            generator=torch.Generator().manual_seed(args.seed))
+        batches = iter(loader)
+    sched = diffusion.Schedule(args.schedule_scale).to(device)
+    raw_model = model  # checkpoints hold the unwrapped, uncompiled model
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def get_micro_batch(g):
+        """Next micro-batch -> (x0, cond) on device; text features, padding and dropout happen here."""
+        nonlocal n_bad
+        b = next(batches)
+        n_bad += b["n_bad"]
+        while "phi" not in b:  # every sample of the batch was unreadable (data.collate dropped them)
+            b = next(batches)
+            n_bad += b["n_bad"]
+        x0 = b["latent"] if "latent" in b else b["image"]
+        x0 = x0.to(device, non_blocking=True)
+        with torch.no_grad():
+            if vae is not None and "latent" not in b:
+                x0 = data.encode(vae, x0)
+            cond = sampling.semantic_cond(vars(args), b.get("y"), b.get("caption"), text_enc, device,
+                                          training=True, generator=g)
+        if args.control:
+            cond["phi"] = b["phi"].to(device).float()
+        return x0.float(), conditioning.drop_conditions(cond, args.p_drop_sem, args.p_drop_ctrl, null_sem, g)
+
+    flops_per_img = None  # training FLOPs per image for MFU, counted once by torch's FlopCounterMode (GPU only)
+    _, peak = device_peak(device)
+    n_bad = 0  # unreadable samples skipped so far (logged)
+    if peak:  # one image of a synthetic batch is enough to count FLOPs
+        x0 = torch.randn(1, in_ch, *([args.resolution // (VAE_DOWN if in_ch != 3 else 1)] * 2), device=device)
+        cond = sampling.semantic_cond(vars(args), [0], ["a photo"], text_enc, device)
+        cond.update(phi=sampling.default_phi(vars(args), 1).to(device), keep_ctrl=torch.ones(1, device=device))
+        with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc, autocast:
+            diffusion.loss_fn(raw_model, sched, x0, cond)[0].backward()
+        raw_model.zero_grad(set_to_none=True)
+        flops_per_img = fc.get_total_flops()
+
+    def make_checkpoint():
+        rngs = [rng_state(device)]
+        if ddp:  # every rank's RNG state, so a resumed rank continues its own stream
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state(device))
+        return {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "args": vars(args), "rng": rngs,
+                "data": sampler.position(step) if sampler else dict(data_pos)}
+
+    def check_finite():
+        """NaN/inf anywhere since the last check stops the run before a bad checkpoint can be written."""
+        bad = nonfinite.clone()
+        if ddp:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            print0(f"ERROR: non-finite loss before step {step}; stopping. The last good checkpoint "
+                   f"{ckpt_path} is left untouched (try a lower --lr or --precision fp32).")
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(1)
+
+    def write_grid(tag):
+        imgs = sampling.generate(ema, vars(args), seeds=list(range(len(grid_sem))), labels=grid_sem,
+                                 steps=args.sample_steps, cfg=args.sample_cfg, device=device, vae=vae,
+                                 text_encoder=text_enc, precision=dtype)
+        sampling.save_grid(imgs, os.path.join(args.out_dir, f"grid_{tag}.png"), nrow=grid_cols)
+
+    def plot_log():
+        recs = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
+        if len(recs) > 1:
+            plot_curve([r["step"] for r in recs], [r["loss"] for r in recs], os.path.join(args.out_dir, "loss.png"))
+
+    grid_sem, grid_cols = sampling.default_labels(vars(args), ds)
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+    nonfinite = torch.zeros((), device=device)
+    loss_acc = torch.zeros((), device=device)
+    bin_sum, bin_cnt = torch.zeros(LOSS_BINS, device=device), torch.zeros(LOSS_BINS, device=device)
+    start_step, t_last, imgs_since, n_acc = step, time.time(), 0, 0
+    bar = tqdm(total=args.max_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
+    while True:
+        # --- lr: linear warm-up, then constant (the paper trains at a constant lr)
+        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # --- periodic sample grid / checkpoint (not at the step we just resumed from: it is on disk already)
+        last = step == args.max_steps
+        t0 = time.time()
+        if step != start_step or (last and ck is None):
+            if master and (step % args.sample_every == 0 or last):
+                write_grid(f"{step:07d}")
+                plot_log()
+            if step % args.ckpt_every == 0 or last:
+                check_finite()
+                state = make_checkpoint()
+                if master:
+                    save_checkpoint(state, ckpt_path)
+                    print0(f"step {step}: checkpoint saved to {ckpt_path}")
+        t_last += time.time() - t0  # img/s counts training time only
+        if last:
+            break
+        # --- gradient accumulation: DDP syncs gradients only on the last micro-step
+        model.train()
+        for k in range(args.grad_accum):
+            g = chunk_generator(args.seed, step, k * world + rank, device)
+            x0, cond = get_micro_batch(g)
+            t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=g, device=device)
+            eps = torch.randn(x0.shape, generator=g, device=device)
+            skip_sync = ddp and k < args.grad_accum - 1
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                with autocast:
+                    loss, per_sample, t = diffusion.loss_fn(model, sched, x0, cond, t, eps)
+                (loss / args.grad_accum).backward()
+            loss_acc += loss.detach() / args.grad_accum  # no .item() here: it would sync every micro-step
+            nonfinite += (~torch.isfinite(loss.detach())).float()
+            b = diffusion.snr_bin(t, LOSS_BINS)
+            bin_sum.index_add_(0, b, per_sample.detach())
+            bin_cnt.index_add_(0, b, torch.ones_like(per_sample))
+        # --- clip (the norm is computed even without clipping, for the log)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+        # --- optimiser step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # --- EMA (decay warmed up so that short runs get a useful average)
+        ema_update(ema, raw_model, min(args.ema_decay, (1 + step) / (10 + step)))
+        step += 1
+        n_acc += 1
+        imgs_since += args.global_batch
+        bar.update(1)
+        # --- log: one fixed-format line + the same as JSON
+        if step % args.log_every == 0 or step == args.max_steps:
+            stats = torch.cat([loss_acc.view(1) / n_acc, bin_sum, bin_cnt])
+            if ddp:
+                dist.all_reduce(stats)
+                stats[0] /= world
+            check_finite()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.time() - t_last
+            ips = imgs_since / dt
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            s = stats.tolist()
+            bins = [s[1 + i] / max(s[1 + LOSS_BINS + i], 1) for i in range(LOSS_BINS)]
+            rec = dict(step=step, loss=s[0], lr=lr, grad_norm=gnorm.item(), img_per_s=ips, mem_gb=mem, n_bad=n_bad,
+                       mfu=flops_per_img * ips / world / peak if flops_per_img else None, loss_by_t=bins)
+            mfu = f" | mfu {100 * rec['mfu']:5.1f}%" if rec["mfu"] is not None else ""
+            print0(f"step {step:7d} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:7.3f} | "
+                   f"{ips:8.1f} img/s | mem {mem:6.2f} GB{mfu} | loss@t " + " ".join(f"{v:.3f}" for v in bins))
+            if master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            loss_acc.zero_(), bin_sum.zero_(), bin_cnt.zero_()
+            n_acc, imgs_since, t_last = 0, 0, time.time()
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
