@@ -10,7 +10,7 @@ Embedders that live INSIDE the models (the models own these modules):
                                                                        Eq. 1 E_h(phi_h) + gamma_c(t) E_l(phi_l), zero-init
 
 Helpers used OUTSIDE the models (train.py / sample.py):
-    TextEncoder(name="ViT-L-14", pretrained="openai" | path | None, flag="--text-encoder-weights")
+    TextEncoder(name="ViT-L-14", pretrained="openai" | path | None, flag="--text-encoder-path")
         frozen open_clip text tower, 77 tokens; missing weights offline -> one-line SystemExit naming `flag`;
         TextEncoder("tiny") is a random 2-layer config for tests and CPU runs.
         enc(captions) -> (tokens (B,77,D), pooled (B,Dp), eot (B,) long)
@@ -149,7 +149,7 @@ class TextEncoder(nn.Module):
     name="tiny" builds a random 2-layer tower (seeded, so train and sample get the same one) that needs no download.
     pretrained: "openai" (hub tag), a local checkpoint path, or None (random weights, any open_clip config)."""
 
-    def __init__(self, name="ViT-L-14", pretrained="openai", flag="--text-encoder-weights"):
+    def __init__(self, name="ViT-L-14", pretrained="openai", flag="--text-encoder-path"):
         super().__init__()
         import open_clip  # heavy import, only needed in text mode
 

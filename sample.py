@@ -40,6 +40,8 @@ def build_model_from_args(a, text_encoder=None):
 
 def load_checkpoint_model(path, device="cpu", ema=True):
     """(model in eval mode on device, the checkpoint's train.py args as a dict). ema=False loads the raw weights."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path!r} not found: pass --ckpt PATH (train.py writes <out-dir>/ckpt.pt)")
     ck = torch.load(path, map_location="cpu", weights_only=False)
     a = ck["args"]
     model = build_model_from_args(a)
@@ -51,7 +53,8 @@ def get_text_encoder(a, device):
     """The frozen text encoder of a text-mode run (cached)."""
     key = ("text", a["text_encoder"], a["text_encoder_path"], str(device))
     if key not in _CACHE:
-        _CACHE[key] = conditioning.TextEncoder(a["text_encoder"], a["text_encoder_path"]).to(device)
+        _CACHE[key] = conditioning.TextEncoder(a["text_encoder"], a["text_encoder_path"],
+                                                 flag="--text-encoder-path").to(device)
     return _CACHE[key]
 
 
