@@ -407,7 +407,8 @@ def main(argv=None):
                            lpips_prompts=int(tot[2]))
         if ddp:
             dist.barrier()
-    out = args.out or os.path.splitext(images.rstrip("/"))[0] + "_eval.json"  # next to the checkpoint / the images
+    stem = os.path.splitext(images)[0] if os.path.isfile(images) else images.rstrip("/")
+    out = args.out or stem + "_eval.json"  # next to the checkpoint / the images
 
     if rank == 0:  # --- metrics on the saved PNGs: the same numbers whether generated now or earlier
         res = a["resolution"] if a else next(iter(iter_images(images))).shape[-1]  # references are resized to it
