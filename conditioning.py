@@ -42,10 +42,12 @@ _SIGNAL_COLS = {"crop": (0, 1), "flip": (2,), "size": (3, 4)}
 
 
 # ----------------------------------------------------------------------------- embedders used inside models
-def timestep_embedding(t, dim=FREQ_DIM, max_period=10000):
-    """Sinusoidal features of a (B,) tensor (DiT convention: cat[cos, sin]); works for any scalar, not only t."""
+def timestep_embedding(t, dim=FREQ_DIM, max_period=10000, freq_shift=0):
+    """Sinusoidal features of a (B,) tensor (DiT convention: cat[cos, sin]); works for any scalar, not only t.
+    freq_shift=1 reproduces diffusers' DiT port (downscale_freq_shift=1: exponents over half-1, not half)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
     if dim % 2:
@@ -56,13 +58,13 @@ def timestep_embedding(t, dim=FREQ_DIM, max_period=10000):
 class TimestepEmbedder(nn.Module):
     """Timestep -> sinusoidal(256) -> Linear -> SiLU -> Linear (DiT)."""
 
-    def __init__(self, hidden, freq_dim=FREQ_DIM):
+    def __init__(self, hidden, freq_dim=FREQ_DIM, freq_shift=0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.freq_shift = freq_dim, freq_shift
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.freq_dim))  # (B, D)
+        return self.mlp(timestep_embedding(t, self.freq_dim, freq_shift=self.freq_shift))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):

@@ -17,7 +17,6 @@ Example: python -c "import models, torch; m = models.build_model('dit', 'tiny', 
                     print(m(torch.randn(2, 3, 32, 32), torch.tensor([3, 999]), {'y': torch.tensor([0, 10])}).shape)"
 """
 import inspect
-import math
 import re
 
 import torch
@@ -747,18 +746,6 @@ def import_dit_original(state_dict, **kw):
     return _load(model, sd)
 
 
-class _DiffusersDiTTimestepEmbedder(TimestepEmbedder):
-    """diffusers' DiT port embeds t with downscale_freq_shift=1 (frequency exponent / (half-1)); original DiT and
-    our TimestepEmbedder divide by half. Not a weight transform, so a model imported from diffusers' DiT keeps this
-    module (same parameters, same state_dict keys)."""
-
-    def forward(self, t):
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - 1))
-        args = t.float()[:, None] * freqs  # (B, half)
-        return self.mlp(torch.cat([args.cos(), args.sin()], -1))  # (B, D)
-
-
 def _qkv(sd, prefix, names=("to_q", "to_k", "to_v")):
     """Fuse diffusers' separate q/k/v Linears into our one qkv Linear."""
     return {p: torch.cat([sd[f"{prefix}.{n}.{p}"] for n in names]) for p in ("weight", "bias")}
@@ -790,7 +777,7 @@ def import_diffusers(ref, **kw):
             if not torch.equal(sd[k], sd[k.replace(k.split(".")[1], "0", 1)]):
                 raise ValueError(f"{k} differs from block 0: our DiT shares one t/class embedder (as DiT does)")
         model = DiT(**base, num_classes=cfg.num_embeds_ada_norm, **kw)
-        model.t_embedder.__class__ = _DiffusersDiTTimestepEmbedder
+        model.t_embedder.freq_shift = 1  # diffusers embeds t with downscale_freq_shift=1 (not a weight change)
         e = "transformer_blocks.0.norm1.emb"
         _put(out, "t_embedder.mlp.0", sd, f"{e}.timestep_embedder.linear_1")
         _put(out, "t_embedder.mlp.2", sd, f"{e}.timestep_embedder.linear_2")
