@@ -25,6 +25,7 @@ Helpers used OUTSIDE the models (train.py / sample.py):
 
 Example: python -c "import conditioning as c, torch; print(c.gamma_c(torch.arange(0, 1000, 100)))"
 """
+import functools
 import math
 
 import torch
@@ -79,6 +80,14 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)  # (B, D)
 
 
+@functools.lru_cache(maxsize=1)
+def _unscaled_sigma():
+    """sigma_t of the unscaled schedule, built once (the 'step' gamma_c reads it every forward)."""
+    import diffusion  # lazy: diffusion.py owns the schedule
+
+    return diffusion.Schedule().sigma
+
+
 def gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0):
     """Eq. 1 weight of the low-level control embedding: 0 at pure noise (t = T), 1 at clean data (t = 0)."""
     import diffusion  # lazy: diffusion.py owns T and the schedule
@@ -92,7 +101,7 @@ def gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0):
     if schedule == "linear":
         return (1 - t / T).clamp(0, 1)
     if schedule == "step":  # Tab. A6: delta(sigma_t <= c), sigma of the unscaled schedule
-        sigma = diffusion.Schedule().sigma.to(t.device)
+        sigma = _unscaled_sigma().to(t.device)
         idx = t.round().long().clamp(0, T - 1)
         return (sigma[idx] <= step_sigma).float()
     raise ValueError(f"unknown gamma schedule {schedule!r}; choose from {GAMMA_SCHEDULES}")

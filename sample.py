@@ -38,11 +38,16 @@ def build_model_from_args(a, text_encoder=None):
         pe_base=a["pe_base"], mask_ratio=a["mask_ratio"], patch_size=a["patch_size"], **kind)
 
 
+def read_checkpoint(path, flag="--ckpt"):
+    """The checkpoint dict of train.py / transfer.py; a missing file is a one-line error, not a traceback."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path!r} not found: pass {flag} PATH (train.py writes <out-dir>/ckpt.pt)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def load_checkpoint_model(path, device="cpu", ema=True):
     """(model in eval mode on device, the checkpoint's train.py args as a dict). ema=False loads the raw weights."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path!r} not found: pass --ckpt PATH (train.py writes <out-dir>/ckpt.pt)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = read_checkpoint(path)
     a = ck["args"]
     model = build_model_from_args(a)
     model.load_state_dict(ck["ema" if ema else "model"])

@@ -331,7 +331,7 @@ def main(argv=None):
             keep = [ln for ln in open(log_file) if json.loads(ln)["step"] <= step]
             open(log_file, "w").writelines(keep)
     elif args.init_from:
-        src = torch.load(args.init_from, map_location="cpu", weights_only=False)
+        src = sampling.read_checkpoint(args.init_from, "--init-from")
         sd = src.get("ema", src.get("model", src)) if isinstance(src, dict) else src
         res = model.load_state_dict(sd, strict=False)
         ema.load_state_dict(model.state_dict())

@@ -29,7 +29,7 @@ TABLE = "y_embedder.embedding_table.weight"  # the class table (num_classes + 1 
 
 def load(path):
     """(checkpoint dict, args dict, weights): EMA weights when present (what train.py --init-from prefers)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = S.read_checkpoint(path)
     return ck, dict(ck["args"]), ck.get("ema", ck.get("model"))
 
 
