@@ -71,13 +71,19 @@ def loss_fn(model, sched, x0, cond, t=None, eps=None):
     return per_sample.mean(), per_sample, t
 
 
-def sampling_timesteps(steps):
+def sampling_timesteps(steps, t_start=T - 1):
     """N evenly spaced timesteps starting at T-1: diffusers' "trailing" spacing.
 
     round(arange(T, 0, -T/N)) - 1, e.g. N=10 -> [999, 899, ..., 99]. The step after the last
     one lands on clean data (abar = 1), i.e. DDIMScheduler(set_alpha_to_one=True).
+    t_start < T-1 keeps the steps <= t_start (SDEdit-style partial denoising from data noised
+    to the first kept step), e.g. N=10, t_start=500 -> [499, 399, ..., 99].
     """
-    return (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+    ts = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+    ts = ts[ts <= t_start]
+    if len(ts) == 0:
+        raise ValueError(f"t_start={t_start} is below the last step ({T // steps - 1}) of the {steps}-step grid")
+    return ts
 
 
 def _randn(x, generator):
@@ -89,13 +95,14 @@ def _randn(x, generator):
 
 
 @torch.no_grad()
-def sample(eps_fn, x, sched, steps=50, eta=0.0, generator=None, progress=False, callback=None):
+def sample(eps_fn, x, sched, steps=50, eta=0.0, generator=None, progress=False, callback=None, t_start=T - 1):
     """Generalised DDIM (Song et al. 2021): eta=0 is DDIM, eta=1 is DDPM ancestral.
 
     x is pure noise N(0, I) at t = T-1 (the schedule's terminal sigma is finite, as in the
-    paper: no zero-SNR fix). All arithmetic in fp32.
+    paper: no zero-SNR fix); with t_start < T-1, x is data noised to the first grid step
+    <= t_start (sampling_timesteps). All arithmetic in fp32.
     """
-    ts = sampling_timesteps(steps).tolist()
+    ts = sampling_timesteps(steps, t_start).tolist()
     it = ts
     if progress:
         from tqdm import tqdm

@@ -106,11 +106,13 @@ def default_labels(a, ds=None):
 # ----------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate(model, a, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, sampler="ddim", device="cpu",
-             vae=None, text_encoder=None, batch_size=16, precision=torch.float32, schedule_scale=None, progress=False):
+             vae=None, text_encoder=None, batch_size=16, precision=torch.float32, schedule_scale=None, progress=False,
+             images=None, t_start=diffusion.T - 1):
     """Images (N, 3, H, W) in [-1, 1] on the CPU, one per (seed, label). labels: class ids or prompts;
     phi: (N, 5) control (default: default_phi); cfg = lam, control_cfg = beta of Eq. 2 (beta = 1: plain CFG).
     Sample i starts from noise drawn from torch.Generator().manual_seed(seeds[i]) on the CPU (device
-    independent); the DDPM sampler's extra noise uses per-sample generators too."""
+    independent); the DDPM sampler's extra noise uses per-sample generators too. With images (N, 3, H, W) in
+    [-1, 1], sample i starts instead from images[i] noised with that noise to the first step <= t_start (SDEdit)."""
     device = torch.device(device)
     model.eval()
     if a["semantic"] == "text" and text_encoder is None:
@@ -141,11 +143,15 @@ def generate(model, a, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1
                 return fn(x, t).float()
 
         x = noise.to(device)
+        if images is not None:  # SDEdit: data noised to the first sampling step
+            z = images[sl].to(device).float() if vae is None else data.encode(vae, images[sl].to(device))
+            t0 = diffusion.sampling_timesteps(steps, t_start)[0].item()
+            x = sched.q_sample(z.float(), torch.full((len(z),), t0, device=device), x)
         if sampler == "ddim":
-            x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress)
+            x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress, t_start=t_start)
         else:
             gens = [torch.Generator(device).manual_seed(s + (1 << 32)) for s in seeds[sl]]
-            x = diffusion.ddpm_sample(eps_fn, x, sched, steps, generator=gens, progress=progress)
+            x = diffusion.ddpm_sample(eps_fn, x, sched, steps, generator=gens, progress=progress, t_start=t_start)
         if vae is not None:
             x = data.decode(vae, x)
         out.append(x.float().clamp(-1, 1).cpu())
@@ -206,6 +212,11 @@ def main(argv=None):
                    help="size condition H W in px (default: median original size of the training data)")
     p.add_argument("--crop-tl", type=int, nargs=2, default=(0, 0), help="crop condition top left in px (default: 0 0)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="flip condition (default: off)")
+    # diagnostic
+    p.add_argument("--denoise-from", type=int, default=None, metavar="T",
+                   help="instead of sampling from noise, noise training crops to step T (0..999) and denoise them "
+                   "(SDEdit); --seeds picks the dataset items (default 0-9), each keeps its class/caption and φ; "
+                   "the grid shows the crops above their denoised versions")
     # system
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (default: 16)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
@@ -214,8 +225,23 @@ def main(argv=None):
     p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: --n-per)")
     args = p.parse_args(argv)
 
+    if args.denoise_from is not None:
+        if not 0 <= args.denoise_from < diffusion.T:
+            p.error(f"--denoise-from {args.denoise_from}: T must be in 0..{diffusion.T - 1}")
+        try:
+            diffusion.sampling_timesteps(args.steps, args.denoise_from)
+        except ValueError as e:
+            p.error(f"--denoise-from: {e}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, a = load_checkpoint_model(args.ckpt, device, ema=args.ema)
+    precision = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
+        else torch.float32
+    out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
+    os.makedirs(out_dir, exist_ok=True)
+    kw = dict(steps=args.steps, cfg=args.cfg, control_cfg=args.control_cfg, sampler=args.sampler, device=device,
+              batch_size=args.batch_size, precision=precision, schedule_scale=args.schedule_scale, progress=True)
+    if args.denoise_from is not None:
+        return denoise_training_crops(model, a, args, out_dir, kw)
     if a["semantic"] == "class":
         names = list(getattr(data, "CLASSES", []))
         keys = args.classes if args.classes else list(range(min(a["num_classes"], 10)))
@@ -229,19 +255,30 @@ def main(argv=None):
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(len(labels)))
     assert len(seeds) == len(labels), f"{len(seeds)} seeds for {len(labels)} images: give one seed per image"
     phi = default_phi(a, len(labels), args.orig_size, args.crop_tl, args.flip)
-    precision = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
-        else torch.float32
-    imgs = generate(model, a, seeds, labels, phi=phi, steps=args.steps, cfg=args.cfg, control_cfg=args.control_cfg,
-                    sampler=args.sampler, device=device, batch_size=args.batch_size, precision=precision,
-                    schedule_scale=args.schedule_scale, progress=True)
-    out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
-    os.makedirs(out_dir, exist_ok=True)
+    imgs = generate(model, a, seeds, labels, phi=phi, **kw)
     if args.save_images:
         for s, img in zip(seeds, imgs):
             to_pil(img).save(os.path.join(out_dir, f"{s:06d}.png"))
     grid = os.path.join(out_dir, "grid.png")
     save_grid(imgs, grid, nrow=args.nrow or args.n_per)
     print(f"wrote {len(imgs)} images and {grid}")
+
+
+def denoise_training_crops(model, a, args, out_dir, kw):
+    """--denoise-from T: dataset items (the run's own data, crop and flip settings) noised to step T and denoised
+    with their own class/caption and φ. Shows what the denoiser keeps and loses from a given noise level on."""
+    if a["data"] in ("latents", "wds"):
+        raise SystemExit(f"--denoise-from needs an indexable image dataset; this checkpoint's --data is {a['data']}")
+    ds = data.build_dataset(a["data"], a.get("data_path"), a["resolution"], a["crop"], a["flip"], a["seed"])
+    idx = parse_seeds(args.seeds) if args.seeds else list(range(10))
+    b = data.collate([ds[i] for i in idx])
+    if b["n_bad"]:
+        raise SystemExit(f"--denoise-from: {b['n_bad']} of the chosen dataset items are unreadable")
+    labels = b["y"].tolist() if a["semantic"] == "class" else list(b["caption"])
+    imgs = generate(model, a, idx, labels, phi=b["phi"], images=b["image"], t_start=args.denoise_from, **kw)
+    grid = os.path.join(out_dir, f"denoise_from_{args.denoise_from}.png")
+    save_grid(torch.cat([b["image"], imgs]), grid, nrow=len(idx))
+    print(f"denoised {len(idx)} training crops from t = {args.denoise_from}: {grid} (top: crops, bottom: denoised)")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,32 @@ def test_ddim_matches_diffusers(steps):
         assert (ours[i] - x).abs().max() <= 1e-5, f"step {i} (t={int(t)}) differs"
 
 
+def test_partial_denoising_from_t():
+    # SDEdit start: the grid is cut to its steps <= t_start, and with the exact denoiser of a one-image data set
+    # (eps = (x_t - sqrt(a) x0) / sqrt(1 - a)) DDIM from any start returns that image.
+    assert diffusion.sampling_timesteps(50, T - 1).tolist() == diffusion.sampling_timesteps(50).tolist()
+    assert diffusion.sampling_timesteps(10, 500).tolist() == [499, 399, 299, 199, 99]
+    with pytest.raises(ValueError, match="below the last step"):
+        diffusion.sampling_timesteps(50, 10)
+    sched = Schedule()
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+
+    def eps_exact(x, t):
+        a = sched.abar[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    seen = []
+    t0 = int(diffusion.sampling_timesteps(50, 500)[0])
+    x_t = sched.q_sample(x0, torch.full((2,), t0), torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
+    out = diffusion.ddim_sample(eps_exact, x_t, sched, 50, t_start=500, callback=lambda i, t, x, xh: seen.append(t))
+    assert seen[0] == 499 and len(seen) == 25 and max(seen) <= 500
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+    # with eps = 0 every DDIM step rescales x by sqrt(a_prev / a), so the result is x_t / sqrt(abar[first step]):
+    # this pins the step the sampler starts from
+    out = diffusion.ddim_sample(lambda x, t: torch.zeros_like(x), x_t, sched, 50, t_start=500)
+    torch.testing.assert_close(out, x_t / sched.abar[t0].sqrt(), atol=1e-5, rtol=0)
+
+
 def test_sampler_gaussian_exact():
     # x0 ~ N(mu, s^2): x_t ~ N(sqrt(a) mu, a s^2 + 1 - a), so the optimal (posterior-mean)
     # eps predictor is E[eps | x_t] = sqrt(1-a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a).
@@ -864,6 +890,34 @@ def test_sample_seed_invariance():
     torch.testing.assert_close(one, big, atol=1e-5, rtol=0)
     torch.testing.assert_close(alone[0], big[3], atol=1e-5, rtol=0)
     assert (big[0] - big[1]).abs().max() > 1e-2, "different seeds must give different images"
+
+
+def test_sample_denoise_from(tmp_path):
+    # generate(images=, t_start=): a fresh model predicts eps = 0 exactly, so DDIM returns the start divided by
+    # sqrt(abar) of its first step, i.e. x0 + sigma_t0 * noise(seed): checks the noise level and the per-seed noise
+    torch.manual_seed(0)
+    a = vars(train.parse_args(["--resolution", "16", "--patch-size", "4"]))
+    a["num_classes"] = len(data.CLASSES)
+    model = sample.build_model_from_args(a)
+    ds = data.build_dataset("embedded", resolution=16)
+    b = data.collate([ds[i] for i in range(3)])
+    seeds = [5, 6, 7]
+    with _trn_one_thread():
+        out = sample.generate(model, a, seeds, b["y"].tolist(), phi=b["phi"], steps=50, cfg=1.0,
+                              images=b["image"], t_start=60)
+    t0 = int(diffusion.sampling_timesteps(50, 60)[0])
+    noise = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    want = (b["image"] + Schedule().sigma[t0] * noise).clamp(-1, 1)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    # the CLI on a 1-step checkpoint: a 2-row grid (crops over results), and a clear error for a bad T
+    _trn_run(["train.py", *_TRN_FAST, "--max-steps", "1", "--out-dir", str(tmp_path)])
+    _trn_run(["sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--denoise-from", "300", "--seeds", "0-3",
+              "--steps", "5", "--no-save-images"])
+    grid = Image.open(tmp_path / "samples" / "denoise_from_300.png")
+    assert grid.size == (4 * 18 + 2, 2 * 18 + 2)
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--denoise-from", "1000"],
+                       cwd=_TRN_REPO, env=_trn_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--denoise-from 1000" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_readme_commands(tmp_path):
