@@ -79,10 +79,10 @@ def sampling_timesteps(steps, t_start=T - 1):
     t_start < T-1 keeps the steps <= t_start (SDEdit-style partial denoising from data noised
     to the first kept step), e.g. N=10, t_start=500 -> [499, 399, ..., 99].
     """
-    ts = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
-    ts = ts[ts <= t_start]
+    grid = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+    ts = grid[grid <= t_start]
     if len(ts) == 0:
-        raise ValueError(f"t_start={t_start} is below the last step ({T // steps - 1}) of the {steps}-step grid")
+        raise ValueError(f"t_start={t_start} is below the last step ({grid[-1].item()}) of the {steps}-step grid")
     return ts
 
 

@@ -122,6 +122,7 @@ def generate(model, a, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1
     null_sem = null_semantic(a, text_encoder, device)
     sched = diffusion.Schedule(a["schedule_scale"] if schedule_scale is None else schedule_scale).to(device)
     phi = default_phi(a, len(seeds)) if phi is None else phi
+    t0 = diffusion.sampling_timesteps(steps, t_start)[0].item()  # first step (T-1 unless SDEdit)
     C = LATENT_CH if (a["vae"] != "none" or a["data"] == "latents") else 3
     R = a["resolution"] // (VAE_DOWN if C != 3 else 1)
     autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
@@ -144,8 +145,7 @@ def generate(model, a, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1
 
         x = noise.to(device)
         if images is not None:  # SDEdit: data noised to the first sampling step
-            z = images[sl].to(device).float() if vae is None else data.encode(vae, images[sl].to(device))
-            t0 = diffusion.sampling_timesteps(steps, t_start)[0].item()
+            z = images[sl].to(device) if vae is None else data.encode(vae, images[sl].to(device))
             x = sched.q_sample(z.float(), torch.full((len(z),), t0, device=device), x)
         if sampler == "ddim":
             x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress, t_start=t_start)
