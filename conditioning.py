@@ -80,12 +80,12 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)  # (B, D)
 
 
-@functools.lru_cache(maxsize=1)
-def _unscaled_sigma():
-    """sigma_t of the unscaled schedule, built once (the 'step' gamma_c reads it every forward)."""
+@functools.lru_cache(maxsize=4)
+def _unscaled_sigma(device):
+    """sigma_t of the unscaled schedule, built once per device (the 'step' gamma_c reads it every forward)."""
     import diffusion  # lazy: diffusion.py owns the schedule
 
-    return diffusion.Schedule().sigma
+    return diffusion.Schedule().sigma.to(device)
 
 
 def gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0):
@@ -101,7 +101,7 @@ def gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0):
     if schedule == "linear":
         return (1 - t / T).clamp(0, 1)
     if schedule == "step":  # Tab. A6: delta(sigma_t <= c), sigma of the unscaled schedule
-        sigma = _unscaled_sigma().to(t.device)
+        sigma = _unscaled_sigma(t.device)
         idx = t.round().long().clamp(0, T - 1)
         return (sigma[idx] <= step_sigma).float()
     raise ValueError(f"unknown gamma schedule {schedule!r}; choose from {GAMMA_SCHEDULES}")
