@@ -19,18 +19,15 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 import diffusion
 import models
 from conditioning import CONTROL_SIGNALS
 from data import LATENT_CH, VAE_DOWN  # SD VAE: 4 latent channels, 8x down
+from models import FLOP_MAP, autocast, count_flops, device_peak  # FLOP counting, shared with train.py's MFU
 
 # ----------------------------------------------------------------------------- constants
-# Dense bf16 tensor-core peaks, FLOP/s (datasheets quote 2x these "with sparsity"). Sources: NVIDIA H100 datasheet
-# (SXM 989 TF, PCIe 756 TF, NVL 835 TF), NVIDIA H200 datasheet (989 TF, same GH100 compute as H100 SXM),
-# NVIDIA A100 datasheet (312 TF, SXM and PCIe). First key whose words all appear in the device name wins.
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 NUM_CLASSES = 1000  # ImageNet-1k, for class-conditional archs
 TEXT_DIM = POOLED_DIM = 768  # open_clip ViT-L-14 token width and pooled width
 TEXT_ARCHS = ("pixart", "mmdit", "unet")  # archs benchmarked text-conditional (the paper's CC12M models)
@@ -42,31 +39,12 @@ PAPER_A1 = {("unet", False): 95.38, ("pixart", False): 275.14, ("mmdit", False):
             ("dit", False): 237.4}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-# CPU flash attention is not in FlopCounterMode's registry (torch 2.14): count it like the CUDA kernels
-# (arguments arrive as shapes: q, k, v[, ...] forward; grad_out, q, k, v[, ...] backward)
-FLOP_MAP = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(g, q, k, v)}
 
 
 # ----------------------------------------------------------------------------- helpers
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast(device, dtype):
-    """One autocast context: bf16 autocast over fp32 master weights, or nothing for fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def device_peak(device):
-    """(device name, dense bf16 peak FLOP/s or None when unknown / CPU)."""
-    if device.type != "cuda":
-        return "cpu", None
-    name = torch.cuda.get_device_name(device)
-    return name, next((v for k, v in PEAK_BF16.items() if all(w in name for w in k.split())), None)
 
 
 def make_batch(arch, B, R, device, control=True, text=None):
@@ -87,18 +65,10 @@ def build_ours(arch, size, R, control=True, device="cpu", text=None):
     """Our model for arch/size on an R-pixel image's latent, built (and initialised) directly on device."""
     text = arch in TEXT_ARCHS if text is None else text
     kind = dict(text_dim=TEXT_DIM, pooled_dim=POOLED_DIM) if text else dict(num_classes=NUM_CLASSES)
+    if "input_size" in models.arch_kwargs(arch):  # transformers; the UNet is fully convolutional
+        kind["input_size"] = R // VAE_DOWN
     with torch.device(device):
-        return models.build_model(arch, size, input_size=R // VAE_DOWN, in_channels=LATENT_CH,
-                                  control=CONTROL_SIGNALS if control else (), **kind)
-
-
-def count_flops(fn):
-    """(forward FLOPs, forward+backward FLOPs) of fn() -> loss, as counted by FlopCounterMode."""
-    with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
-        loss = fn()
-        fwd = fc.get_total_flops()
-        loss.backward()
-    return fwd, fc.get_total_flops()
+        return models.build_model(arch, size, in_channels=LATENT_CH, control=CONTROL_SIGNALS if control else (), **kind)
 
 
 def timed(fn, device):

@@ -22,6 +22,12 @@ Helpers used OUTSIDE the models (train.py / sample.py):
     guidance_conds(cond, null_sem=None) -> (cond, cond_s, cond_null)                        (Eq. 2 inputs)
     null_semantic(num_classes=None, text_encoder=None, padding="replicate", device="cpu") -> null_sem
         class mode {"y": tensor(num_classes)}; text mode the empty prompt {"text": (1,77,D), "pooled": (1,Dp)}
+    load_open_clip(name, pretrained, flag) / get_text_encoder(name, pretrained, device)   (one loader, cached)
+Run-spec level (spec = train.py's run spec; sample.py, evaluate.py and train.py's grids go through these):
+    semantic_encoder(sem, device) / semantic_cond(sem, labels, encoder, ...) / semantic_null(sem, encoder, device)
+    default_phi(spec, n, orig_size=None, crop_tl=(0, 0), flip=False) -> (n, 5)   inference-time control φ
+    default_lam(spec) -> lam                                            Eq. 4 guidance default after a transfer
+    generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, ...) -> (N, 3, H, W)
 
 Example: python -c "import conditioning as c, torch; print(c.gamma_c(torch.arange(0, 1000, 100)))"
 """
@@ -170,18 +176,7 @@ class TextEncoder(nn.Module):
                 torch.manual_seed(0)  # deterministic random weights: a tiny checkpoint needs no text weights file
                 tower = open_clip.transformer.TextTransformer(**TINY_TEXT, output_tokens=True)
         else:
-            if pretrained and not _is_file(pretrained):  # hub tag: fail fast, in one line, before building 428 M params
-                cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained)
-                if not cfg:
-                    raise SystemExit(f"text encoder weights {pretrained!r} are neither a file nor an open_clip tag of "
-                                     f"{name}; pass {flag} /path/to/open_clip_model.bin or 'openai'")
-                try:
-                    open_clip.pretrained.download_pretrained(cfg)
-                except Exception as e:  # offline hub -> FileNotFoundError / LocalEntryNotFoundError / URLError
-                    raise SystemExit(f"text encoder weights {name}/{pretrained} unavailable ({type(e).__name__}); "
-                                     f"download them or pass {flag} /path/to/open_clip_model.bin") from None
-            quick_gelu = _is_file(pretrained) and "openai" in str(pretrained).lower() or pretrained == "openai"
-            tower = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+            tower = load_open_clip(name, pretrained, flag)
             tower.visual = None  # text only: drop the image tower (saves ~300 M params of memory)
         self.tower = tower.eval().requires_grad_(False)  # frozen (§3)
         self.dim = self.tower.ln_final.weight.shape[0]  # token feature width (768 for ViT-L-14)
@@ -212,6 +207,31 @@ class TextEncoder(nn.Module):
 def _is_file(p):
     import os
     return isinstance(p, str) and os.path.isfile(p)
+
+
+def load_open_clip(name, pretrained, flag="--text-encoder-path"):
+    """open_clip model `name` with weights `pretrained` (hub tag, local file, or None = random). A tag is checked
+    and fetched before 428 M parameters are built; missing weights offline -> one-line SystemExit naming `flag`.
+    OpenAI's weights use QuickGELU, which open_clip 3 only warns about: forced on for them."""
+    import open_clip
+    if pretrained and not _is_file(pretrained):
+        cfg = open_clip.pretrained.get_pretrained_cfg(name, pretrained)
+        if not cfg:
+            raise SystemExit(f"open_clip weights {pretrained!r} are neither a file nor an open_clip tag of {name}; "
+                             f"pass {flag} /path/to/open_clip_model.bin or 'openai'")
+        try:
+            open_clip.pretrained.download_pretrained(cfg)
+        except Exception as e:  # offline hub -> FileNotFoundError / LocalEntryNotFoundError / URLError
+            raise SystemExit(f"open_clip weights {name}/{pretrained} unavailable ({type(e).__name__}); download "
+                             f"them or pass {flag} /path/to/open_clip_model.bin") from None
+    quick_gelu = "openai" in str(pretrained).lower()
+    return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+
+
+@functools.lru_cache(maxsize=4)
+def get_text_encoder(name, pretrained, device="cpu", flag="--text-encoder-path"):
+    """TextEncoder(name, pretrained) on device, built once per process (train, sample and evaluate share it)."""
+    return TextEncoder(name, pretrained, flag).to(device)
 
 
 def pad_text(tokens, eot, mode="replicate", beta=0.02, training=False, generator=None):
@@ -295,3 +315,100 @@ def drop_conditions(cond, p_sem=0.1, p_ctrl=0.1, null_sem=None, generator=None):
     keep = cond.get("keep_ctrl", torch.ones(B, device=dev)).float()
     out["keep_ctrl"] = keep * (u[1] >= p_ctrl).float()
     return out
+
+
+# ----------------------------------------------------------------------------- the run spec's semantic condition
+# spec["semantic"] (train.py): {"kind": "class", "num_classes": N, "null_id": N} or {"kind": "text", "encoder",
+# "pretrained", "pad", "beta_txt", "dim", "pooled_dim"}. Scripts encode, pad and null through these three.
+def semantic_encoder(sem, device="cpu"):
+    """The frozen text encoder of a text-mode spec (cached), None in class mode."""
+    return get_text_encoder(sem["encoder"], sem["pretrained"], str(device)) if sem["kind"] == "text" else None
+
+
+def semantic_cond(sem, labels, encoder=None, device="cpu", training=False, generator=None):
+    """Class ids or captions -> the semantic part of `cond` (text: frozen features + padding, outside the model)."""
+    if sem["kind"] == "class":
+        return {"y": torch.as_tensor(labels, dtype=torch.long).to(device)}
+    return encode_text(encoder, list(labels), sem["pad"], sem["beta_txt"], training, generator)
+
+
+def semantic_null(sem, encoder=None, device="cpu"):
+    """What semantic dropout and guidance substitute: the null class id, or the empty prompt's padded features."""
+    if sem["kind"] == "class":
+        return {"y": torch.tensor(sem["null_id"], device=device)}
+    return null_semantic(text_encoder=encoder, padding=sem["pad"], device=device)
+
+
+def default_phi(spec, n, orig_size=None, crop_tl=(0, 0), flip=False):
+    """φ (n, 5) for inference: crop (top, left), flip and original size (h, w) in pixels (default: the typical
+    original size of the training data recorded in the spec, else the resolution)."""
+    d = spec["data"]
+    h, w = orig_size or d.get("orig_size") or (d["resolution"], d["resolution"])
+    return torch.tensor([float(crop_tl[0]), float(crop_tl[1]), float(flip), float(h), float(w)]).repeat(n, 1)
+
+
+EVAL_LAM = 1.5  # App. A: guidance lam 1.5 at the pre-training resolution (Eq. 4 -> 2.0 at 2x)
+
+
+def default_lam(spec):
+    """Eq. 4 from lam = 1.5 at the pre-training resolution: s = patch grid / pe_base, where pe_base is the
+    pre-training grid that transfer.py records (s = 1 without a transfer)."""
+    import diffusion
+    m = spec["model"]
+    if not m.get("pe_base"):
+        return EVAL_LAM
+    return diffusion.guidance_law(EVAL_LAM, m["input_size"] // m.get("patch_size", 2) / m["pe_base"])
+
+
+# ----------------------------------------------------------------------------- generation from a run spec
+@torch.no_grad()
+def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, sampler="ddim", device="cpu",
+             batch_size=16, precision=torch.float32, schedule_scale=None, progress=False, images=None, t_start=None):
+    """Images (N, 3, H, W) in [-1, 1] on the CPU, one per (seed, label), from a model and its run spec.
+    labels: class ids or prompts; phi: (N, 5) control (default: default_phi); cfg = lam, control_cfg = beta of
+    Eq. 2 (beta = 1: plain CFG). Sample i starts from noise drawn from torch.Generator().manual_seed(seeds[i]) on
+    the CPU (device independent, EDM2); the DDPM sampler's extra noise uses per-sample generators too. With images
+    (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit)."""
+    import data
+    import diffusion
+    device = torch.device(device)
+    t_start = diffusion.T - 1 if t_start is None else t_start
+    model.eval()
+    sem, lat, control = spec["semantic"], spec["latent"], spec["model"].get("control")
+    enc = semantic_encoder(sem, device)
+    vae = data.get_vae(lat["vae"], str(device)) if lat["vae"] else None
+    null_sem = semantic_null(sem, enc, device)
+    sched = diffusion.Schedule(spec["schedule"]["scale"] if schedule_scale is None else schedule_scale).to(device)
+    phi = default_phi(spec, len(seeds)) if phi is None else phi
+    t0 = diffusion.sampling_timesteps(steps, t_start)[0].item()  # first step (T-1 unless SDEdit)
+    shape = data.latent_shape(lat, spec["data"]["resolution"])  # (C, H, W) the model sees
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        sl = slice(i, i + batch_size)
+        noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds[sl]])
+        cond = semantic_cond(sem, labels[sl], enc, device)
+        if control:
+            cond["phi"] = phi[sl].to(device).float()
+            cond["keep_ctrl"] = torch.ones(len(noise), device=device)
+        cond, cond_s, cond_null = guidance_conds(cond, null_sem)
+        if not control:  # without control, Eq. 2 reduces to CFG: the control-dropped branch equals cond
+            cond_s = cond
+        fn = diffusion.guided_eps_fn(model, cond, cond_s, cond_null, cfg, control_cfg)
+
+        def eps_fn(x, t):
+            with torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32):
+                return fn(x, t).float()
+
+        x = noise.to(device)
+        if images is not None:  # SDEdit: data noised to the first sampling step
+            z = images[sl].to(device) if vae is None else data.encode(vae, images[sl].to(device), lat["scale"])
+            x = sched.q_sample(z.float(), torch.full((len(z),), t0, device=device), x)
+        if sampler == "ddim":
+            x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress, t_start=t_start)
+        else:
+            gens = [torch.Generator(device).manual_seed(s + (1 << 32)) for s in seeds[sl]]
+            x = diffusion.ddpm_sample(eps_fn, x, sched, steps, generator=gens, progress=progress, t_start=t_start)
+        if vae is not None:
+            x = data.decode(vae, x, lat["scale"])
+        out.append(x.float().clamp(-1, 1).cpu())
+    return torch.cat(out)

@@ -24,7 +24,10 @@ Example (pre-extract 4 augmented crops per image with the SD VAE):
     python data.py --preview assets/embedded_examples.png      # look at the embedded dataset
 """
 import argparse
+import contextlib
+import functools
 import glob
+import itertools
 import io
 import json
 import math
@@ -50,6 +53,63 @@ IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CLASSES = ("circle", "square", "triangle", "diamond", "ring", "cross", "star", "hexagon", "moon", "bar")
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
           "magenta": (210, 50, 200), "cyan": (40, 200, 210), "orange": (240, 140, 30), "white": (240, 240, 240)}
+
+
+PIXELS = dict(vae=None, scale=1.0, channels=3, down=1)  # the run spec's "latent" section of a pixel-space run
+
+
+# ----------------------------------------------------------------------------- small shared helpers
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open <path>.tmp for writing, fsync, then os.replace onto path: a crash at any point leaves the old file."""
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def to_uint8(x):
+    """[-1, 1] float (..., 3, H, W) -> uint8, quantised exactly as a PNG of it stores it."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_pil(img):
+    """(3, H, W) in [-1, 1] -> PIL image."""
+    return Image.fromarray(to_uint8(img).permute(1, 2, 0).numpy())
+
+
+def save_grid(images, path, nrow=8, pad=2):
+    """Tile (N, 3, H, W) images in [-1, 1] into one PNG, nrow images per row."""
+    N, _, H, W = images.shape
+    rows = (N + nrow - 1) // nrow
+    grid = Image.new("RGB", (nrow * (W + pad) + pad, rows * (H + pad) + pad), "white")
+    for i, img in enumerate(images):
+        grid.paste(to_pil(img), (pad + (i % nrow) * (W + pad), pad + (i // nrow) * (H + pad)))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    grid.save(path)
+
+
+def latent_shape(latent, resolution):
+    """(C, H, W) the denoiser sees for an image of `resolution` px: pixels, or VAE latents (run spec "latent")."""
+    r = resolution // latent["down"]
+    return latent["channels"], r, r
+
+
+def first_items(ds, n):
+    """Up to n decodable samples: evenly spread over a map-style dataset (not just its first class), the first n
+    of an iterable one's stream."""
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        return list(itertools.islice((s for s in ds if s is not None), n))
+    idx = np.linspace(0, len(ds) - 1, min(n, len(ds))).round().astype(int)
+    return [s for s in (ds[int(i)] for i in sorted(set(idx))) if s is not None]
+
+
+def typical_orig_size(ds, n=64):
+    """Median original (h, w) of n samples spread over the data: sample.py's default size condition."""
+    items = first_items(ds, n)
+    return torch.stack([s["phi"][3:5] for s in items]).median(0).values.tolist() if items else None
 
 
 # ----------------------------------------------------------------------------- crops and φ
@@ -268,7 +328,7 @@ class WdsDataset(_Augmented, torch.utils.data.IterableDataset):
         mine = order[rid::nread] if by_shard else order
         n = 0  # position in this reader's stream
         for s in mine:
-            for j, group in enumerate(_tar_groups(self.shards[s])):
+            for j, group in enumerate(tar_groups(self.shards[s])):
                 if not by_shard and j % nread != rid:
                     continue
                 n += 1
@@ -290,7 +350,7 @@ class WdsDataset(_Augmented, torch.utils.data.IterableDataset):
                             **extra)
 
 
-def _tar_groups(path):
+def tar_groups(path):
     """Yield (key, {ext: bytes}) for consecutive members sharing a key (webdataset convention: key = name up to the
     first dot of the basename). A corrupt shard ends early instead of raising."""
     key, files = None, {}
@@ -329,7 +389,10 @@ class LatentDataset(torch.utils.data.Dataset):
             groups.setdefault(key, []).append(row)
         self.rows = list(groups.values())  # image -> its K rows
         self.seed, self.epoch, self.n_bad = seed, 0, 0
-        self.num_classes = self.meta.get("num_classes")
+        self.num_classes, self.resolution = self.meta.get("num_classes"), self.meta.get("resolution")
+        m = self.meta  # the run spec's "latent" section (shards written before it was recorded: the SD VAE)
+        self.latent = dict(vae=m.get("vae") or None, scale=m.get("scale", VAE_SCALE), channels=m.get("channels", LATENT_CH),
+                           down=m.get("down", VAE_DOWN))
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -398,25 +461,42 @@ def load_vae(name=DEFAULT_VAE, device="cpu", flag="--vae"):
     return vae.eval().requires_grad_(False).to(device)
 
 
+@functools.lru_cache(maxsize=4)
+def get_vae(name, device="cpu"):
+    """load_vae, once per (name, device) and process: sampling and evaluation share one frozen copy."""
+    return load_vae(name, device)
+
+
+def vae_latent(name, vae):
+    """The run spec's "latent" section of a VAE: name, scale (its config's scaling_factor, 0.18215 for the SD
+    VAEs), latent channels and the spatial downsampling (2 per extra encoder level)."""
+    cfg = vae.config
+    return dict(vae=name, scale=float(getattr(cfg, "scaling_factor", VAE_SCALE)), channels=int(cfg.latent_channels),
+                down=2 ** (len(cfg.block_out_channels) - 1))
+
+
 @torch.no_grad()
-def encode(vae, images, generator=None):
-    """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) * VAE_SCALE; posterior mean unless a generator asks to sample."""
+def encode(vae, images, scale=VAE_SCALE, generator=None):
+    """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) * scale; posterior mean unless a generator asks to sample."""
     dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
     z = dist.sample(generator) if generator is not None else dist.mean
-    return z.float() * VAE_SCALE
+    return z.float() * scale
 
 
 @torch.no_grad()
-def decode(vae, latents):
+def decode(vae, latents, scale=VAE_SCALE):
     """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in [-1, 1]."""
-    return vae.decode(latents.to(vae.device, vae.dtype) / VAE_SCALE).sample.float().clamp(-1, 1)
+    return vae.decode(latents.to(vae.device, vae.dtype) / scale).sample.float().clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------- pre-extraction
 def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=torch.float16, device="cpu",
-                    num_workers=0, vae_name=""):
-    """Encode k augmented passes (epochs 0..k-1) over ds into out/shard_*.pt with φ, crop size, key, y/caption."""
+                    num_workers=0, vae_name="", source=None):
+    """Encode k augmented passes (epochs 0..k-1) over ds into out/shard_*.pt with φ, crop size, key, y/caption.
+    meta.json records the VAE (what train.py's run spec takes its "latent" section from) and `source`, the
+    build_dataset arguments of the images (evaluate.py --ref train computes FID against them)."""
     os.makedirs(out, exist_ok=True)
+    latent = vae_latent(vae_name, vae)
     buf, n_shard, n_bad, n_rows = {}, 0, 0, 0
 
     def flush(final=False):  # write full shards of exactly shard_size rows (the last one may be shorter)
@@ -424,8 +504,8 @@ def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=tor
         cols = {c: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for c, v in buf.items()}
         while cols and (len(cols["key"]) >= shard_size or (final and cols["key"])):
             name = os.path.join(out, f"shard_{n_shard:05d}.pt")
-            torch.save({c: v[:shard_size] for c, v in cols.items()}, name + ".tmp")
-            os.replace(name + ".tmp", name)  # atomic: a killed run never leaves half a shard
+            with atomic_write(name) as f:  # a killed run never leaves half a shard
+                torch.save({c: v[:shard_size] for c, v in cols.items()}, f)
             cols, n_shard = {c: v[shard_size:] for c, v in cols.items()}, n_shard + 1
         buf = {c: [v] for c, v in cols.items()}
 
@@ -435,7 +515,7 @@ def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=tor
             n_bad += b["n_bad"]
             if "image" not in b:
                 continue
-            z = encode(vae, b["image"].to(device)).to(dtype).cpu()  # (B, 4, R/8, R/8)
+            z = encode(vae, b["image"].to(device), latent["scale"]).to(dtype).cpu()  # (B, 4, R/8, R/8)
             cols = {"latent": z, "phi": b["phi"], "crop_size": b["crop_size"], "key": b["key"]}
             cols.update({c: b[c] for c in ("y", "caption") if c in b})
             for c, v in cols.items():
@@ -443,9 +523,10 @@ def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=tor
             n_rows += len(z)
             flush()
     flush(final=True)
-    meta = dict(vae=vae_name, scale=VAE_SCALE, k=k, rows=n_rows, num_classes=ds.num_classes,
-                bad_per_pass=n_bad // max(k, 1), resolution=ds.resolution, crop=ds.crop)
-    json.dump(meta, open(os.path.join(out, "meta.json"), "w"), indent=1)
+    meta = dict(**latent, k=k, rows=n_rows, num_classes=ds.num_classes, bad_per_pass=n_bad // max(k, 1),
+                resolution=ds.resolution, crop=ds.crop, source=source)
+    with atomic_write(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
     return meta
 
 
@@ -466,7 +547,7 @@ def preview(path, n=8, seed=0, cell=112):
         grid.paste(o, (x0, y0))
         side = s["crop_size"]
         d.rectangle((x0 + left * f, y0 + top * f, x0 + (left + side) * f, y0 + (top + side) * f), outline=(255, 0, 0))
-        crop = ((s["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        crop = to_uint8(s["image"]).permute(1, 2, 0).numpy()
         grid.paste(Image.fromarray(crop), (x0 + cell + 2, y0))
         d.text((x0, y0 + cell + 1), s["caption"], fill=(0, 0, 0), font=font)
         info = f"orig {int(h)}x{int(w)}  crop {side}px @({int(top)},{int(left)})  flip={int(flip)}"
@@ -503,6 +584,7 @@ if __name__ == "__main__":
     else:
         assert args.out, "--out is required for extraction"
         ds = build_dataset(args.source, args.path, args.resolution, args.crop, args.flip, args.seed, args.length)
+        src = dict(source=args.source, path=args.path, seed=args.seed, length=args.length)
         meta = extract_latents(ds, load_vae(args.vae, args.device), args.out, args.k, args.batch_size,
-                               args.shard_size, getattr(torch, args.dtype), args.device, args.num_workers, args.vae)
+                               args.shard_size, getattr(torch, args.dtype), args.device, args.num_workers, args.vae, src)
         print(json.dumps(meta))

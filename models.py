@@ -12,18 +12,23 @@ One interface for every model:  eps = model(x_t, t, cond)   (eps has the shape o
       control    : cond["phi"]    (B, 5) = conditioning.PHI_KEYS in original-image pixels,
                    cond["keep_ctrl"] (B,) 1 = use, 0 = dropped. Either key may be absent (= no control).
 Presets: SIZES (tiny for CPU, S/B/L/XL with DiT's widths/depths); registry MODELS; build_model(arch, size, ...).
+Checkpoints: load_checkpoint(path) rebuilds a model from its run spec (build_model(**spec["model"])), the one
+loader every script uses; device / precision helpers and FLOP counting (train.py's MFU, bench.py) live here too.
 
 Example: python -c "import models, torch; m = models.build_model('dit', 'tiny', num_classes=10);
                     print(m(torch.randn(2, 3, 32, 32), torch.tensor([3, 999]), {'y': torch.tensor([0, 10])}).shape)"
 """
 import inspect
+import os
 import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from conditioning import ControlEmbedder, LabelEmbedder, TimestepEmbedder, timestep_embedding
+from data import atomic_write
 
 # ----------------------------------------------------------------------------- presets
 # DiT Tab. 1 widths/depths/heads (patch 2 everywhere); "tiny" runs a forward in milliseconds on a CPU.
@@ -700,13 +705,93 @@ class UNet(nn.Module):
 MODELS = {"dit": DiT, "mdt": MDT, "pixart": PixArt, "mmdit": MMDiT, "unet": UNet}
 
 
+def arch_kwargs(arch):
+    """The keyword arguments MODELS[arch] takes besides its size preset (its own and its base classes')."""
+    preset = set((UNET_SIZES if arch == "unet" else SIZES)["tiny"])
+    return {name for c in MODELS[arch].__mro__ if "__init__" in vars(c) and c is not nn.Module
+            for name, p in inspect.signature(c.__init__).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - preset
+
+
 def build_model(arch, size="tiny", **kw):
-    """MODELS[arch] at a SIZES preset. Keywords (see INTERFACES): input_size, in_channels, num_classes | text_dim,
-    pooled_dim, class_in, control, gamma, gamma_alpha, gamma_step_sigma, pe_grid, pe_base, mask_ratio, patch_size,
-    qk_norm, class_tokens (context tokens made from the class embedding; pixart 4, others 1); keywords an architecture does not take (e.g. mask_ratio for dit) are ignored."""
-    cls = MODELS[arch]
-    params = {p for c in cls.__mro__ for p in inspect.signature(c.__init__).parameters}
-    return cls(**(UNET_SIZES if arch == "unet" else SIZES)[size], **{k: v for k, v in kw.items() if k in params})
+    """MODELS[arch] at a SIZES (UNET_SIZES) preset; kw: constructor keywords (arch_kwargs), e.g. input_size,
+    in_channels, num_classes | text_dim + pooled_dim, class_in, control, gamma, pe_grid, patch_size. A keyword the
+    architecture does not take is an error, never silently dropped: what a run spec says is what gets built."""
+    unknown = sorted(set(kw) - arch_kwargs(arch))
+    if unknown:
+        raise ValueError(f"{arch} takes no {', '.join(unknown)} (it takes {', '.join(sorted(arch_kwargs(arch)))})")
+    return MODELS[arch](**(UNET_SIZES if arch == "unet" else SIZES)[size], **kw)
+
+
+# ----------------------------------------------------------------------------- checkpoints (the one loader)
+def read_checkpoint(path, flag="--ckpt"):
+    """The checkpoint dict of train.py / transfer.py; a missing file is a one-line error naming `flag`."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path!r} not found: pass {flag} PATH (train.py writes <out-dir>/ckpt.pt)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(path, device="cpu", ema=True, flag="--ckpt"):
+    """(model in eval mode on device, checkpoint dict): the model is rebuilt from the checkpoint's run spec
+    (ck["spec"]["model"] = build_model's arguments, nanoGPT's GPT(GPTConfig(**model_args))), EMA weights unless
+    ema=False. Checkpoints without a run spec (written before it existed) are refused in one line."""
+    ck = read_checkpoint(path, flag)
+    if "spec" not in ck:
+        raise SystemExit(f"{path}: no run spec in this checkpoint (written by an older train.py); retrain or convert")
+    model = build_model(**ck["spec"]["model"])
+    model.load_state_dict(ck["ema" if ema else "model"])
+    return model.to(device).eval(), ck
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (data.atomic_write): a crash at any point leaves the old file intact."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+# ----------------------------------------------------------------------------- device, precision, FLOPs
+# Dense bf16 tensor-core peaks, FLOP/s (datasheets quote 2x these "with sparsity"). Sources: NVIDIA H100 datasheet
+# (SXM 989 TF, PCIe 756 TF, NVL 835 TF), NVIDIA H200 datasheet (989 TF, same GH100 compute as H100 SXM),
+# NVIDIA A100 datasheet (312 TF, SXM and PCIe). First key whose words all appear in the device name wins.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# CPU flash attention is not in FlopCounterMode's registry (torch 2.14): count it like the CUDA kernels
+# (arguments arrive as shapes: q, k, v[, ...] forward; grad_out, q, k, v[, ...] backward)
+FLOP_MAP = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(g, q, k, v)}
+
+
+def get_device(name="auto"):
+    """--device: auto = cuda when available, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def get_dtype(precision, device):
+    """--precision: auto = bf16 autocast on CUDA, fp32 elsewhere (CPUs without native bf16 crawl under it)."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else torch.float32
+
+
+def autocast(device, dtype):
+    """The one autocast context: dtype autocast over fp32 master weights, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def device_peak(device):
+    """(device name, dense bf16 peak FLOP/s, or None when unknown / CPU)."""
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((v for k, v in PEAK_BF16.items() if all(w in name for w in k.split())), None)
+
+
+def count_flops(fn):
+    """(forward FLOPs, forward+backward FLOPs) of fn() -> loss, as counted by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
+        loss = fn()
+        fwd = fc.get_total_flops()
+        loss.backward()
+    return fwd, fc.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- weight import

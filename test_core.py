@@ -29,7 +29,7 @@ import data  # noqa: E402
 import diffusion  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
-import sample  # noqa: E402
+import sample  # noqa: E402,F401
 import train  # noqa: E402
 import transfer  # noqa: E402
 from diffusion import T, Schedule  # noqa: E402
@@ -426,14 +426,15 @@ _MDL_CTRL = ("crop", "size", "flip")
 def _mdl_modes(arch):
     """Every conditioning mode an architecture supports: class via each class_in, and text."""
     cls = models.MODELS[arch]
-    modes = [dict(num_classes=10, class_in=ci) for ci in getattr(cls, "class_in_modes", ("adaln",))]
+    modes = [dict(num_classes=10, class_in=ci) if "class_in" in models.arch_kwargs(arch) else dict(num_classes=10)
+             for ci in getattr(cls, "class_in_modes", ("adaln",))]  # the UNet takes no class_in: attention only
     if getattr(cls, "supports_text", False):
         modes.append(dict(text_dim=48, pooled_dim=24))
     return modes
 
 
 _MDL_CASES = [(a, m) for a in models.MODELS for m in _mdl_modes(a)]
-_MDL_IDS = [f"{a}-{m.get('class_in', 'text')}" for a, m in _MDL_CASES]
+_MDL_IDS = [f"{a}-{m.get('class_in', 'attn' if 'num_classes' in m else 'text')}" for a, m in _MDL_CASES]
 
 
 def _mdl_inputs(B=2, C=4, R=16, text_dim=48, pooled_dim=24):
@@ -514,10 +515,17 @@ def test_equivalence_sd3_mmdit(qk_norm):
     assert err <= 1e-5, err
 
 
+def _mdl_build(arch, **kw):
+    """build_model at 16 px latents (the UNet takes no input_size: it is fully convolutional)."""
+    if arch != "unet":
+        kw["input_size"] = 16
+    return models.build_model(arch, "tiny", in_channels=4, control=_MDL_CTRL, **kw)
+
+
 @pytest.mark.parametrize("arch,mode", _MDL_CASES, ids=_MDL_IDS)
 def test_zero_init_outputs_zero(arch, mode):
     torch.manual_seed(0)
-    model = models.build_model(arch, "tiny", input_size=16, in_channels=4, control=_MDL_CTRL, **mode)
+    model = _mdl_build(arch, **mode)
     x, t, cond = _mdl_inputs()
     for train in (True, False):
         model.train(train)
@@ -529,7 +537,7 @@ def test_zero_init_outputs_zero(arch, mode):
 @pytest.mark.parametrize("arch,mode", _MDL_CASES, ids=_MDL_IDS)
 def test_every_param_gets_grad(arch, mode):
     torch.manual_seed(0)
-    model = models.build_model(arch, "tiny", input_size=16, in_channels=4, control=_MDL_CTRL, **mode).train()
+    model = _mdl_build(arch, **mode).train()
     _mdl_randomize(model)
     x, t, cond = _mdl_inputs(B=4)
     cond["phi"][:, 2] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # flip flag as the data gives it
@@ -752,6 +760,15 @@ def _trn_run(args, cwd=_TRN_REPO, launcher=None, timeout=300):
     return r.stdout
 
 
+def _trn_spec(argv=()):
+    """(args, run spec) that train.py resolves for argv, without training."""
+    args = train.parse_args(list(argv))
+    ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, seed=args.seed)
+    vae = data.get_vae(args.vae) if args.vae != "none" and args.data != "latents" else None
+    enc = conditioning.get_text_encoder(args.text_encoder, args.text_encoder_path) if args.semantic == "text" else None
+    return args, train.resolve_spec(args, ds, vae, enc, train.explicit_flags(list(argv)))
+
+
 def _trn_load(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
 
@@ -804,13 +821,13 @@ def test_atomic_checkpoint(tmp_path, monkeypatch):
     torch.manual_seed(0)
     path = str(tmp_path / "ckpt.pt")
     good = {"step": 1, "w": torch.randn(4)}
-    train.save_checkpoint(good, path)
+    models.save_checkpoint(good, path)
 
     def crash(*_):  # the process dies after writing the temp file, before the rename
         raise KeyboardInterrupt("killed")
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
+        models.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
     monkeypatch.undo()
 
     real_save = torch.save
@@ -821,11 +838,11 @@ def test_atomic_checkpoint(tmp_path, monkeypatch):
         raise KeyboardInterrupt("killed")
     monkeypatch.setattr(torch, "save", half_write)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint({"step": 3, "w": torch.zeros(4)}, path)
+        models.save_checkpoint({"step": 3, "w": torch.zeros(4)}, path)
     monkeypatch.undo()
     ck = torch.load(path, weights_only=False)
     assert ck["step"] == 1 and torch.equal(ck["w"], good["w"])
-    train.save_checkpoint({"step": 4, "w": torch.ones(4)}, path)  # and the next good write replaces it
+    models.save_checkpoint({"step": 4, "w": torch.ones(4)}, path)  # and the next good write replaces it
     assert torch.load(path, weights_only=False)["step"] == 4
 
 
@@ -842,7 +859,7 @@ def test_ddp_matches_single(tmp_path):
     for part in ("model", "ema"):
         for k, v in a[part].items():
             assert (v - b[part][k]).abs().max().item() <= 1e-6, f"{part}.{k} differs between DDP and one process"
-    fresh = sample.build_model_from_args(a["args"]).state_dict()
+    fresh = models.build_model(**a["spec"]["model"]).state_dict()
     moved = max((a["model"][k] - fresh[k]).abs().max().item() for k in fresh if "final" in k)
     assert moved > 1e-5, "training did not change the weights: the comparison would be vacuous"
 
@@ -851,16 +868,16 @@ def test_ddp_matches_single(tmp_path):
 def test_overfit_one_batch(arch):
     torch.manual_seed(0)
     class_in = getattr(models.MODELS[arch], "class_in_modes", ("adaln",))[-1]  # attn where the arch has it
-    a = vars(train.parse_args(["--arch", arch, "--class-in", class_in, "--resolution", "16", "--patch-size", "4"]))
-    a["num_classes"] = len(data.CLASSES)
-    model = sample.build_model_from_args(a)
+    flags = [] if arch == "unet" else ["--class-in", class_in, "--patch-size", "4"]  # the UNet takes neither
+    args, spec = _trn_spec(["--arch", arch, "--resolution", "16", *flags])
+    model = models.build_model(**spec["model"])
     ds = data.build_dataset("embedded", resolution=16)
     b = data.collate([ds[i] for i in range(4)])
     cond = {"y": b["y"], "phi": b["phi"], "keep_ctrl": torch.ones(4)}
     sched = diffusion.Schedule()
     t = torch.randint(0, diffusion.T, (4,))
     eps = torch.randn(b["image"].shape)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=tuple(a["adam_betas"]), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=tuple(args.adam_betas), weight_decay=0.0)
     losses = []
     with _trn_one_thread():
         for _ in range(40):  # the same images, timesteps and noise every step: the model can memorise them
@@ -874,18 +891,17 @@ def test_overfit_one_batch(arch):
 
 def test_sample_seed_invariance():
     torch.manual_seed(0)
-    a = vars(train.parse_args(["--resolution", "16", "--patch-size", "4"]))
-    a["num_classes"] = len(data.CLASSES)
-    model = sample.build_model_from_args(a)
+    _, a = _trn_spec(["--resolution", "16", "--patch-size", "4"])
+    model = models.build_model(**a["model"])
     with torch.no_grad():  # a fresh model outputs exactly 0: give it random weights so the test means something
         for p in model.parameters():
             p.normal_(0, 0.05)
     seeds, labels = list(range(100, 108)), [i % 10 for i in range(8)]
     kw = dict(steps=4, cfg=1.5, control_cfg=1.375)
     with _trn_one_thread():
-        big = sample.generate(model, a, seeds, labels, batch_size=8, **kw)
-        one = sample.generate(model, a, seeds, labels, batch_size=1, **kw)
-        alone = sample.generate(model, a, [seeds[3]], [labels[3]], batch_size=1, **kw)  # drawn on its own
+        big = conditioning.generate(model, a, seeds, labels, batch_size=8, **kw)
+        one = conditioning.generate(model, a, seeds, labels, batch_size=1, **kw)
+        alone = conditioning.generate(model, a, [seeds[3]], [labels[3]], batch_size=1, **kw)  # drawn on its own
     assert big.shape == (8, 3, 16, 16)
     torch.testing.assert_close(one, big, atol=1e-5, rtol=0)
     torch.testing.assert_close(alone[0], big[3], atol=1e-5, rtol=0)
@@ -896,14 +912,13 @@ def test_sample_denoise_from(tmp_path):
     # generate(images=, t_start=): a fresh model predicts eps = 0 exactly, so DDIM returns the start divided by
     # sqrt(abar) of its first step, i.e. x0 + sigma_t0 * noise(seed): checks the noise level and the per-seed noise
     torch.manual_seed(0)
-    a = vars(train.parse_args(["--resolution", "16", "--patch-size", "4"]))
-    a["num_classes"] = len(data.CLASSES)
-    model = sample.build_model_from_args(a)
+    _, a = _trn_spec(["--resolution", "16", "--patch-size", "4"])
+    model = models.build_model(**a["model"])
     ds = data.build_dataset("embedded", resolution=16)
     b = data.collate([ds[i] for i in range(3)])
     seeds = [5, 6, 7]
     with _trn_one_thread():
-        out = sample.generate(model, a, seeds, b["y"].tolist(), phi=b["phi"], steps=50, cfg=1.0,
+        out = conditioning.generate(model, a, seeds, b["y"].tolist(), phi=b["phi"], steps=50, cfg=1.0,
                               images=b["image"], t_start=60)
     t0 = int(diffusion.sampling_timesteps(50, 60)[0])
     noise = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -1020,11 +1035,9 @@ def test_clipscore_mechanics():
     assert ((s == 0) | (s_neg == 0)).all() and (s + s_neg > 0).all()
 
 
-def _ev_tiny_args(**kw):
-    """train.py's default args (tiny 'ours' mmDiT, embedded data) as a checkpoint would carry them."""
-    a = vars(train.parse_args(["--device", "cpu"]))
-    a.update(num_classes=10, **kw)
-    return a
+def _ev_tiny_spec(argv=()):
+    """The run spec of train.py's defaults (tiny 'ours' mmDiT, embedded data) + argv, as a checkpoint carries it."""
+    return _trn_spec(["--device", "cpu", *argv])[1]
 
 
 class _EvResidual(torch.nn.Module):
@@ -1041,8 +1054,8 @@ class _EvResidual(torch.nn.Module):
 
 def test_lpips_size_protocol(tmp_path):
     torch.manual_seed(0)
-    a = _ev_tiny_args(resolution=16, gamma="uniform")  # uniform gamma_c: size acts at every t (Tab. 2a baseline)
-    inner = sample.build_model_from_args(a)
+    a = _ev_tiny_spec(["--resolution", "16", "--gamma", "uniform"])  # uniform gamma_c: size acts at every t (Tab. 2a)
+    inner = models.build_model(**a["model"])
     with torch.no_grad():  # random, not zero-init, weights so the size condition changes the output
         for p in inner.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -1063,8 +1076,8 @@ def test_lpips_size_protocol(tmp_path):
 
     def gen(seeds, labels, sizes):
         calls.append((seeds, labels, sizes))
-        phi = torch.cat([sample.default_phi(a, 1, orig_size=(s, s)) for s in sizes])
-        return sample.generate(model, a, seeds, labels, phi=phi, steps=3, cfg=1.5)
+        phi = torch.cat([conditioning.default_phi(a, 1, orig_size=(s, s)) for s in sizes])
+        return conditioning.generate(model, a, seeds, labels, phi=phi, steps=3, cfg=1.5)
 
     sizes = [4, 8, 16, 32, 64]  # = 16 x (1/4 .. 4), Tab. 2a at 256 is [64 .. 1024]
     la, lh = evaluate.lpips_size_protocol(lp, gen, [3, 7], [11, 12], sizes, resolution=16)
@@ -1090,13 +1103,14 @@ def test_transfer_resolution(tmp_path, capsys):
     src = str(tmp_path / "r32" / "ckpt.pt")
     transfer.main(["--ckpt", src, "--resolution", "64", "--out", str(tmp_path / "t64.pt")])
     ck = torch.load(tmp_path / "t64.pt", weights_only=False)
-    a = ck["args"]
-    assert a["resolution"] == 64 and a["schedule_scale"] == 2.0 and a["pe_grid"] == "resample" and a["pe_base"] == 16
+    a = ck["spec"]
+    assert a["data"]["resolution"] == 64 and a["schedule"]["scale"] == 2.0
+    assert a["model"]["pe_grid"] == "resample" and a["model"]["pe_base"] == 16 and a["model"]["input_size"] == 64
     assert ck["transfer"]["guidance_lam"] == 2.0  # Eq. 4: 1.5 at the pre-training resolution -> 2.0 at 2x
     r = ck["transfer"]["reports"]["resolution"]
     assert not r["reinitialised"] and not r["dropped"] and len(r["kept"]) == len(ck["ema"])
-    m32, _ = sample.load_checkpoint_model(src)
-    m64, _ = sample.load_checkpoint_model(str(tmp_path / "t64.pt"))
+    m32, _ = models.load_checkpoint(src)
+    m64, _ = models.load_checkpoint(str(tmp_path / "t64.pt"))
     for k, v in m32.state_dict().items():  # every weight moves unchanged (the PE is computed, not stored)
         assert torch.equal(v, m64.state_dict()[k]), k
     # resampled PE at 64 px (32 patches) spans the 32-px range [0, 16]; extrapolation would reach 31
@@ -1108,9 +1122,11 @@ def test_transfer_resolution(tmp_path, capsys):
     train.main(common + ["--max-steps", "1", "--out-dir", str(tmp_path / "r64"), "--init-from",
                          str(tmp_path / "t64.pt")] + flags)
     assert "missing []" in capsys.readouterr().out  # every weight of the 64-px model came from the transfer
-    model, a64 = sample.load_checkpoint_model(str(tmp_path / "r64" / "ckpt.pt"))
-    assert a64["schedule_scale"] == 2.0 and a64["resolution"] == 64
-    imgs = sample.generate(model, a64, [0, 1], [0, 5], steps=2, cfg=2.0)
+    model, ck64 = models.load_checkpoint(str(tmp_path / "r64" / "ckpt.pt"))
+    a64 = ck64["spec"]
+    assert a64["schedule"]["scale"] == 2.0 and a64["data"]["resolution"] == 64
+    assert a64["model"] == a["model"], "the fine-tuning run rebuilds exactly the transferred model"
+    imgs = conditioning.generate(model, a64, [0, 1], [0, 5], steps=2, cfg=2.0)
     assert imgs.shape == (2, 3, 64, 64) and torch.isfinite(imgs).all()
     # evaluate.py's generation path: guidance law default 2.0 at 2x the pre-training resolution, files by seed
     evaluate.main(["--ckpt", str(tmp_path / "r64" / "ckpt.pt"), "--num-samples", "3", "--steps", "2", "--no-fid"])
@@ -1121,31 +1137,32 @@ def test_transfer_resolution(tmp_path, capsys):
 
 def test_transfer_dataset(tmp_path):
     torch.manual_seed(0)
-    a = _ev_tiny_args()
-    sd = sample.build_model_from_args(a).state_dict()
+    a = _ev_tiny_spec()
+    sd = models.build_model(**a["model"]).state_dict()
     with torch.no_grad():  # "pre-trained" weights: anything but the init values
         sd = {k: v + torch.randn_like(v) for k, v in sd.items()}
     # class -> text: every backbone tensor bit-identical, the semantic embedder replaced, the class table dropped
-    b, new, rep = transfer.transfer_to_text(a, sd, text_encoder="tiny")
-    assert b["semantic"] == "text" and b["num_classes"] is None
+    b, new, rep, flags = transfer.transfer_to_text(a, sd, text_encoder="tiny")
+    assert b["semantic"]["kind"] == "text" and "num_classes" not in b["model"]
     assert rep["dropped"] == [transfer.TABLE]
     text_keys = sorted(k for k in new if k.startswith(("context_embedder", "pooled_embedder")))
     assert sorted(rep["reinitialised"]) == text_keys
     assert len(rep["reinitialised"]) > 0 and set(rep["kept"]) == set(sd) - {transfer.TABLE}
     for k in rep["kept"]:
         assert torch.equal(new[k], sd[k]), k
-    model = sample.build_model_from_args(b, conditioning.TextEncoder("tiny"))
+    model = models.build_model(**b["model"])
     model.load_state_dict(new)  # strict: the report covers every key of the text model
     # ImageNet-1k -> 22k: the table grows, old rows move by the class map, the null row moves to the end
     cmap = [2 * i for i in range(10)]
-    b, new, rep = transfer.transfer_classes(a, sd, 25, cmap)
+    b, new, rep, flags = transfer.transfer_classes(a, sd, 25, cmap)
+    assert flags == {"--num-classes": 25}
     t_old, t_new = sd[transfer.TABLE], new[transfer.TABLE]
     assert t_new.shape == (26, t_old.shape[1])
     assert torch.equal(t_new[cmap], t_old[:10]) and torch.equal(t_new[25], t_old[10])
     assert rep["reinitialised"] == [f"{transfer.TABLE}[15 new class rows]"] and not rep["dropped"]
     assert all(torch.equal(new[k], sd[k]) for k in sd if k != transfer.TABLE)
     # the CLI writes a checkpoint that sample.py / evaluate.py / train.py --init-from load as is
-    torch.save({"ema": sd, "model": sd, "args": a, "step": 7}, tmp_path / "c.pt")
+    torch.save({"ema": sd, "model": sd, "spec": a, "step": 7}, tmp_path / "c.pt")
     transfer.main(["--ckpt", str(tmp_path / "c.pt"), "--num-classes", "25", "--out", str(tmp_path / "c22k.pt")])
-    m, a22 = sample.load_checkpoint_model(str(tmp_path / "c22k.pt"))
-    assert a22["num_classes"] == 25 and m.y_embedder.embedding_table.weight.shape[0] == 26
+    m, ck22 = models.load_checkpoint(str(tmp_path / "c22k.pt"))
+    assert ck22["spec"]["semantic"]["num_classes"] == 25 and m.y_embedder.embedding_table.weight.shape[0] == 26

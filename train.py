@@ -18,21 +18,18 @@ import random
 import resource
 import sys
 import time
+import types
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import conditioning
 import data
 import diffusion
 import models
-import sample as sampling
-from bench import FLOP_MAP, device_peak
-from data import LATENT_CH, VAE_DOWN
 
 # ----------------------------------------------------------------------------- recipes (Tab. A4)
 # "ours" = mmDiT++: class/text only through attention, control (crop, size, flip) in adaLN with the cosine
@@ -130,6 +127,103 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def explicit_flags(argv=None):
+    """dests of the flags given on the command line (not from a default or the recipe)."""
+    p = get_parser()
+    for a in p._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- the run spec
+# One plain dict, resolved once right after parsing; it goes into config.json and every checkpoint, and
+# sample.py / evaluate.py / transfer.py / resume rebuild from it, never from their own defaults:
+#   model    build_model's arguments: arch, size and exactly the constructor keywords (models.build_model(**m))
+#   latent   vae (None = pixels), scale, channels, down  (from the shards' meta.json for --data latents)
+#   semantic class: num_classes, null_id | text: encoder, pretrained, pad, beta_txt, dim, pooled_dim
+#   schedule scale (Eq. 3), objective
+#   data     source, path, resolution, crop, flip, seed, orig_size (sample.py's default size condition)
+MODEL_FLAGS = ("patch_size", "class_in", "pe_grid", "pe_base", "mask_ratio", "control", "gamma", "gamma_alpha",
+               "gamma_step_sigma")  # flags that are constructor keywords (where the arch takes them)
+SPEC_KEYS = ("model", "latent", "semantic", "schedule")  # what a resumed run must share with its checkpoint
+
+
+def refuse(msg):
+    raise SystemExit(f"train.py: {msg}")
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def resolve_latent(args, ds, vae, explicit):
+    """Pixels, the --vae's latents, or for --data latents the VAE the shards were encoded with (meta.json)."""
+    if args.data != "latents":
+        return dict(data.PIXELS) if vae is None else data.vae_latent(args.vae, vae)
+    lat = dict(ds.latent)
+    if "vae" in explicit and args.vae != (lat["vae"] or "none"):
+        refuse(f"--vae {args.vae}: these latent shards were encoded with {lat['vae']!r} (meta.json); drop --vae")
+    if "resolution" in explicit and ds.resolution and args.resolution != ds.resolution:
+        refuse(f"--resolution {args.resolution}: these latent shards are {ds.resolution} px (meta.json)")
+    return lat
+
+
+def resolve_semantic(args, ds, encoder):
+    """Class count and null id (the dataset's own count unless --num-classes), or the text encoder set-up."""
+    if args.semantic == "text":
+        return dict(kind="text", encoder=args.text_encoder, pretrained=args.text_encoder_path, pad=args.text_pad,
+                    beta_txt=args.beta_txt, dim=encoder.dim, pooled_dim=encoder.pooled_dim)
+    n = args.num_classes or getattr(ds, "num_classes", None)
+    if not n:
+        refuse(f"--semantic class: --data {args.data} has no class labels; pass --num-classes or --semantic text")
+    return dict(kind="class", num_classes=n, null_id=n)  # null = the last row of the label table
+
+
+def resolve_model(args, latent, semantic, explicit):
+    """build_model's arguments. A flag the arch does not take (or a --class-in it has no mode for) is dropped when
+    it comes from a default or the recipe, and refused in one line when given explicitly. Class flags do not apply
+    in text mode, gamma flags not without control."""
+    arch, cls = args.arch, models.MODELS[args.arch]
+    takes = models.arch_kwargs(arch)
+    if semantic["kind"] == "text" and not cls.supports_text:
+        refuse(f"--semantic text: --arch {arch} is class-conditional only (paper Tab. 1)")
+    C, R, _ = data.latent_shape(latent, args.resolution)
+    kw = {k: v for k, v in dict(input_size=R, in_channels=C).items() if k in takes}
+    kw.update(dict(num_classes=semantic["num_classes"]) if semantic["kind"] == "class" else
+              dict(text_dim=semantic["dim"], pooled_dim=semantic["pooled_dim"]))
+    for k in MODEL_FLAGS:
+        v = getattr(args, k)
+        if k == "class_in" and semantic["kind"] == "text":
+            continue  # the class embedding does not exist in text mode
+        if k.startswith("gamma") and not args.control:
+            if k in explicit:
+                refuse(f"{_flag(k)} needs control conditioning (--control crop size flip)")
+            continue
+        if k in takes and (k != "class_in" or v in cls.class_in_modes):
+            kw[k] = list(v) if k == "control" else v
+        elif k in explicit:
+            modes = f" (it has {', '.join(cls.class_in_modes)})" if k == "class_in" and k in takes else ""
+            refuse(f"{_flag(k)} {v} does not apply to --arch {arch}{modes}")
+    if kw.get("pe_grid") == "resample" and not kw.get("pe_base") and args.schedule_scale != 1:
+        refuse(f"--pe-grid resample at --schedule-scale {args.schedule_scale:g} needs --pe-base (the pre-training "
+               "patch grid, which transfer.py prints); without it resample equals extrapolate")
+    return dict(arch=arch, size=args.size, **kw)
+
+
+def resolve_spec(args, ds, vae=None, encoder=None, explicit=frozenset()):
+    """The run spec of parsed args over dataset ds (+ the loaded VAE / text encoder whose widths it records)."""
+    latent = resolve_latent(args, ds, vae, explicit)
+    if args.data == "latents" and ds.resolution:
+        args.resolution = ds.resolution
+    semantic = resolve_semantic(args, ds, encoder)
+    d = dict(source=args.data, path=args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
+             seed=args.seed, orig_size=data.typical_orig_size(ds))
+    if args.data == "latents":  # the images the shards came from (evaluate.py --ref train)
+        d["images"] = ds.meta.get("source")
+    return dict(model=resolve_model(args, latent, semantic, explicit), latent=latent, semantic=semantic,
+                schedule=dict(scale=args.schedule_scale, objective="eps"), data=d)
+
+
 # ----------------------------------------------------------------------------- data position & randomness
 class StepSampler(torch.utils.data.Sampler):
     """Batch sampler over an endless stream of per-epoch permutations; knows its exact position.
@@ -224,16 +318,6 @@ def set_rng_state(s, device):
         torch.cuda.set_rng_state(s["cuda"], device)
 
 
-def save_checkpoint(obj, path):
-    """Atomic: write <path>.tmp, fsync, os.replace. A crash at any point leaves the old file intact."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def plot_curve(steps, losses, path, w=480, h=300, pad=40):
     """Loss curve (log y) drawn with PIL, so matplotlib is not a dependency."""
     from PIL import Image, ImageDraw
@@ -253,96 +337,123 @@ def plot_curve(steps, losses, path, w=480, h=300, pad=40):
     img.save(path)
 
 
-# ----------------------------------------------------------------------------- main
-def main(argv=None):
-    args = parse_args(argv)
-    # --- system: DDP the nanoGPT way (torchrun sets RANK), same code path for one process
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    dev_name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if ddp:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        dist.init_process_group(backend="nccl" if dev_name.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if dev_name.startswith("cuda"):
-            dev_name = f"cuda:{local_rank}"
-            torch.cuda.set_device(dev_name)
-    else:
-        rank, world = 0, 1
-    device = torch.device(dev_name)
-    master = rank == 0
-    bar = None
+# ----------------------------------------------------------------------------- main, in steps
+def setup(args):
+    """DDP the nanoGPT way (torchrun sets RANK), the same code path for one process; device, precision, out dir."""
+    run = types.SimpleNamespace(ddp=int(os.environ.get("RANK", -1)) != -1, rank=0, world=1, bar=None)
+    device = models.get_device(args.device)
+    if run.ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        run.rank, run.world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+            torch.cuda.set_device(device)
+    run.device, run.master = device, run.rank == 0
 
     def print0(*a):
-        if master:
-            (bar.write if bar is not None else print)(" ".join(str(x) for x in a))
+        if run.master:
+            (run.bar.write if run.bar is not None else print)(" ".join(str(x) for x in a))
             sys.stdout.flush()
-
-    assert args.global_batch % (world * args.grad_accum) == 0, (
-        f"--global-batch {args.global_batch} must divide by world size {world} x --grad-accum {args.grad_accum}; "
-        f"pick a global batch that is a multiple of {world * args.grad_accum}")
-    micro = args.global_batch // (world * args.grad_accum)
-    torch.manual_seed(args.seed)  # the same model init on every rank; per-rank seeds follow below
+    run.print0 = print0
+    assert args.global_batch % (run.world * args.grad_accum) == 0, (
+        f"--global-batch {args.global_batch} must divide by world size {run.world} x --grad-accum {args.grad_accum}; "
+        f"pick a global batch that is a multiple of {run.world * args.grad_accum}")
+    run.micro = args.global_batch // (run.world * args.grad_accum)
+    torch.manual_seed(args.seed)  # the same model init on every rank; per-rank seeds follow in build()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.bfloat16 if args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda") \
-        else torch.float32
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    run.dtype = models.get_dtype(args.precision, device)
+    run.autocast = models.autocast(device, run.dtype)
     os.makedirs(args.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    run.ckpt_path, run.log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
+    return run
 
-    # --- data (+ frozen VAE / text encoder, outside the model)
+
+def load_data(args, run):
+    """The dataset and the frozen networks outside the model (VAE, text encoder)."""
     ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
                             seed=args.seed)
-    if args.semantic == "class" and args.num_classes is None:
-        args.num_classes = len(getattr(ds, "classes", data.CLASSES))
-    vae = data.load_vae(args.vae) if args.vae != "none" else None
-    if vae is not None:
-        vae = vae.to(device).eval().requires_grad_(False)
-    text_enc = sampling.get_text_encoder(vars(args), device) if args.semantic == "text" else None
-    if text_enc is not None:  # stored in args so that checkpoints rebuild the model without the encoder
-        args.text_dim, args.pooled_dim = text_enc.dim, text_enc.pooled_dim
-    in_ch = LATENT_CH if args.vae != "none" or args.data == "latents" else 3
-    if not isinstance(ds, torch.utils.data.IterableDataset):  # typical original size: sample.py's default φ
-        phis = torch.stack([ds[i]["phi"] for i in range(min(64, len(ds)))])
-        args.orig_size = phis[:, 3:].median(0).values.tolist()
-    null_sem = sampling.null_semantic(vars(args), text_enc, device)
+    vae = data.get_vae(args.vae, str(run.device)) if args.vae != "none" and args.data != "latents" else None
+    enc = conditioning.get_text_encoder(args.text_encoder, args.text_encoder_path, str(run.device)) \
+        if args.semantic == "text" else None
+    return ds, vae, enc
 
-    # --- model, EMA, optimiser; resume or init-from
-    model = sampling.build_model_from_args(vars(args), text_enc).to(device)
+
+def build(args, run, spec):
+    """Model (from the spec), its EMA copy and the optimiser; then the per-rank seeds."""
+    model = models.build_model(**spec["model"]).to(run.device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=tuple(args.adam_betas),
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
-    torch.manual_seed(args.seed + rank)  # per-rank seeds (nanoGPT); the training noise itself uses chunk_generator
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    step, ck = 0, None
-    if args.resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+                                  weight_decay=args.weight_decay, fused=run.device.type == "cuda")
+    torch.manual_seed(args.seed + run.rank)  # per-rank seeds (nanoGPT); the training noise uses chunk_generator
+    random.seed(args.seed + run.rank)
+    np.random.seed(args.seed + run.rank)
+    return model, ema, optimizer
+
+
+def resume(args, run, spec, model, ema, optimizer):
+    """Resume from <out-dir>/ckpt.pt (same run spec required), or take weights from --init-from. Returns the
+    checkpoint resumed from (None for a fresh run) and the step."""
+    if args.resume and os.path.exists(run.ckpt_path):
+        ck = models.read_checkpoint(run.ckpt_path)
+        diff = [f"{k}.{f}: {ck['spec'][k].get(f)!r} -> {spec[k].get(f)!r}" for k in SPEC_KEYS
+                for f in sorted(set(ck["spec"][k]) | set(spec[k])) if ck["spec"][k].get(f) != spec[k].get(f)]
+        if diff:
+            refuse(f"{run.ckpt_path} has another run spec ({'; '.join(diff)}); use a new --out-dir or --no-resume")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         optimizer.load_state_dict(ck["optimizer"])
-        step = ck["step"]
         rngs = ck["rng"]
-        set_rng_state(rngs[rank] if len(rngs) == world else rngs[0], device)
-        print0(f"resumed from {ckpt_path} at step {step} (data position {ck['data']})")
-        if master and os.path.exists(os.path.join(args.out_dir, "log.jsonl")):  # drop log lines of the lost steps
-            log_file = os.path.join(args.out_dir, "log.jsonl")
-            keep = [ln for ln in open(log_file) if json.loads(ln)["step"] <= step]
-            open(log_file, "w").writelines(keep)
-    elif args.init_from:
-        src = sampling.read_checkpoint(args.init_from, "--init-from")
+        set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0], run.device)
+        run.print0(f"resumed from {run.ckpt_path} at step {ck['step']} (data position {ck['data']})")
+        if run.master and os.path.exists(run.log_path):  # drop log lines of the lost steps
+            keep = [ln for ln in open(run.log_path) if json.loads(ln)["step"] <= ck["step"]]
+            open(run.log_path, "w").writelines(keep)
+        return ck, ck["step"]
+    if args.init_from:
+        src = models.read_checkpoint(args.init_from, "--init-from")
         sd = src.get("ema", src.get("model", src)) if isinstance(src, dict) else src
         res = model.load_state_dict(sd, strict=False)
         ema.load_state_dict(model.state_dict())
-        print0(f"init from {args.init_from}: missing {res.missing_keys}, unexpected {res.unexpected_keys}")
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(f"{args.recipe}: {args.arch}-{args.size}, {n_params / 1e6:.2f} M params, {world} rank(s) x micro-batch "
-           f"{micro} x accum {args.grad_accum} = {args.global_batch}, {device}, {str(dtype).split('.')[-1]}")
-    if master:
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        run.print0(f"init from {args.init_from}: missing {res.missing_keys}, unexpected {res.unexpected_keys}")
+    return None, 0
 
+
+def grid_labels(spec, ds):
+    """(labels, columns) of the periodic training grid: every class (up to 10) x 4 seeds, or 4 captions x 4."""
+    if spec["semantic"]["kind"] == "class":
+        k = min(spec["semantic"]["num_classes"], 10)
+        return [c for _ in range(4) for c in range(k)], k
+    caps = [s["caption"] for s in data.first_items(ds, 4)] or ["a photo"]
+    return [c for _ in range(4) for c in caps], len(caps)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)
+    ds, vae, encoder = load_data(args, run)
+    spec = resolve_spec(args, ds, vae, encoder, explicit_flags(argv))
+    model, ema, optimizer = build(args, run, spec)
+    ck, step = resume(args, run, spec, model, ema, optimizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    run.print0(f"{args.recipe}: {args.arch}-{args.size}, {n_params / 1e6:.2f} M params, {run.world} rank(s) x "
+               f"micro-batch {run.micro} x accum {args.grad_accum} = {args.global_batch}, {run.device}, "
+               f"{str(run.dtype).split('.')[-1]}")
+    if run.master:
+        with data.atomic_write(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump({"spec": spec, "args": vars(args)}, f, indent=2)
+    train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, step)
+    if run.ddp:
+        dist.destroy_process_group()
+
+
+def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, step):
+    """The loop: lr -> periodic grid / checkpoint -> grad accumulation -> clip -> step -> EMA -> log."""
+    device, rank, world, ddp, master, micro, print0 = (run.device, run.rank, run.world, run.ddp, run.master,
+                                                       run.micro, run.print0)
+    sem, control, ckpt_path, log_path = spec["semantic"], spec["model"].get("control"), run.ckpt_path, run.log_path
+    null_sem = conditioning.semantic_null(sem, encoder, device)
     # --- data order: exact position for map-style datasets (a function of the step), counted for shard streams
     if isinstance(ds, torch.utils.data.IterableDataset):
         sampler, data_pos = None, dict(ck["data"]) if ck else {"epoch": 0, "index": 0}
@@ -354,7 +465,7 @@ def main(argv=None):
             pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
             generator=torch.Generator().manual_seed(args.seed))
         batches = iter(loader)
-    sched = diffusion.Schedule(args.schedule_scale).to(device)
+    sched = diffusion.Schedule(spec["schedule"]["scale"]).to(device)
     raw_model = model  # checkpoints hold the unwrapped, uncompiled model
     if args.compile:
         model = torch.compile(model)
@@ -372,25 +483,24 @@ def main(argv=None):
         x0 = b["latent"] if "latent" in b else b["image"]
         x0 = x0.to(device, non_blocking=True)
         with torch.no_grad():
-            if vae is not None and "latent" not in b:
-                x0 = data.encode(vae, x0)
-            cond = sampling.semantic_cond(vars(args), b.get("y"), b.get("caption"), text_enc, device,
-                                          training=True, generator=g)
-        if args.control:
+            if vae is not None:
+                x0 = data.encode(vae, x0, spec["latent"]["scale"])
+            cond = conditioning.semantic_cond(sem, b.get("y") if sem["kind"] == "class" else b["caption"], encoder,
+                                              device, training=True, generator=g)
+        if control:
             cond["phi"] = b["phi"].to(device).float()
         return x0.float(), conditioning.drop_conditions(cond, args.p_drop_sem, args.p_drop_ctrl, null_sem, g)
 
     flops_per_img = None  # training FLOPs per image for MFU, counted once by torch's FlopCounterMode (GPU only)
-    _, peak = device_peak(device)
+    _, peak = models.device_peak(device)
     n_bad = 0  # unreadable samples skipped so far (logged)
     if peak:  # one image of a synthetic batch is enough to count FLOPs
-        x0 = torch.randn(1, in_ch, *([args.resolution // (VAE_DOWN if in_ch != 3 else 1)] * 2), device=device)
-        cond = sampling.semantic_cond(vars(args), [0], ["a photo"], text_enc, device)
-        cond.update(phi=sampling.default_phi(vars(args), 1).to(device), keep_ctrl=torch.ones(1, device=device))
-        with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc, autocast:
-            diffusion.loss_fn(raw_model, sched, x0, cond)[0].backward()
+        x0 = torch.randn(1, *data.latent_shape(spec["latent"], spec["data"]["resolution"]), device=device)
+        cond = conditioning.semantic_cond(sem, [0] if sem["kind"] == "class" else ["a photo"], encoder, device)
+        cond.update(phi=conditioning.default_phi(spec, 1).to(device), keep_ctrl=torch.ones(1, device=device))
+        with run.autocast:
+            flops_per_img = models.count_flops(lambda: diffusion.loss_fn(raw_model, sched, x0, cond)[0])[1]
         raw_model.zero_grad(set_to_none=True)
-        flops_per_img = fc.get_total_flops()
 
     def make_checkpoint():
         rngs = [rng_state(device)]
@@ -398,7 +508,7 @@ def main(argv=None):
             rngs = [None] * world
             dist.all_gather_object(rngs, rng_state(device))
         return {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "args": vars(args), "rng": rngs,
+                "step": step, "spec": spec, "args": vars(args), "rng": rngs,
                 "data": sampler.position(step) if sampler else dict(data_pos)}
 
     def check_finite():
@@ -414,23 +524,21 @@ def main(argv=None):
             sys.exit(1)
 
     def write_grid(tag):
-        imgs = sampling.generate(ema, vars(args), seeds=list(range(len(grid_sem))), labels=grid_sem,
-                                 steps=args.sample_steps, cfg=args.sample_cfg, device=device, vae=vae,
-                                 text_encoder=text_enc, precision=dtype)
-        sampling.save_grid(imgs, os.path.join(args.out_dir, f"grid_{tag}.png"), nrow=grid_cols)
+        imgs = conditioning.generate(ema, spec, seeds=list(range(len(grid_sem))), labels=grid_sem,
+                                     steps=args.sample_steps, cfg=args.sample_cfg, device=device, precision=run.dtype)
+        data.save_grid(imgs, os.path.join(args.out_dir, f"grid_{tag}.png"), nrow=grid_cols)
 
     def plot_log():
         recs = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
         if len(recs) > 1:
             plot_curve([r["step"] for r in recs], [r["loss"] for r in recs], os.path.join(args.out_dir, "loss.png"))
 
-    grid_sem, grid_cols = sampling.default_labels(vars(args), ds)
-    log_path = os.path.join(args.out_dir, "log.jsonl")
+    grid_sem, grid_cols = grid_labels(spec, ds)
     nonfinite = torch.zeros((), device=device)
     loss_acc = torch.zeros((), device=device)
     bin_sum, bin_cnt = torch.zeros(LOSS_BINS, device=device), torch.zeros(LOSS_BINS, device=device)
     start_step, t_last, imgs_since, n_acc = step, time.time(), 0, 0
-    bar = tqdm(total=args.max_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
+    bar = run.bar = tqdm(total=args.max_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
     while True:
         # --- lr: linear warm-up, then constant (the paper trains at a constant lr)
         lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
@@ -447,7 +555,7 @@ def main(argv=None):
                 check_finite()
                 state = make_checkpoint()
                 if master:
-                    save_checkpoint(state, ckpt_path)
+                    models.save_checkpoint(state, ckpt_path)
                     print0(f"step {step}: checkpoint saved to {ckpt_path}")
         t_last += time.time() - t0  # img/s counts training time only
         if last:
@@ -461,7 +569,7 @@ def main(argv=None):
             eps = torch.randn(x0.shape, generator=g, device=device)
             skip_sync = ddp and k < args.grad_accum - 1
             with model.no_sync() if skip_sync else contextlib.nullcontext():
-                with autocast:
+                with run.autocast:
                     loss, per_sample, t = diffusion.loss_fn(model, sched, x0, cond, t, eps)
                 (loss / args.grad_accum).backward()
             loss_acc += loss.detach() / args.grad_accum  # no .item() here: it would sync every micro-step
@@ -506,8 +614,6 @@ def main(argv=None):
             loss_acc.zero_(), bin_sum.zero_(), bin_cnt.zero_()
             n_acc, imgs_since, t_last = 0, 0, time.time()
     bar.close()
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

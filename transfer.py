@@ -1,6 +1,6 @@
 """
 Transfer a checkpoint to a new resolution or dataset (paper §2.2, §3.4; SPEC §7). Writes a train.py-style
-checkpoint (model = ema = transferred weights, step 0, updated args) that `train.py --init-from` fine-tunes
+checkpoint (model = ema = transferred weights, step 0, the updated run spec) that `train.py --init-from` fine-tunes
 from and sample.py / evaluate.py load directly; prints exactly which keys were kept / re-initialised / dropped.
 
     python transfer.py --ckpt out/in1k256/ckpt.pt --resolution 512 --out out/in1k512_init.pt        # r -> r'
@@ -17,20 +17,16 @@ stored, so every weight is kept. Dataset: 1k -> 22k extends the class table (old
 replaces the semantic embedder (label table dropped, text/pooled projections fresh).
 """
 import argparse
+import copy
 import json
 import os
 
 import torch
 
-import sample as S
-from evaluate import default_lam  # Eq. 4 guidance default of the paper's FID evaluation
+import conditioning
+import models
+
 TABLE = "y_embedder.embedding_table.weight"  # the class table (num_classes + 1 rows, last = null)
-
-
-def load(path):
-    """(checkpoint dict, args dict, weights): EMA weights when present (what train.py --init-from prefers)."""
-    ck = S.read_checkpoint(path)
-    return ck, dict(ck["args"]), ck.get("ema", ck.get("model"))
 
 
 def carry_over(model, sd, reinit=()):
@@ -48,24 +44,39 @@ def carry_over(model, sd, reinit=()):
     return new, report
 
 
-def transfer_resolution(a, sd, resolution, pe_grid="resample"):
-    """Resolution r -> r' (§2.2): new args + weights. The schedule scale multiplies by r'/r (Eq. 3)."""
-    b = dict(a, resolution=resolution, pe_grid=pe_grid)
-    pe = getattr(S.build_model_from_args(a), "x_embedder", None)  # transformers: patch grid of the source run
-    b["pe_base"] = pe.pe_base if pe is not None else None  # positions span the pre-training grid [0, pe_base]
-    b["schedule_scale"] = a.get("schedule_scale", 1.0) * resolution / a["resolution"]
-    new, report = carry_over(S.build_model_from_args(b), sd)
-    report["guidance_lam"] = default_lam(b)  # Eq. 4: what evaluate.py will use at r'
-    return b, new, report
+def _fmt(v):
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def transfer_classes(a, sd, num_classes, class_map=None):
+def transfer_resolution(spec, sd, resolution, pe_grid="resample"):
+    """Resolution r -> r' (§2.2): (new spec, weights, report, train.py flags). The schedule scale multiplies by
+    r'/r (Eq. 3); transformers keep their positions spanning the pre-training grid [0, pe_base]."""
+    b, m = copy.deepcopy(spec), spec["model"]
+    factor = resolution / spec["data"]["resolution"]
+    b["data"]["resolution"] = resolution
+    b["schedule"]["scale"] = spec["schedule"]["scale"] * factor
+    flags = {"--resolution": resolution}
+    if "input_size" in m:  # transformers: patch grid of the source run, positions computed at r'
+        b["model"]["input_size"] = round(m["input_size"] * factor)
+        b["model"]["pe_grid"] = pe_grid
+        b["model"]["pe_base"] = m.get("pe_base") or m["input_size"] // m.get("patch_size", 2)
+        if pe_grid != m.get("pe_grid"):
+            flags["--pe-grid"] = pe_grid
+        flags["--pe-base"] = b["model"]["pe_base"]
+    flags["--schedule-scale"] = b["schedule"]["scale"]
+    new, report = carry_over(models.build_model(**b["model"]), sd)
+    report["guidance_lam"] = conditioning.default_lam(b)  # Eq. 4: what evaluate.py will use at r'
+    return b, new, report, flags
+
+
+def transfer_classes(spec, sd, num_classes, class_map=None):
     """ImageNet-1k -> 22k (§3.4): extend the class table. Old class i goes to row class_map[i] (identity by
     default), the null row to the new last row; rows no old class lands on keep their fresh init."""
-    assert a["semantic"] == "class", "--num-classes needs a class-conditional checkpoint"
-    b = dict(a, num_classes=num_classes)
-    model = S.build_model_from_args(b)
-    new, report = carry_over(model, sd, reinit=(TABLE,))
+    assert spec["semantic"]["kind"] == "class", "--num-classes needs a class-conditional checkpoint"
+    b = copy.deepcopy(spec)
+    b["semantic"].update(num_classes=num_classes, null_id=num_classes)
+    b["model"]["num_classes"] = num_classes
+    new, report = carry_over(models.build_model(**b["model"]), sd, reinit=(TABLE,))
     old, table = sd[TABLE], new[TABLE].clone()  # (n_old + 1, D), (n_new + 1, D)
     n_old = old.shape[0] - 1
     class_map = list(range(n_old)) if class_map is None else list(class_map)
@@ -76,28 +87,26 @@ def transfer_classes(a, sd, num_classes, class_map=None):
     report["reinitialised"].remove(TABLE)
     report["kept"].append(f"{TABLE}[{n_old} class rows + null row]")
     report["reinitialised"].append(f"{TABLE}[{num_classes - n_old} new class rows]")
-    return b, new, report
+    return b, new, report, {"--num-classes": num_classes}
 
 
-def transfer_to_text(a, sd, text_encoder="ViT-L-14", text_encoder_path="openai", text_pad="noisy", beta_txt=0.02):
+def transfer_to_text(spec, sd, text_encoder="ViT-L-14", text_encoder_path="openai", text_pad="noisy", beta_txt=0.02):
     """ImageNet-1k -> CC12M (§3.4): keep the backbone, replace the semantic embedder (class table -> text)."""
-    import conditioning
-    assert a["semantic"] == "class", "--to-text needs a class-conditional checkpoint"
-    enc = conditioning.TextEncoder(text_encoder, text_encoder_path)  # only its widths are needed here
-    b = dict(a, semantic="text", num_classes=None, text_dim=enc.dim, pooled_dim=enc.pooled_dim,
-             text_encoder=text_encoder, text_encoder_path=text_encoder_path, text_pad=text_pad, beta_txt=beta_txt)
-    new, report = carry_over(S.build_model_from_args(b, enc), sd)
-    return b, new, report
-
-
-def train_flags(a, b):
-    """The train.py flags that changed from args a to b (given with --init-from, after the pre-training flags)."""
-    f = []
-    for k, v in b.items():
-        if v is not None and v != a.get(k):
-            f += [f"--{k.replace('_', '-')}"] + ([str(x) for x in v] if isinstance(v, (list, tuple)) else [f"{v:g}"
-                                               if isinstance(v, float) else str(v)])
-    return " ".join(f)
+    assert spec["semantic"]["kind"] == "class", "--to-text needs a class-conditional checkpoint"
+    enc = conditioning.get_text_encoder(text_encoder, text_encoder_path, flag="--text-encoder-path")  # its widths
+    b = copy.deepcopy(spec)
+    b["semantic"] = dict(kind="text", encoder=text_encoder, pretrained=text_encoder_path, pad=text_pad,
+                         beta_txt=beta_txt, dim=enc.dim, pooled_dim=enc.pooled_dim)
+    m = b["model"]
+    m.pop("num_classes")
+    m.pop("class_in", None)  # train.py drops the class flags in text mode
+    if not models.MODELS[m["arch"]].supports_text:
+        raise SystemExit(f"--to-text: {m['arch']} is class-conditional only (paper Tab. 1)")
+    m.update(text_dim=enc.dim, pooled_dim=enc.pooled_dim)
+    new, report = carry_over(models.build_model(**m), sd)
+    flags = {"--semantic": "text", "--text-encoder": text_encoder, "--text-encoder-path": text_encoder_path,
+             "--text-pad": text_pad, "--beta-txt": beta_txt}
+    return b, new, report, flags
 
 
 def get_parser():
@@ -126,29 +135,37 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     torch.manual_seed(args.seed)
-    ck, a0, sd = load(args.ckpt)
-    a, reports = a0, {}
+    ck = models.read_checkpoint(args.ckpt)
+    if "spec" not in ck:
+        raise SystemExit(f"{args.ckpt}: no run spec in this checkpoint (written by an older train.py)")
+    spec, sd = ck["spec"], ck.get("ema", ck.get("model"))  # EMA weights: what train.py --init-from prefers
+    reports, flags = {}, {}
     if args.num_classes is not None:
         cmap = json.load(open(args.class_map)) if args.class_map else None
-        a, sd, reports["classes"] = transfer_classes(a, sd, args.num_classes, cmap)
+        spec, sd, reports["classes"], f = transfer_classes(spec, sd, args.num_classes, cmap)
+        flags.update(f)
     if args.to_text:
-        a, sd, reports["text"] = transfer_to_text(a, sd, args.text_encoder, args.text_encoder_path, args.text_pad,
-                                                  args.beta_txt)
+        spec, sd, reports["text"], f = transfer_to_text(spec, sd, args.text_encoder, args.text_encoder_path,
+                                                         args.text_pad, args.beta_txt)
+        flags.update(f)
     if args.resolution is not None:
-        a, sd, reports["resolution"] = transfer_resolution(a, sd, args.resolution, args.pe_grid)
-    assert reports, "nothing to do: give --resolution, --num-classes and/or --to-text"
+        spec, sd, reports["resolution"], f = transfer_resolution(spec, sd, args.resolution, args.pe_grid)
+        flags.update(f)
+    if not reports:
+        raise SystemExit("transfer.py: nothing to do: give --resolution, --num-classes and/or --to-text")
     for name, r in reports.items():
         print(f"[{name}] kept {len(r['kept'])}, re-initialised {len(r['reinitialised'])}, dropped {len(r['dropped'])}")
         for what in ("reinitialised", "dropped"):
             for k in r[what]:
                 print(f"  {what}: {k}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    out = {"model": sd, "ema": sd, "args": a, "step": 0, "transfer": {"from": args.ckpt, "from_step": ck.get("step"),
-           "reports": reports, "guidance_lam": default_lam(a)}}
-    torch.save(out, args.out + ".tmp")
-    os.replace(args.out + ".tmp", args.out)  # atomic, like train.py's checkpoints
-    print(f"wrote {args.out}\nfine-tune: python train.py <pre-training flags> --init-from {args.out} "
-          f"{train_flags(a0, a)} --out-dir NEW_DIR")
+    out = {"model": sd, "ema": sd, "spec": spec, "args": ck.get("args"), "step": 0,
+           "transfer": {"from": args.ckpt, "from_step": ck.get("step"), "reports": reports,
+                        "guidance_lam": conditioning.default_lam(spec)}}
+    models.save_checkpoint(out, args.out)
+    cmd = " ".join(f"{k} {_fmt(v)}" for k, v in flags.items())
+    print(f"wrote {args.out}\nfine-tune: python train.py <pre-training flags> --init-from {args.out} {cmd} "
+          f"--out-dir NEW_DIR")
 
 
 if __name__ == "__main__":
