@@ -136,6 +136,231 @@ def test_sampler_gaussian_exact():
     assert abs(x0.std().item() - s) / s > 0.1
 
 
+def test_sampling_timesteps_every_n():
+    # Bug 8 of issue 12: the float arange end test gave N+1 steps ending at t = -1 for 62 N (61, 103, ...), so the
+    # model was called at t = -1 and abar[-1] wrapped to abar[999]. Every N now gives N distinct steps in 0..T-1 from
+    # T-1 down, equal to diffusers' trailing spacing (which still has the extra -1 for those N: compare its first N).
+    from diffusers import DDIMScheduler
+    ref = DDIMScheduler(**_diffusers_schedule_kwargs(), timestep_spacing="trailing")
+    for n in range(1, T + 1):
+        ts = diffusion.sampling_timesteps(n).tolist()
+        assert len(ts) == n and ts[0] == T - 1 and ts[-1] >= 0, n
+        assert all(a > b for a, b in zip(ts, ts[1:])), n  # strictly decreasing, so distinct
+        ref.set_timesteps(n)
+        assert ts == ref.timesteps[:n].tolist(), n
+
+
+@pytest.mark.parametrize("shift,scale", [(1.0, 1.0), (3.0, 1.0), (2.0, 1.5)])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_rf_matches_diffusers(steps, shift, scale):
+    # Our rectified-flow sigmas / timesteps / Euler steps = diffusers' FlowMatchEulerDiscreteScheduler's, the model
+    # called at timestep = sigma * T. Eq. 3's scale multiplies t/(1-t) as SD3's shift does: they compose.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift * scale)
+    ref.set_timesteps(steps)
+    rf = diffusion.make_schedule("rf", shift=shift, scale=scale)
+    assert rf.sigmas(steps)[-1] == 0 and rf.sigmas(steps)[0] == 1
+    torch.testing.assert_close(rf.sigmas(steps), ref.sigmas, atol=1e-6, rtol=0)
+    torch.testing.assert_close(rf.timesteps(steps), ref.timesteps, atol=1e-3, rtol=0)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours, seen = [], []
+    diffusion.ddim_sample(lambda x, t: seen.append(t.clone()) or _analytic_eps(x, t), x_T.clone(), rf, steps,
+                          callback=lambda i, t, x, x0: ours.append(x.clone()))
+    assert len(ours) == steps and seen[0].dtype == torch.float32 and (seen[0] == T).all()  # t = 1 is pure noise
+    x = x_T.clone()
+    for i, t in enumerate(ref.timesteps):
+        v = _analytic_eps(x, torch.full((2,), float(t)))
+        x = ref.step(v, t, x).prev_sample
+        assert (ours[i] - x).abs().max() <= 1e-5, f"step {i} (t={float(t)}) differs"
+    # the shift itself, and training draws shifted times: logit(t') = logit(t) + log(shift)
+    assert abs(rf.shift_t(torch.tensor(0.5)).item() - shift * scale / (1 + shift * scale)) < 1e-7
+    with pytest.raises(ValueError, match="Euler"):
+        diffusion.ddpm_sample(_analytic_eps, x_T, rf, steps)
+
+
+def test_rf_gaussian_exact():
+    # x0 ~ N(mu, s^2), x_t = (1-t) x0 + t eps ~ N((1-t) mu, (1-t)^2 s^2 + t^2) =: N(m_t, var_t). The optimal
+    # velocity is E[eps - x0 | x_t] = t r / var_t - (mu + (1-t) s^2 r / var_t), r = x_t - m_t. Rectified flow
+    # reaches pure noise at t = 1 (no terminal-SNR bias); Euler's discretisation error shrinks the std (-9 % at
+    # 25 steps, -0.9 % at 250).
+    mu, s = 1.0, 0.25
+    rf = diffusion.make_schedule("rf")
+    x0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(2)) * s + mu
+    eps, t = torch.randn(4, 2, generator=torch.Generator().manual_seed(3)), torch.tensor([0.0, 250.0, 700.0, 1000.0])
+    torch.testing.assert_close(rf.q_sample(x0, t, eps), (1 - t.view(-1, 1) / T) * x0 + t.view(-1, 1) / T * eps)
+    torch.testing.assert_close(rf.target(x0, eps, t), eps - x0)
+
+    def v_opt(x, t):
+        tt = (t / T).view(-1, 1)
+        var = (1 - tt) ** 2 * s ** 2 + tt ** 2
+        r = x - (1 - tt) * mu
+        return tt * r / var - (mu + (1 - tt) * s ** 2 * r / var)
+
+    x_T = torch.randn(20000, 4, generator=torch.Generator().manual_seed(0))
+    x0 = diffusion.ddim_sample(v_opt, x_T, rf, 250)
+    assert abs(x0.mean().item() - mu) / mu < 0.02
+    assert abs(x0.std().item() - s) / s < 0.02
+    x0 = diffusion.ddim_sample(v_opt, x_T, rf, 10)  # a broken step rule would not show this trend
+    assert abs(x0.std().item() - s) / s > 0.1
+
+
+# the objectives of the DDPM schedule, with and without zero terminal SNR and x0 clipping
+_DDPM_VARIANTS = [dict(objective="eps"), dict(objective="v"), dict(objective="x0"),
+                  dict(objective="v", zero_snr=True), dict(objective="x0", zero_snr=True),
+                  dict(objective="eps", clip_x0=True), dict(objective="v", zero_snr=True, clip_x0=True)]
+
+
+@pytest.mark.parametrize("kw", _DDPM_VARIANTS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_objectives_match_diffusers_ddim(kw):
+    # DDIM with prediction_type epsilon / v_prediction / sample, rescale_betas_zero_snr and clip_sample (eps re-derived
+    # from the clipped x0: use_clipped_model_output) against diffusers, step by step, as test_ddim_matches_diffusers.
+    from diffusers import DDIMScheduler
+    pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[kw["objective"]]
+    ref = DDIMScheduler(**_diffusers_schedule_kwargs(), clip_sample=kw.get("clip_x0", False), set_alpha_to_one=True,
+                        timestep_spacing="trailing", prediction_type=pred,
+                        rescale_betas_zero_snr=kw.get("zero_snr", False))
+    ref.set_timesteps(10)
+    sched = diffusion.make_schedule(**kw)
+    assert torch.allclose(sched.abar.double(), ref.alphas_cumprod.double(), atol=1e-7, rtol=0)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = []
+    diffusion.ddim_sample(_analytic_eps, x_T.clone(), sched, 10, callback=lambda i, t, x, x0: ours.append(x.clone()))
+    x = x_T.clone()
+    for i, t in enumerate(ref.timesteps):
+        out = ref.step(_analytic_eps(x, torch.full((2,), int(t))), t, x, eta=0.0, use_clipped_model_output=True)
+        x = out.prev_sample
+        if kw.get("clip_x0"):
+            assert out.pred_original_sample.abs().max() <= 1
+        assert (ours[i] - x).abs().max() <= 1e-5, f"step {i} (t={int(t)}) differs"
+
+
+def test_zero_snr_matches_diffusers():
+    # Lin et al. 2024 Algorithm 1 = diffusers' rescale_zero_terminal_snr; abar_{T-1} = 0 exactly, abar_0 kept, and
+    # x_{T-1} is pure noise (the EDM form's limit at sigma = inf). eps cannot be sampled there: refused.
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+    base = Schedule()
+    torch.testing.assert_close(diffusion.rescale_zero_terminal_snr(base.betas), rescale_zero_terminal_snr(base.betas),
+                               atol=1e-7, rtol=0)
+    z = Schedule(objective="v", zero_snr=True)
+    assert z.abar[-1] == 0 and torch.isinf(z.sigma[-1]) and abs(z.abar[0] - base.abar[0]) < 1e-6
+    assert not torch.equal(z.abar, base.abar)
+    x0, eps = torch.randn(3, 2), torch.randn(3, 2)
+    t = torch.tensor([0, 500, T - 1])
+    a = z.abar[t].view(-1, 1)
+    torch.testing.assert_close(z.q_sample(x0, t, eps), a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    assert torch.equal(z.q_sample(x0, t, eps)[2], eps[2])
+    with pytest.raises(ValueError, match="zero_snr"):
+        diffusion.make_schedule("eps", zero_snr=True)
+    with pytest.raises(ValueError, match="zero_snr"):
+        diffusion.make_schedule("rf", zero_snr=True)
+
+
+def _affine(sched, t):
+    """(alpha, sigma) of x_t = alpha x0 + sigma eps, (B,) each, for either schedule."""
+    if isinstance(sched, diffusion.RectifiedFlow):
+        s = t.float() / T
+        return 1 - s, s
+    a = sched.abar[t]
+    return a.sqrt(), (1 - a).sqrt()
+
+
+_ALL_VARIANTS = _DDPM_VARIANTS + [dict(objective="rf"), dict(objective="rf", shift=3.0, clip_x0=True)]
+
+
+@pytest.mark.parametrize("kw", _ALL_VARIANTS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_objectives_one_image(kw):
+    # The exact denoiser of a one-image data set outputs each objective's target: its training loss is 0 at every
+    # t, and each objective's sampler returns the image from pure noise.
+    sched = diffusion.make_schedule(**kw)
+    img = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)  # a batch of 3 "data sets"
+
+    def exact(x, t, cond=None):
+        al, si = (_bcast(v, x) for v in _affine(sched, t))
+        eps = (x - al * img) / si
+        return sched.target(img, eps, t)
+
+    t = torch.tensor([1, 300, 999]) if isinstance(sched, Schedule) else torch.tensor([1.0, 300.0, 999.0])
+    loss = diffusion.loss_fn(exact, sched, img, None, t, torch.randn(3, 3, 8, 8))[0]
+    assert loss < 1e-8
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = diffusion.ddim_sample(lambda x, t: exact(x, t), x_T, sched, 20)
+    torch.testing.assert_close(out, img, atol=1e-4, rtol=0)
+
+
+def _bcast(v, x):
+    return v.view(-1, *([1] * (x.ndim - 1)))
+
+
+@pytest.mark.parametrize("kw", [dict(objective="eps"), dict(objective="v"), dict(objective="x0"),
+                                dict(objective="v", zero_snr=True), dict(objective="rf"),
+                                dict(objective="rf", shift=3.0)], ids=lambda kw: "-".join(map(str, kw.values())))
+def test_min_snr_weight(kw):
+    # Min-SNR-gamma (Hang et al. 2023) is min(SNR, gamma) on the x0-space error; each objective's weighted loss must
+    # equal it for the same prediction. Pinned against diffusers' compute_snr and its training scripts' formulas.
+    sched = diffusion.make_schedule(**kw, loss_weight="min-snr", min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps, x0_hat = (torch.randn(6, 3, 4, 4, generator=g) for _ in range(3))
+    if kw["objective"] == "rf":
+        t = torch.tensor([0.5, 10.0, 200.0, 500.0, 800.0, 999.0])
+        snr = ((1 - t / T) / (t / T)) ** 2
+    else:
+        t = torch.tensor([0, 10, 200, 500, 800, 999])
+        snr = sched.abar[t] / (1 - sched.abar[t])
+    al, si = (_bcast(v, x0) for v in _affine(sched, t))
+    xt = al * x0 + si * eps
+    out = sched.target(x0_hat, (xt - al * x0_hat) / si, t)  # the output that means "x0 = x0_hat" at x_t
+    per_sample = diffusion.loss_fn(lambda *_: out, sched, x0, None, t, eps)[1]
+    want = snr.clamp(max=5.0) * (x0_hat - x0).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(per_sample, want, rtol=2e-4, atol=1e-6)
+    if kw == dict(objective="eps") or kw == dict(objective="v"):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import compute_snr
+        snr_ref = compute_snr(DDPMScheduler(**_diffusers_schedule_kwargs()), t)
+        w_ref = snr_ref.clamp(max=5.0) / (snr_ref if kw["objective"] == "eps" else snr_ref + 1)
+        torch.testing.assert_close(sched.weight(t), w_ref, rtol=1e-4, atol=0)
+        # by hand: t = 0 has SNR = (1 - beta_0) / beta_0 = 1175.5 > 5, t = 999 has SNR = 0.0047 < 5
+        snr0 = (1 - diffusion.BETA_START) / diffusion.BETA_START
+        w0 = 5.0 / snr0 if kw["objective"] == "eps" else 5.0 / (snr0 + 1)
+        assert abs(sched.weight(torch.tensor([0])).item() - w0) < 1e-6
+    assert diffusion.make_schedule(kw["objective"], **{k: v for k, v in kw.items() if k != "objective"}).weight(t) \
+        is None  # default: unit weight
+
+
+def test_t_density():
+    # uniform is today's draw (same generator stream); logit-normal: logit(t/T) ~ N(m, s); rf's shift adds log(shift)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(Schedule().sample_t(64, g1), torch.randint(0, T, (64,), generator=g2))
+    n = 40000
+    for sched, off in [(diffusion.make_schedule("v", t_density="logit-normal", t_mean=0.5, t_std=0.8), 0.5),
+                       (diffusion.make_schedule("rf", t_mean=0.5, t_std=0.8), 0.5),
+                       (diffusion.make_schedule("rf", t_mean=0.5, t_std=0.8, shift=3.0), 0.5 + math.log(3.0))]:
+        t = sched.sample_t(n, torch.Generator().manual_seed(1))
+        u = ((t + 0.5) / T if isinstance(sched, Schedule) else t / T).double()
+        assert t.min() >= 0 and t.max() <= T - (1 if isinstance(sched, Schedule) else 0)
+        z = torch.log(u / (1 - u))
+        assert abs(z.mean().item() - off) < 0.02 and abs(z.std().item() - 0.8) < 0.02
+    t = diffusion.make_schedule("rf", t_density="uniform").sample_t(n, torch.Generator().manual_seed(1))
+    assert abs(t.mean().item() - T / 2) < 5 and t.dtype == torch.float32
+    assert diffusion.snr_bin(torch.tensor([0.0, 249.9, 250.0, 999.9, 1000.0])).tolist() == [0, 0, 1, 3, 3]
+    assert diffusion.snr_bin(torch.tensor([0, 249, 250, 999])).tolist() == [0, 0, 1, 3]
+
+
+def test_schedule_defaults_unchanged():
+    # Without the new settings everything is the paper's eps-DDPM: same class, same tables, same loss.
+    sched = diffusion.schedule_from_args({"schedule_scale": 1.0})
+    assert isinstance(sched, Schedule) and sched.objective == "eps" and sched.weight(torch.tensor([3])) is None
+    assert not sched.zero_snr and not sched.clip_x0 and sched.t_density == "uniform"
+    assert torch.equal(sched.abar, Schedule().abar) and torch.equal(sched.sigma, Schedule().sigma)
+    assert diffusion.schedule_spec({}) == {**diffusion.SCHEDULE_DEFAULTS, "t_density": "uniform"}
+    assert diffusion.schedule_spec({"objective": "rf"})["t_density"] == "logit-normal"  # Tab. A4's SD3 density
+    x0, eps, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([5, 900])
+    model = lambda x, t, c: 0.5 * x  # noqa: E731
+    loss = diffusion.loss_fn(model, sched, x0, None, t, eps)[0]
+    assert torch.equal(loss, (0.5 * sched.q_sample(x0, t, eps) - eps).pow(2).flatten(1).mean(1).mean())
+    with pytest.raises(ValueError, match="shift"):
+        diffusion.make_schedule("eps", shift=2.0)
+
+
 class _CountingModel(torch.nn.Module):
     """eps depends on the semantic id and the control flag in a known, separable way."""
 
