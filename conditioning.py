@@ -367,7 +367,8 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
     """Images (N, 3, H, W) in [-1, 1] on the CPU, one per (seed, label), from a model and its run spec.
     labels: class ids or prompts; phi: (N, 5) control (default: default_phi); cfg = lam, control_cfg = beta of
     Eq. 2 (beta = 1: plain CFG). Sample i starts from noise drawn from torch.Generator().manual_seed(seeds[i]) on
-    the CPU (device independent, EDM2); the DDPM sampler's extra noise uses per-sample generators too. With images
+    the CPU (device independent, EDM2); the DDPM sampler's extra noise uses per-sample generators too (rf: Euler,
+    sampler "ddim" only); the model output is read as the run's objective (eps / v / x0 / rf). With images
     (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit)."""
     import data
     import diffusion
@@ -378,9 +379,9 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
     enc = semantic_encoder(sem, device)
     vae = data.get_vae(lat["vae"], str(device)) if lat["vae"] else None
     null_sem = semantic_null(sem, enc, device)
-    sched = diffusion.Schedule(spec["schedule"]["scale"] if schedule_scale is None else schedule_scale).to(device)
+    sched = diffusion.schedule_from_args(spec["schedule"], device, scale=schedule_scale)  # objective, shift, clip too
     phi = default_phi(spec, len(seeds)) if phi is None else phi
-    t0 = diffusion.sampling_timesteps(steps, t_start)[0].item()  # first step (T-1 unless SDEdit)
+    t0 = sched.timesteps(steps, t_start)[0].item()  # first step (pure noise unless SDEdit)
     shape = data.latent_shape(lat, spec["data"]["resolution"])  # (C, H, W) the model sees
     out = []
     for i in range(0, len(seeds), batch_size):

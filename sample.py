@@ -44,7 +44,8 @@ def main(argv=None):
     p.add_argument("--n-per", type=int, default=4, help="images per class / prompt (default: 4)")
     p.add_argument("--seeds", default=None, help="seed list '0-15' or '3,7'; one per image (default: 0..N-1)")
     # sampler and guidance
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="DDIM (eta 0) or DDPM (default: ddim)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="DDIM (eta 0) or DDPM; an rf "
+                   "checkpoint samples with Euler, as 'ddim' (default: ddim)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50; paper: 250 for FID)")
     p.add_argument("--cfg", type=float, default=4.0, help="semantic guidance lam of Eq. 2 (default: 4, DiT's "
                    "choice for sample grids; the paper's FID setting is 1.5 at 256 px)")
@@ -79,6 +80,8 @@ def main(argv=None):
     device = models.get_device(args.device)
     model, ck = models.load_checkpoint(args.ckpt, device, ema=args.ema)
     spec, precision = ck["spec"], models.get_dtype(args.precision, device)
+    if args.sampler == "ddpm" and spec["schedule"].get("objective") == "rf":
+        p.error("--sampler ddpm: this checkpoint is rectified flow (--objective rf), sampled with Euler: use ddim")
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     os.makedirs(out_dir, exist_ok=True)
     kw = dict(steps=args.steps, cfg=args.cfg, control_cfg=args.control_cfg, sampler=args.sampler, device=device,

@@ -1133,6 +1133,41 @@ def test_sample_seed_invariance():
     assert (big[0] - big[1]).abs().max() > 1e-2, "different seeds must give different images"
 
 
+def test_objective_flags_travel():
+    # train.py's diffusion flags: defaults are today's eps-DDPM, --recipe sd3 is rectified flow with logit-normal t
+    # (explicit flags win), impossible combinations are refused, the run spec's schedule entry holds them all, and
+    # conditioning.generate samples as the run trained.
+    a = vars(train.parse_args([]))
+    assert diffusion.schedule_spec(a) == {**diffusion.SCHEDULE_DEFAULTS, "t_density": "uniform"}
+    sd3_args, sd3 = _trn_spec(["--recipe", "sd3", "--resolution", "16", "--patch-size", "4"])
+    assert (sd3_args.objective, sd3_args.t_density) == ("rf", "logit-normal")
+    assert sd3["schedule"] == diffusion.schedule_spec(vars(sd3_args)) and sd3["schedule"]["objective"] == "rf"
+    assert vars(train.parse_args(["--recipe", "sd3", "--objective", "eps"]))["t_density"] == "uniform"
+    for bad in (["--zero-snr"], ["--shift", "3"]):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            train.parse_args(bad)
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ts = []
+
+        def forward(self, x, t, cond):
+            self.ts.append(t.clone())
+            return torch.zeros_like(x)
+
+    eps_sched = {**sd3["schedule"], "objective": "eps", "t_density": "uniform"}
+    for sch, first, n in [(sd3["schedule"], T, 4), (eps_sched, T - 1, 4), ({**sd3["schedule"], "shift": 3.0}, T, 4)]:
+        spec, rec = {**sd3, "schedule": sch}, Recorder()
+        out = conditioning.generate(rec, spec, [0], [1], steps=n, cfg=1.0)
+        assert len(rec.ts) == n and rec.ts[0].tolist() == [first], sch["objective"]
+        if sch["objective"] == "rf":  # v = 0 leaves the starting noise unchanged through every Euler step
+            noise = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(out[0], noise.clamp(-1, 1))
+            assert rec.ts[0].dtype == torch.float32
+            torch.testing.assert_close(torch.cat(rec.ts), diffusion.make_schedule(**sch).timesteps(n))
+
+
 def test_sample_denoise_from(tmp_path):
     # generate(images=, t_start=): a fresh model predicts eps = 0 exactly, so DDIM returns the start divided by
     # sqrt(abar) of its first step, i.e. x0 + sigma_t0 * noise(seed): checks the noise level and the per-seed noise

@@ -36,11 +36,14 @@ import models
 # schedule (alpha 8, Tab. 2a), noisy replicate text padding (beta_txt 0.02, Tab. 3), AdamW (0.9, 0.95), wd 0.03.
 RECIPES = {
     "ours": dict(arch="mmdit", class_in="attn", control=["crop", "size", "flip"], gamma="cosine", gamma_alpha=8.0,
-                 text_pad="noisy", beta_txt=0.02, adam_betas=[0.9, 0.95], weight_decay=0.03, pe_grid="resample"),
+                 text_pad="noisy", beta_txt=0.02, adam_betas=[0.9, 0.95], weight_decay=0.03, pe_grid="resample",
+                 objective="eps"),
     "sd3": dict(arch="mmdit", class_in="attn", control=[], gamma="uniform", gamma_alpha=8.0,  # SD3 baseline column
-                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate"),
+                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
+                objective="rf"),  # SD3's own paradigm: rectified flow, logit-normal t (Tab. A4)
     "dit": dict(arch="dit", class_in="adaln", control=[], gamma="uniform", gamma_alpha=8.0,  # plain DiT (Peebles & Xie)
-                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate"),
+                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
+                objective="eps"),
 }
 LOSS_BINS = 4  # loss logged in 4 bins of t (minRF-style diagnostic)
 
@@ -48,8 +51,8 @@ LOSS_BINS = 4  # loss logged in 4 bins of t (minRF-style diagnostic)
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     R = "(default: set by --recipe)"
-    p.add_argument("--recipe", choices=list(RECIPES), default="ours", help="preset of Tab. A4: ours (mmDiT++), "
-                   "sd3 (mmDiT baseline) or dit (plain DiT); explicit flags override it (default: ours)")
+    p.add_argument("--recipe", choices=list(RECIPES), default="ours", help="preset of Tab. A4: ours (mmDiT++), sd3 "
+                   "(mmDiT baseline, rectified flow) or dit (plain DiT); explicit flags override it (default: ours)")
     # data
     p.add_argument("--data", choices=data.SOURCES, default="embedded", help="dataset source; 'embedded' needs no files")
     p.add_argument("--data-path", default=None, help="dataset root / shard pattern (unused for 'embedded')")
@@ -71,7 +74,24 @@ def get_parser():
     p.add_argument("--pe-base", type=int, default=None, help="PE grid size of pre-training (default: this grid)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="mDT latent mask ratio (default: 0.3)")
     # diffusion
-    p.add_argument("--schedule-scale", type=float, default=1.0, help="noise schedule scale s'/s, Eq. 3 (default: 1)")
+    p.add_argument("--schedule-scale", type=float, default=1.0, help="noise schedule scale s'/s, Eq. 3; for rf it "
+                   "multiplies --shift (the same operation) (default: 1)")
+    p.add_argument("--objective", choices=diffusion.OBJECTIVES, default=None, help="model output: eps, v, x0 (DDPM "
+                   f"schedule) or rf (rectified flow, v = eps - x0, Euler sampler) {R}: eps for ours/dit, rf for sd3")
+    p.add_argument("--t-density", choices=diffusion.T_DENSITIES, default=None, help="training density of t "
+                   "(logit-normal over t/T for the DDPM schedule) (default: logit-normal for rf, uniform otherwise)")
+    p.add_argument("--t-mean", type=float, default=0.0, help="m of the logit-normal pi(t; m, s) (default: 0)")
+    p.add_argument("--t-std", type=float, default=1.0, help="s of the logit-normal pi(t; m, s) (default: 1)")
+    p.add_argument("--shift", type=float, default=1.0, help="rf only: SD3's t' = shift t / (1 + (shift-1) t), in "
+                   "training and sampling (default: 1 = none)")
+    p.add_argument("--loss-weight", choices=diffusion.LOSS_WEIGHTS, default="none", help="none, or min-snr: "
+                   "min(SNR, gamma) in x0 space, expressed for the objective (Hang et al. 2023) (default: none)")
+    p.add_argument("--min-snr-gamma", type=float, default=diffusion.MIN_SNR_GAMMA,
+                   help=f"gamma of min-snr (default: {diffusion.MIN_SNR_GAMMA:g})")
+    p.add_argument("--zero-snr", action=argparse.BooleanOptionalAction, default=False, help="rescale betas to zero "
+                   "terminal SNR (Lin et al. 2024); needs --objective v or x0 (default: off)")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=False, help="clamp predicted x0 to "
+                   "[-1, 1] while sampling; pixel space only (default: off)")
     # conditioning
     p.add_argument("--control", nargs="*", choices=conditioning.CONTROL_SIGNALS, default=None,
                    help=f"control signals in adaLN; give none for no control {R}")
@@ -124,7 +144,13 @@ def parse_args(argv=None):
     p = get_parser()
     recipe = p.parse_known_args(argv)[0].recipe
     p.set_defaults(**RECIPES[recipe])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.t_density = args.t_density or diffusion.default_t_density(args.objective)  # stored resolved
+    try:  # refuse combinations the schedule cannot sample (eps + zero-snr, shift without rf) before any work
+        diffusion.schedule_from_args(vars(args))
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def explicit_flags(argv=None):
@@ -141,7 +167,7 @@ def explicit_flags(argv=None):
 #   model    build_model's arguments: arch, size and exactly the constructor keywords (models.build_model(**m))
 #   latent   vae (None = pixels), scale, channels, down  (from the shards' meta.json for --data latents)
 #   semantic class: num_classes, null_id | text: encoder, pretrained, pad, beta_txt, dim, pooled_dim
-#   schedule scale (Eq. 3), objective
+#   schedule make_schedule's arguments: scale (Eq. 3), objective, shift, t density, loss weight, zero-snr, clip
 #   data     source, path, resolution, crop, flip, seed, orig_size (sample.py's default size condition)
 MODEL_FLAGS = ("patch_size", "class_in", "pe_grid", "pe_base", "mask_ratio", "control", "gamma", "gamma_alpha",
                "gamma_step_sigma")  # flags that are constructor keywords (where the arch takes them)
@@ -221,7 +247,7 @@ def resolve_spec(args, ds, vae=None, encoder=None, explicit=frozenset()):
     if args.data == "latents":  # the images the shards came from (evaluate.py --ref train)
         d["images"] = ds.meta.get("source")
     return dict(model=resolve_model(args, latent, semantic, explicit), latent=latent, semantic=semantic,
-                schedule=dict(scale=args.schedule_scale, objective="eps"), data=d)
+                schedule=diffusion.schedule_spec(vars(args)), data=d)
 
 
 # ----------------------------------------------------------------------------- data position & randomness
@@ -397,8 +423,9 @@ def resume(args, run, spec, model, ema, optimizer):
     checkpoint resumed from (None for a fresh run) and the step."""
     if args.resume and os.path.exists(run.ckpt_path):
         ck = models.read_checkpoint(run.ckpt_path)
-        diff = [f"{k}.{f}: {ck['spec'][k].get(f)!r} -> {spec[k].get(f)!r}" for k in SPEC_KEYS
-                for f in sorted(set(ck["spec"][k]) | set(spec[k])) if ck["spec"][k].get(f) != spec[k].get(f)]
+        old = {**ck["spec"], "schedule": diffusion.schedule_spec(ck["spec"]["schedule"])}  # older: fewer keys
+        diff = [f"{k}.{f}: {old[k].get(f)!r} -> {spec[k].get(f)!r}" for k in SPEC_KEYS
+                for f in sorted(set(old[k]) | set(spec[k])) if old[k].get(f) != spec[k].get(f)]
         if diff:
             refuse(f"{run.ckpt_path} has another run spec ({'; '.join(diff)}); use a new --out-dir or --no-resume")
         model.load_state_dict(ck["model"])
@@ -465,7 +492,7 @@ def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, ste
             pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
             generator=torch.Generator().manual_seed(args.seed))
         batches = iter(loader)
-    sched = diffusion.Schedule(spec["schedule"]["scale"]).to(device)
+    sched = diffusion.make_schedule(**spec["schedule"], device=device)
     raw_model = model  # checkpoints hold the unwrapped, uncompiled model
     if args.compile:
         model = torch.compile(model)
@@ -565,7 +592,7 @@ def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, ste
         for k in range(args.grad_accum):
             g = chunk_generator(args.seed, step, k * world + rank, device)
             x0, cond = get_micro_batch(g)
-            t = torch.randint(0, diffusion.T, (x0.shape[0],), generator=g, device=device)
+            t = sched.sample_t(x0.shape[0], generator=g, device=device)  # model times
             eps = torch.randn(x0.shape, generator=g, device=device)
             skip_sync = ddp and k < args.grad_accum - 1
             with model.no_sync() if skip_sync else contextlib.nullcontext():
