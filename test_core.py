@@ -285,6 +285,12 @@ def test_objectives_one_image(kw):
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     out = diffusion.ddim_sample(lambda x, t: exact(x, t), x_T, sched, 20)
     torch.testing.assert_close(out, img, atol=1e-4, rtol=0)
+    # SDEdit start (sample.py --denoise-from): the grid is cut to model times <= about t_start, the image comes back
+    ts = sched.timesteps(20, 500)
+    assert 0 < len(ts) < 20 and 400 < ts[0] <= 501 and (len(ts) == 10 or kw.get("shift"))
+    x_t = sched.q_sample(img, torch.full((3,), ts[0].item()), x_T)
+    out = diffusion.ddim_sample(lambda x, t: exact(x, t), x_t, sched, 20, t_start=500)
+    torch.testing.assert_close(out, img, atol=1e-4, rtol=0)
 
 
 def _bcast(v, x):
