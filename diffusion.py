@@ -256,7 +256,9 @@ def loss_fn(model, sched, x0, cond, t=None, eps=None):
 
     Default (eps, no weight) is plain eps-MSE (SDXL / paper Tab. A4). Tab. A4 lists its loss weight as
     sigma_t^-2: ||eps_hat - eps||^2 equals sigma_t^-2 ||x0_hat - x0||^2 in x0 space (EDM view), so the plain
-    eps-MSE *is* that weighting; no extra factor is applied. rf: unit weight on v (Tab. A4, SD3).
+    eps-MSE *is* that weighting; no extra factor is applied. rf: unit weight on v (Tab. A4, SD3). A model that
+    returns several predictions in training (mDT-v2: the full and the masked pass, MDTv2) is trained on the sum
+    of their losses.
     t: model times (B,) (integers for Schedule, floats in [0, T] for RectifiedFlow), default sched.sample_t.
     Returns (mean loss, per-sample loss (B,), t (B,)).
     """
@@ -267,7 +269,9 @@ def loss_fn(model, sched, x0, cond, t=None, eps=None):
         eps = torch.randn_like(x0)
     xt = sched.q_sample(x0, t, eps)
     pred = model(xt, t, cond)
-    per_sample = (pred.float() - sched.target(x0, eps, t).float()).pow(2).flatten(1).mean(1)  # (B,), fp32
+    preds = pred if isinstance(pred, tuple) else (pred,)  # mDT-v2 in training: (unmasked, masked), losses summed
+    target = sched.target(x0, eps, t).float()
+    per_sample = sum((p.float() - target).pow(2).flatten(1).mean(1) for p in preds)  # (B,), fp32 reduction
     w = sched.weight(t)
     if w is not None:
         per_sample = per_sample * w
