@@ -1,8 +1,9 @@
 """
 The denoisers the paper compares (SPEC §4, paper §2 "Model architectures", Tab. A1), in plain PyTorch:
 DiT (class in adaLN, or class in attention), mDT-v2, PixArt-α, mmDiT (SD3) and the SDXL UNet.
-Attention goes through F.scaled_dot_product_attention only; weights import from diffusers and from the
-original facebookresearch/DiT checkpoints (bottom of the file).
+Attention goes through F.scaled_dot_product_attention only. Weight importers (diffusers, facebookresearch/DiT)
+live in transfer.py; everything a reference computes differently is a constructor argument, so an imported model
+is rebuilt from its keyword arguments alone.
 
 One interface for every model:  eps = model(x_t, t, cond)   (eps has the shape of x_t)
     x_t : (B, C, H, W) noisy latents;  t : (B,) timesteps in [0, T) (long or float)
@@ -20,7 +21,6 @@ Example: python -c "import models, torch; m = models.build_model('dit', 'tiny', 
 """
 import inspect
 import os
-import re
 
 import torch
 import torch.nn as nn
@@ -62,8 +62,8 @@ UNET_SIZES = {
 
 
 # ----------------------------------------------------------------------------- helpers
-def _ln(dim):
-    return nn.LayerNorm(dim, elementwise_affine=False, eps=LN_EPS)  # affine comes from adaLN
+def _ln(dim, eps=LN_EPS):
+    return nn.LayerNorm(dim, elementwise_affine=False, eps=eps)  # affine comes from adaLN
 
 
 def modulate(x, shift, scale):
@@ -101,15 +101,15 @@ def sincos_2d(dim, gy, gx):
 class PatchEmbed(nn.Module):
     """Patchify conv + fixed 2-D sin-cos PE computed for the input's actual grid (§2.2: resolution transfer)."""
 
-    def __init__(self, in_channels, dim, patch_size, pe_grid="extrapolate", pe_base=None):
+    def __init__(self, in_channels, dim, patch_size, pe_grid="extrapolate", pe_base=None, pe_scale=1.0, pe_max=None):
         super().__init__()
         assert pe_grid in PE_GRIDS, f"pe_grid must be one of {PE_GRIDS}"
         self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.patch_size, self.dim = patch_size, dim
         self.pe_grid, self.pe_base = pe_grid, pe_base  # pe_base: grid size (patches) at pre-training resolution
-        # Only set by the importers, to reproduce reference grids exactly: positions are divided by pe_scale
-        # (PixArt's interpolation_scale; SD3's max_size/base_size), and SD3 centre-crops a pe_max x pe_max grid.
-        self.pe_scale, self.pe_max = 1.0, None
+        # For imported reference grids (transfer.py): positions are divided by pe_scale (PixArt's
+        # interpolation_scale; SD3's max_size/base_size), and SD3 centre-crops a pe_max x pe_max grid.
+        self.pe_scale, self.pe_max = pe_scale, pe_max
         self._pe_key, self._pe = None, None  # cache: one PE per grid size / device (not a parameter, not saved)
 
     def axis(self, n):
@@ -191,11 +191,11 @@ class CrossAttention(nn.Module):
 class DiTBlock(nn.Module):
     """DiT block with adaLN-Zero (DiT §3.2); `skip` adds mDT-v2's long-skip fusion (MDT §3.3)."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, qk_norm=False, skip=False):
+    def __init__(self, dim, heads, mlp_ratio=4.0, qk_norm=False, skip=False, mlp_norm_eps=LN_EPS):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1, self.attn = _ln(dim), Attention(dim, heads, qk_norm)
-        self.norm2, self.mlp = _ln(dim), Mlp(dim, int(dim * mlp_ratio))
+        self.norm2, self.mlp = _ln(dim, mlp_norm_eps), Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, skip=None):
@@ -388,7 +388,7 @@ class _Transformer(nn.Module):
     def __init__(self, *, hidden, depth, heads, input_size=32, in_channels=3, patch_size=2, num_classes=None,
                  text_dim=None, pooled_dim=None, class_in="adaln", control=(), gamma="cosine", gamma_alpha=8.0,
                  gamma_step_sigma=1.0, pe_grid="extrapolate", pe_base=None, mlp_ratio=4.0, class_tokens=1,
-                 single_final=False):
+                 single_final=False, t_freq_shift=0, pe_scale=1.0, pe_max=None):
         super().__init__()
         if (num_classes is None) == (text_dim is None):
             raise ValueError("give exactly one of num_classes (class mode) / text_dim (text mode)")
@@ -398,8 +398,10 @@ class _Transformer(nn.Module):
             raise ValueError(f"{type(self).__name__}: class_in must be one of {self.class_in_modes}")
         self.in_channels, self.patch_size, self.hidden, self.depth, self.heads = in_channels, patch_size, hidden, depth, heads
         self.mlp_ratio, self.class_in = mlp_ratio, class_in
-        self.x_embedder = PatchEmbed(in_channels, hidden, patch_size, pe_grid, pe_base or input_size // patch_size)
-        self.t_embedder = TimestepEmbedder(hidden)
+        # t_freq_shift, pe_scale, pe_max: only to reproduce imported reference models (transfer.py), defaults = DiT
+        self.x_embedder = PatchEmbed(in_channels, hidden, patch_size, pe_grid, pe_base or input_size // patch_size,
+                                     pe_scale, pe_max)
+        self.t_embedder = TimestepEmbedder(hidden, freq_shift=t_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden) if num_classes is not None else None
         # class_tokens > 1: the class embedding becomes k context tokens told apart by learned offsets. Needed where
         # the class is the only context of a cross-attention (PixArt): softmax over one key is 1, queries would be dead.
@@ -454,10 +456,12 @@ class DiT(_Transformer):
 
     class_in_modes = ("adaln", "attn")
 
-    def __init__(self, *, qk_norm=None, **kw):
+    def __init__(self, *, qk_norm=None, mlp_norm_eps=LN_EPS, **kw):
         super().__init__(**kw)
         qk_norm = (self.class_in == "attn") if qk_norm is None else qk_norm
-        self.blocks = nn.ModuleList(DiTBlock(self.hidden, self.heads, self.mlp_ratio, qk_norm) for _ in range(self.depth))
+        # mlp_norm_eps: diffusers' DiT port normalises before the MLP with eps 1e-5 (DiT: 1e-6)
+        self.blocks = nn.ModuleList(DiTBlock(self.hidden, self.heads, self.mlp_ratio, qk_norm,
+                                             mlp_norm_eps=mlp_norm_eps) for _ in range(self.depth))
         self.init_weights()
 
     def forward(self, x, t, cond):
@@ -698,9 +702,6 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# diffusers UNet2DConditionModel key -> ours (regex, applied in order)
-
-
 # ----------------------------------------------------------------------------- registry
 MODELS = {"dit": DiT, "mdt": MDT, "pixart": PixArt, "mmdit": MMDiT, "unet": UNet}
 
@@ -792,196 +793,3 @@ def count_flops(fn):
         fwd = fc.get_total_flops()
         loss.backward()
     return fwd, fc.get_total_flops()
-
-
-# ----------------------------------------------------------------------------- weight import
-def _eps_half(w, patch_size, in_channels):
-    """Rows of an output Linear ordered (p, q, c): keep c < in_channels. DiT/PixArt also predict a variance in the
-    second half of the channels; the paper trains with a fixed schedule (App. C), so we keep only eps."""
-    return w.view(patch_size**2, -1, *w.shape[1:])[:, :in_channels].reshape(-1, *w.shape[1:])
-
-
-def _final_linear(sd, w, b, model):
-    sd["final_layer.linear.weight"] = _eps_half(w, model.patch_size, model.in_channels)
-    sd["final_layer.linear.bias"] = _eps_half(b, model.patch_size, model.in_channels)
-
-
-def _load(model, sd):
-    """Load converted weights; the only keys allowed to be missing are modules the reference does not have
-    (control embedder), which keep their fresh (zero-output) init."""
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    bad = [k for k in missing if not k.startswith("c_embedder.")]
-    if bad or unexpected:
-        raise ValueError(f"weight import mismatch: missing {bad}, unexpected {unexpected}")
-    return model
-
-
-def import_dit_original(state_dict, **kw):
-    """facebookresearch/DiT checkpoint (DiT-XL-2-256.pt / -512.pt raw state_dict) -> our DiT. Our key layout is
-    DiT's; the stored pos_embed is dropped (we compute the same sin-cos table) and of the 8 output channels
-    (eps + learned variance) we keep the eps half. kw: extra build options (e.g. control=...)."""
-    sd = dict(state_dict)
-    D, C, p, _ = sd["x_embedder.proj.weight"].shape
-    n = int(sd.pop("pos_embed").shape[1] ** 0.5)  # tokens per side at the checkpoint's resolution
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    heads = next(s["heads"] for s in SIZES.values() if s["hidden"] == D)
-    model = DiT(hidden=D, depth=depth, heads=heads, in_channels=C, patch_size=p, input_size=n * p,
-                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, **kw)
-    _final_linear(sd, sd.pop("final_layer.linear.weight"), sd.pop("final_layer.linear.bias"), model)
-    return _load(model, sd)
-
-
-def _qkv(sd, prefix, names=("to_q", "to_k", "to_v")):
-    """Fuse diffusers' separate q/k/v Linears into our one qkv Linear."""
-    return {p: torch.cat([sd[f"{prefix}.{n}.{p}"] for n in names]) for p in ("weight", "bias")}
-
-
-def _put(out, dst, sd=None, src=None, tensors=None):
-    tensors = tensors if tensors is not None else {p: sd[f"{src}.{p}"] for p in ("weight", "bias") if f"{src}.{p}" in sd}
-    out.update({f"{dst}.{p}": v for p, v in tensors.items()})
-
-
-def _swap(tensors):
-    """diffusers' AdaLayerNormContinuous emits (scale, shift); ours emits (shift, scale)."""
-    return {p: torch.cat(v.chunk(2)[::-1]) for p, v in tensors.items()}
-
-
-def import_diffusers(ref, **kw):
-    """Build our model matching a diffusers DiTTransformer2DModel / PixArtTransformer2DModel / SD3Transformer2DModel
-    and copy its weights (kw: extra build options such as control=...). Returns the model (fp32, train mode)."""
-    cfg, sd, name = ref.config, ref.state_dict(), type(ref).__name__
-    base = dict(hidden=cfg.num_attention_heads * cfg.attention_head_dim, depth=cfg.num_layers,
-                heads=cfg.num_attention_heads, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
-                input_size=cfg.sample_size)
-    out = {}
-    _put(out, "x_embedder.proj", sd, "pos_embed.proj")
-
-    if name == "DiTTransformer2DModel":
-        emb = [k for k in sd if ".norm1.emb." in k]  # diffusers gives every block its own t/class embedder
-        for k in emb:
-            if not torch.equal(sd[k], sd[k.replace(k.split(".")[1], "0", 1)]):
-                raise ValueError(f"{k} differs from block 0: our DiT shares one t/class embedder (as DiT does)")
-        model = DiT(**base, num_classes=cfg.num_embeds_ada_norm, **kw)
-        model.t_embedder.freq_shift = 1  # diffusers embeds t with downscale_freq_shift=1 (not a weight change)
-        e = "transformer_blocks.0.norm1.emb"
-        _put(out, "t_embedder.mlp.0", sd, f"{e}.timestep_embedder.linear_1")
-        _put(out, "t_embedder.mlp.2", sd, f"{e}.timestep_embedder.linear_2")
-        out["y_embedder.embedding_table.weight"] = sd[f"{e}.class_embedder.embedding_table.weight"]
-        for i, block in enumerate(model.blocks):
-            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
-            _put(out, f"{o}.adaLN_modulation.1", sd, f"{b}.norm1.linear")
-            _put(out, f"{o}.attn.qkv", tensors=_qkv(sd, f"{b}.attn1"))
-            _put(out, f"{o}.attn.proj", sd, f"{b}.attn1.to_out.0")
-            _put(out, f"{o}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
-            _put(out, f"{o}.mlp.fc2", sd, f"{b}.ff.net.2")
-            block.norm2.eps = ref.transformer_blocks[i].norm3.eps  # diffusers' DiT MLP norm uses eps 1e-5
-        _put(out, "final_layer.adaLN_modulation.1", sd, "proj_out_1")
-        _final_linear(out, sd["proj_out_2.weight"], sd["proj_out_2.bias"], model)
-
-    elif name == "PixArtTransformer2DModel":
-        if ref.use_additional_conditions:  # PixArt-α 1024 resolution/aspect embedders: not part of this study
-            raise ValueError("PixArt with use_additional_conditions (resolution embedding) is not supported")
-        model = PixArt(**base, text_dim=cfg.caption_channels, **kw)
-        model.x_embedder.pe_scale = ref.pos_embed.interpolation_scale  # positions / interpolation_scale
-        _put(out, "t_embedder.mlp.0", sd, "adaln_single.emb.timestep_embedder.linear_1")
-        _put(out, "t_embedder.mlp.2", sd, "adaln_single.emb.timestep_embedder.linear_2")
-        _put(out, "t_block.1", sd, "adaln_single.linear")
-        _put(out, "text_embedder.fc1", sd, "caption_projection.linear_1")
-        _put(out, "text_embedder.fc2", sd, "caption_projection.linear_2")
-        for i in range(cfg.num_layers):
-            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
-            out[f"{o}.scale_shift_table"] = sd[f"{b}.scale_shift_table"]
-            _put(out, f"{o}.attn.qkv", tensors=_qkv(sd, f"{b}.attn1"))
-            _put(out, f"{o}.attn.proj", sd, f"{b}.attn1.to_out.0")
-            _put(out, f"{o}.cross_attn.q", sd, f"{b}.attn2.to_q")
-            _put(out, f"{o}.cross_attn.kv", tensors=_qkv(sd, f"{b}.attn2", ("to_k", "to_v")))
-            _put(out, f"{o}.cross_attn.proj", sd, f"{b}.attn2.to_out.0")
-            _put(out, f"{o}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
-            _put(out, f"{o}.mlp.fc2", sd, f"{b}.ff.net.2")
-        out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
-        _final_linear(out, sd["proj_out.weight"], sd["proj_out.bias"], model)
-
-    elif name == "SD3Transformer2DModel":
-        if cfg.dual_attention_layers or cfg.caption_projection_dim != base["hidden"] or cfg.qk_norm not in (None, "rms_norm"):
-            raise ValueError("only SD3.0-style transformers (no dual attention, context width = hidden) are supported")
-        model = MMDiT(**base, text_dim=cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
-                      qk_norm=cfg.qk_norm == "rms_norm", **kw)
-        # SD3 PE: a pos_embed_max_size grid with positions arange(M) * base / M, centre-cropped to the input
-        M = cfg.pos_embed_max_size
-        model.x_embedder.pe_max, model.x_embedder.pe_scale = M, M / ref.pos_embed.base_size
-        t = "time_text_embed"
-        _put(out, "t_embedder.mlp.0", sd, f"{t}.timestep_embedder.linear_1")
-        _put(out, "t_embedder.mlp.2", sd, f"{t}.timestep_embedder.linear_2")
-        _put(out, "pooled_embedder.0", sd, f"{t}.text_embedder.linear_1")
-        _put(out, "pooled_embedder.2", sd, f"{t}.text_embedder.linear_2")
-        _put(out, "context_embedder", sd, "context_embedder")
-        for i, block in enumerate(model.blocks):
-            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
-            x, c, last = f"{o}.x_stream", f"{o}.c_stream", block.c_stream.pre_only
-            _put(out, f"{x}.adaLN_modulation.1", sd, f"{b}.norm1.linear")
-            _put(out, f"{x}.attn.qkv", tensors=_qkv(sd, f"{b}.attn"))
-            _put(out, f"{x}.attn.proj", sd, f"{b}.attn.to_out.0")
-            _put(out, f"{x}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
-            _put(out, f"{x}.mlp.fc2", sd, f"{b}.ff.net.2")
-            ada = {p: sd[f"{b}.norm1_context.linear.{p}"] for p in ("weight", "bias")}
-            _put(out, f"{c}.adaLN_modulation.1", tensors=_swap(ada) if last else ada)
-            names = ("add_k_proj", "add_v_proj") if last else ("add_q_proj", "add_k_proj", "add_v_proj")
-            _put(out, f"{c}.attn.qkv", tensors=_qkv(sd, f"{b}.attn", names))  # last: context queries unused
-            if model.blocks[0].x_stream.attn.k_norm is not None:
-                for ours, theirs in ((x, "norm_q"), (x, "norm_k"), (c, "norm_added_k")) + (((c, "norm_added_q"),) if not last else ()):
-                    out[f"{ours}.attn.{theirs[-1]}_norm.weight"] = sd[f"{b}.attn.{theirs}.weight"]
-            if not last:
-                _put(out, f"{c}.attn.proj", sd, f"{b}.attn.to_add_out")
-                _put(out, f"{c}.mlp.fc1", sd, f"{b}.ff_context.net.0.proj")
-                _put(out, f"{c}.mlp.fc2", sd, f"{b}.ff_context.net.2")
-        _put(out, "final_layer.adaLN_modulation.1", tensors=_swap({p: sd[f"norm_out.linear.{p}"] for p in ("weight", "bias")}))
-        _final_linear(out, sd["proj_out.weight"], sd["proj_out.bias"], model)
-    else:
-        raise ValueError(f"no importer for {name}")
-    return _load(model, {k: v.float() for k, v in out.items()})
-
-
-_DIFFUSERS_UNET_KEYS = [
-    (r"^time_embedding\.linear_([12])", lambda m: f"t_embedder.mlp.{2 * int(m[1]) - 2}"),
-    (r"^add_embedding\.linear_([12])", lambda m: f"add_embedder.{2 * int(m[1]) - 2}"),
-    (r"^(down|up)_blocks\.", r"\1."), (r"^mid_block\.resnets\.", "mid_res."),
-    (r"^mid_block\.attentions\.0\.", "mid_attn."),
-    (r"\.resnets\.", ".res."), (r"\.attentions\.", ".attn."), (r"\.(down|up)samplers\.0\.conv\.", ".sample."),
-    (r"\.time_emb_proj\.", ".emb_proj."), (r"\.conv_shortcut\.", ".skip."), (r"\.transformer_blocks\.", ".blocks."),
-    (r"\.to_([qkv])\.", r".\1."), (r"\.to_out\.0\.", ".out."),
-    (r"\.ff\.net\.0\.proj\.", ".ff_in."), (r"\.ff\.net\.2\.", ".ff_out."),
-    (r"^conv_norm_out\.", "norm_out."),
-]
-
-
-def unet_kwargs_from_diffusers(config):
-    """UNet(...) kwargs that reproduce an SDXL-style diffusers UNet2DConditionModel config (text mode)."""
-    channels = tuple(config["block_out_channels"])
-    heads = config["num_attention_heads"] or config["attention_head_dim"]  # SDXL's 'attention_head_dim' = #heads
-    heads = [heads] * len(channels) if isinstance(heads, int) else heads
-    depth = config["transformer_layers_per_block"]
-    depth = [depth] * len(channels) if isinstance(depth, int) else depth
-    depth = tuple(d * ("CrossAttn" in b) for d, b in zip(depth, config["down_block_types"]))
-    text_dim, time_ids = config["cross_attention_dim"], config["addition_embed_type"] == "text_time"
-    tid = config["addition_time_embed_dim"] or TIME_ID_DIM
-    assert len({c // h for c, h in zip(channels, heads)}) == 1, "one head width across levels expected"
-    return dict(channels=channels, layers=config["layers_per_block"], depth=depth, head_dim=channels[0] // heads[0],
-                in_channels=config["in_channels"], out_channels=config["out_channels"], text_dim=text_dim,
-                pooled_dim=config["projection_class_embeddings_input_dim"] - 6 * tid if time_ids else None,
-                time_ids=time_ids, time_id_dim=tid)
-
-
-def import_diffusers_unet(model, diffusers_unet):
-    """Load a diffusers UNet2DConditionModel (SDXL config, addition_embed_type="text_time") into `model`, built with
-    unet_kwargs_from_diffusers(config) (+ control=... if wanted). Only our control embedder may be missing: it keeps
-    its zero init, so the imported model computes exactly what diffusers does."""
-    sd = {}
-    for k, v in diffusers_unet.state_dict().items():
-        for pat, rep in _DIFFUSERS_UNET_KEYS:
-            k = re.sub(pat, rep, k)
-        sd[k] = v
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.startswith("c_embedder.")]
-    if missing or unexpected:
-        raise ValueError(f"UNet import mismatch: missing {missing}, unexpected {unexpected}")
-    return model

@@ -33,7 +33,8 @@ import sample  # noqa: E402,F401
 import train  # noqa: E402
 import transfer  # noqa: E402
 from diffusion import T, Schedule  # noqa: E402
-from models import UNET_SIZES, UNet, import_diffusers_unet, unet_kwargs_from_diffusers  # noqa: E402
+from models import UNET_SIZES, UNet  # noqa: E402
+from transfer import import_diffusers_unet, unet_kwargs_from_diffusers  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- diffusion.py
@@ -681,6 +682,18 @@ def _mdl_randomize(module, std=0.05):
         p.add_(torch.randn_like(p) * std)
 
 
+def _mdl_rebuilt(ref, ours):
+    """Bug 14: an imported model is saved, rebuilt from its (JSON round-tripped) kwargs alone and reloaded; it must
+    compute exactly what the imported model computes (nothing set after construction may be lost)."""
+    arch, kwargs = transfer.diffusers_kwargs(ref)
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    model = models.MODELS[arch](**json.loads(json.dumps(kwargs)))
+    model.load_state_dict(torch.load(buf))
+    return model.eval()
+
+
 def test_equivalence_dit():
     from diffusers import DiTTransformer2DModel
 
@@ -689,15 +702,16 @@ def test_equivalence_dit():
                                 num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10).eval()
     _mdl_randomize(ref)
     with pytest.raises(ValueError):  # untied per-block embedders cannot be one DiT: the importer must refuse
-        models.import_diffusers(ref)
+        transfer.import_diffusers(ref)
     with torch.no_grad():  # converted DiT checkpoints tie them: do the same
         for blk in ref.transformer_blocks[1:]:
             blk.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
-    ours = models.import_diffusers(ref).eval()
+    ours = transfer.import_diffusers(ref).eval()
     x, t, cond = _mdl_inputs()
     with torch.no_grad():
         want = ref(x, timestep=t, class_labels=cond["y"]).sample[:, :4]  # eps half of eps + variance
         got = ours(x, t, cond)
+        assert torch.equal(_mdl_rebuilt(ref, ours)(x, t, cond), got)
     err = (got - want).abs().max().item()
     print(f"DiT max abs err {err:.2e}")
     assert err <= 1e-5, err
@@ -709,14 +723,15 @@ def test_equivalence_pixart():
     torch.manual_seed(0)
     ref = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
                                    num_layers=2, cross_attention_dim=32, sample_size=16, patch_size=2,
-                                   caption_channels=48).eval()
+                                   caption_channels=48, interpolation_scale=2).eval()  # 2: PE grid / 2 (PixArt 512)
     _mdl_randomize(ref)
-    ours = models.import_diffusers(ref).eval()
+    ours = transfer.import_diffusers(ref).eval()
     x, t, cond = _mdl_inputs()
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=cond["text"], timestep=t,
                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :4]
         got = ours(x, t, cond)
+        assert torch.equal(_mdl_rebuilt(ref, ours)(x, t, cond), got)
     err = (got - want).abs().max().item()
     print(f"PixArt max abs err {err:.2e}")
     assert err <= 1e-5, err
@@ -732,7 +747,7 @@ def test_equivalence_sd3_mmdit(qk_norm):
                                 caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=32,
                                 qk_norm=qk_norm).eval()
     _mdl_randomize(ref)
-    ours = models.import_diffusers(ref).eval()
+    ours = transfer.import_diffusers(ref).eval()
     x, t, cond = _mdl_inputs()
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], timestep=t).sample
@@ -741,6 +756,8 @@ def test_equivalence_sd3_mmdit(qk_norm):
         x2 = torch.randn(2, 4, 12, 20)
         want2 = ref(x2, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], timestep=t).sample
         got2 = ours(x2, t, cond)
+        rebuilt = _mdl_rebuilt(ref, ours)
+        assert torch.equal(rebuilt(x, t, cond), got) and torch.equal(rebuilt(x2, t, cond), got2)
     err = max((got - want).abs().max().item(), (got2 - want2).abs().max().item())
     print(f"SD3 (qk_norm={qk_norm}) max abs err {err:.2e}")
     assert err <= 1e-5, err
@@ -828,7 +845,7 @@ def test_import_dit_original_layout():
         eps = sd[f"final_layer.linear.{n}"].view(p * p, 4, *sd[f"final_layer.linear.{n}"].shape[1:])
         sd[f"final_layer.linear.{n}"] = torch.cat([eps, torch.randn_like(eps)], 1).flatten(0, 1)
     sd["pos_embed"] = torch.zeros(1, 64, D)
-    ours = models.import_dit_original(sd)
+    ours = transfer.import_dit_original(sd)
     x, t, cond = _mdl_inputs()
     with torch.no_grad():
         assert torch.equal(ours(x, t, cond), src(x, t, cond))

@@ -15,11 +15,16 @@ r'/r_pretrain (lam = 1 + 2 (1.5 - 1) = 2.0 at 512 from 1.5 at 256). Positional e
 stored, so every weight is kept. Dataset: 1k -> 22k extends the class table (old ids keep their rows, or move by
 --class-map, the null row moves to the end, new rows are fresh); class -> text keeps every backbone tensor and
 replaces the semantic embedder (label table dropped, text/pooled projections fresh).
+
+Library part (tests and users import it): the transfers above, and weight import from public checkpoints:
+import_dit_original (facebookresearch/DiT), import_diffusers + diffusers_kwargs (diffusers DiT / PixArt-α / SD3
+transformers), unet_kwargs_from_diffusers + import_diffusers_unet (SDXL-style UNet2DConditionModel).
 """
 import argparse
 import copy
 import json
 import os
+import re
 
 import torch
 
@@ -107,6 +112,208 @@ def transfer_to_text(spec, sd, text_encoder="ViT-L-14", text_encoder_path="opena
     flags = {"--semantic": "text", "--text-encoder": text_encoder, "--text-encoder-path": text_encoder_path,
              "--text-pad": text_pad, "--beta-txt": beta_txt}
     return b, new, report, flags
+
+
+# ----------------------------------------------------------------------------- weight import (reference checkpoints)
+# Public weights -> our models (README "Weight import"). Everything a reference computes differently from our
+# defaults (diffusers DiT's timestep frequencies and MLP LayerNorm eps, PixArt / SD3 PE grids) is a constructor
+# argument, so an imported model is rebuilt exactly from (arch, kwargs) plus its state_dict.
+def _eps_half(w, patch_size, in_channels):
+    """Rows of an output Linear ordered (p, q, c): keep c < in_channels. DiT/PixArt also predict a variance in the
+    second half of the channels; the paper trains with a fixed schedule (App. C), so we keep only eps."""
+    return w.view(patch_size**2, -1, *w.shape[1:])[:, :in_channels].reshape(-1, *w.shape[1:])
+
+
+def _final_linear(sd, w, b, model):
+    sd["final_layer.linear.weight"] = _eps_half(w, model.patch_size, model.in_channels)
+    sd["final_layer.linear.bias"] = _eps_half(b, model.patch_size, model.in_channels)
+
+
+def _load(model, sd):
+    """Load converted weights; the only keys allowed to be missing are modules the reference does not have
+    (control embedder), which keep their fresh (zero-output) init."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not k.startswith("c_embedder.")]
+    if bad or unexpected:
+        raise ValueError(f"weight import mismatch: missing {bad}, unexpected {unexpected}")
+    return model
+
+
+def import_dit_original(state_dict, **kw):
+    """facebookresearch/DiT checkpoint (DiT-XL-2-256.pt / -512.pt raw state_dict) -> our DiT. Our key layout is
+    DiT's; the stored pos_embed is dropped (we compute the same sin-cos table) and of the 8 output channels
+    (eps + learned variance) we keep the eps half. kw: extra build options (e.g. control=...)."""
+    sd = dict(state_dict)
+    D, C, p, _ = sd["x_embedder.proj.weight"].shape
+    n = int(sd.pop("pos_embed").shape[1] ** 0.5)  # tokens per side at the checkpoint's resolution
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    heads = next(s["heads"] for s in models.SIZES.values() if s["hidden"] == D)
+    model = models.DiT(hidden=D, depth=depth, heads=heads, in_channels=C, patch_size=p, input_size=n * p,
+                       num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, **kw)
+    _final_linear(sd, sd.pop("final_layer.linear.weight"), sd.pop("final_layer.linear.bias"), model)
+    return _load(model, sd)
+
+
+def _qkv(sd, prefix, names=("to_q", "to_k", "to_v")):
+    """Fuse diffusers' separate q/k/v Linears into our one qkv Linear."""
+    return {p: torch.cat([sd[f"{prefix}.{n}.{p}"] for n in names]) for p in ("weight", "bias")}
+
+
+def _put(out, dst, sd=None, src=None, tensors=None):
+    tensors = tensors if tensors is not None else {p: sd[f"{src}.{p}"] for p in ("weight", "bias") if f"{src}.{p}" in sd}
+    out.update({f"{dst}.{p}": v for p, v in tensors.items()})
+
+
+def _swap(tensors):
+    """diffusers' AdaLayerNormContinuous emits (scale, shift); ours emits (shift, scale)."""
+    return {p: torch.cat(v.chunk(2)[::-1]) for p, v in tensors.items()}
+
+
+def diffusers_kwargs(ref, **kw):
+    """(arch, constructor kwargs) of our model that computes what a diffusers DiTTransformer2DModel /
+    PixArtTransformer2DModel / SD3Transformer2DModel computes: models.MODELS[arch](**kwargs). kw: extra build
+    options (e.g. control=...)."""
+    cfg, name = ref.config, type(ref).__name__
+    base = dict(hidden=cfg.num_attention_heads * cfg.attention_head_dim, depth=cfg.num_layers,
+                heads=cfg.num_attention_heads, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
+                input_size=cfg.sample_size)
+    if name == "DiTTransformer2DModel":
+        # diffusers embeds t with downscale_freq_shift=1 and normalises before the MLP with norm3 (eps 1e-5):
+        # neither is a weight, both are constructor arguments
+        return "dit", dict(base, num_classes=cfg.num_embeds_ada_norm, t_freq_shift=1,
+                           mlp_norm_eps=ref.transformer_blocks[0].norm3.eps, **kw)
+    if name == "PixArtTransformer2DModel":
+        if ref.use_additional_conditions:  # PixArt-α 1024 resolution/aspect embedders: not part of this study
+            raise ValueError("PixArt with use_additional_conditions (resolution embedding) is not supported")
+        # positions / interpolation_scale
+        return "pixart", dict(base, text_dim=cfg.caption_channels, pe_scale=ref.pos_embed.interpolation_scale, **kw)
+    if name == "SD3Transformer2DModel":
+        if cfg.dual_attention_layers or cfg.caption_projection_dim != base["hidden"] or cfg.qk_norm not in (None, "rms_norm"):
+            raise ValueError("only SD3.0-style transformers (no dual attention, context width = hidden) are supported")
+        # SD3 PE: a pos_embed_max_size grid with positions arange(M) * base / M, centre-cropped to the input
+        M = cfg.pos_embed_max_size
+        return "mmdit", dict(base, text_dim=cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
+                             qk_norm=cfg.qk_norm == "rms_norm", pe_max=M, pe_scale=M / ref.pos_embed.base_size, **kw)
+    raise ValueError(f"no importer for {name}")
+
+
+def import_diffusers(ref, **kw):
+    """Build our model matching a diffusers DiTTransformer2DModel / PixArtTransformer2DModel / SD3Transformer2DModel
+    (diffusers_kwargs) and copy its weights. Returns the model (fp32, train mode)."""
+    arch, kwargs = diffusers_kwargs(ref, **kw)
+    model, sd, out = models.MODELS[arch](**kwargs), ref.state_dict(), {}
+    _put(out, "x_embedder.proj", sd, "pos_embed.proj")
+
+    if arch == "dit":
+        emb = [k for k in sd if ".norm1.emb." in k]  # diffusers gives every block its own t/class embedder
+        for k in emb:
+            if not torch.equal(sd[k], sd[k.replace(k.split(".")[1], "0", 1)]):
+                raise ValueError(f"{k} differs from block 0: our DiT shares one t/class embedder (as DiT does)")
+        e = "transformer_blocks.0.norm1.emb"
+        _put(out, "t_embedder.mlp.0", sd, f"{e}.timestep_embedder.linear_1")
+        _put(out, "t_embedder.mlp.2", sd, f"{e}.timestep_embedder.linear_2")
+        out["y_embedder.embedding_table.weight"] = sd[f"{e}.class_embedder.embedding_table.weight"]
+        for i in range(len(model.blocks)):
+            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
+            _put(out, f"{o}.adaLN_modulation.1", sd, f"{b}.norm1.linear")
+            _put(out, f"{o}.attn.qkv", tensors=_qkv(sd, f"{b}.attn1"))
+            _put(out, f"{o}.attn.proj", sd, f"{b}.attn1.to_out.0")
+            _put(out, f"{o}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
+            _put(out, f"{o}.mlp.fc2", sd, f"{b}.ff.net.2")
+        _put(out, "final_layer.adaLN_modulation.1", sd, "proj_out_1")
+        _final_linear(out, sd["proj_out_2.weight"], sd["proj_out_2.bias"], model)
+
+    elif arch == "pixart":
+        _put(out, "t_embedder.mlp.0", sd, "adaln_single.emb.timestep_embedder.linear_1")
+        _put(out, "t_embedder.mlp.2", sd, "adaln_single.emb.timestep_embedder.linear_2")
+        _put(out, "t_block.1", sd, "adaln_single.linear")
+        _put(out, "text_embedder.fc1", sd, "caption_projection.linear_1")
+        _put(out, "text_embedder.fc2", sd, "caption_projection.linear_2")
+        for i in range(len(model.blocks)):
+            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
+            out[f"{o}.scale_shift_table"] = sd[f"{b}.scale_shift_table"]
+            _put(out, f"{o}.attn.qkv", tensors=_qkv(sd, f"{b}.attn1"))
+            _put(out, f"{o}.attn.proj", sd, f"{b}.attn1.to_out.0")
+            _put(out, f"{o}.cross_attn.q", sd, f"{b}.attn2.to_q")
+            _put(out, f"{o}.cross_attn.kv", tensors=_qkv(sd, f"{b}.attn2", ("to_k", "to_v")))
+            _put(out, f"{o}.cross_attn.proj", sd, f"{b}.attn2.to_out.0")
+            _put(out, f"{o}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
+            _put(out, f"{o}.mlp.fc2", sd, f"{b}.ff.net.2")
+        out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
+        _final_linear(out, sd["proj_out.weight"], sd["proj_out.bias"], model)
+
+    else:  # mmdit (SD3)
+        t = "time_text_embed"
+        _put(out, "t_embedder.mlp.0", sd, f"{t}.timestep_embedder.linear_1")
+        _put(out, "t_embedder.mlp.2", sd, f"{t}.timestep_embedder.linear_2")
+        _put(out, "pooled_embedder.0", sd, f"{t}.text_embedder.linear_1")
+        _put(out, "pooled_embedder.2", sd, f"{t}.text_embedder.linear_2")
+        _put(out, "context_embedder", sd, "context_embedder")
+        for i, block in enumerate(model.blocks):
+            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
+            x, c, last = f"{o}.x_stream", f"{o}.c_stream", block.c_stream.pre_only
+            _put(out, f"{x}.adaLN_modulation.1", sd, f"{b}.norm1.linear")
+            _put(out, f"{x}.attn.qkv", tensors=_qkv(sd, f"{b}.attn"))
+            _put(out, f"{x}.attn.proj", sd, f"{b}.attn.to_out.0")
+            _put(out, f"{x}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
+            _put(out, f"{x}.mlp.fc2", sd, f"{b}.ff.net.2")
+            ada = {p: sd[f"{b}.norm1_context.linear.{p}"] for p in ("weight", "bias")}
+            _put(out, f"{c}.adaLN_modulation.1", tensors=_swap(ada) if last else ada)
+            names = ("add_k_proj", "add_v_proj") if last else ("add_q_proj", "add_k_proj", "add_v_proj")
+            _put(out, f"{c}.attn.qkv", tensors=_qkv(sd, f"{b}.attn", names))  # last: context queries unused
+            if model.blocks[0].x_stream.attn.k_norm is not None:
+                for ours, theirs in ((x, "norm_q"), (x, "norm_k"), (c, "norm_added_k")) + (((c, "norm_added_q"),) if not last else ()):
+                    out[f"{ours}.attn.{theirs[-1]}_norm.weight"] = sd[f"{b}.attn.{theirs}.weight"]
+            if not last:
+                _put(out, f"{c}.attn.proj", sd, f"{b}.attn.to_add_out")
+                _put(out, f"{c}.mlp.fc1", sd, f"{b}.ff_context.net.0.proj")
+                _put(out, f"{c}.mlp.fc2", sd, f"{b}.ff_context.net.2")
+        _put(out, "final_layer.adaLN_modulation.1", tensors=_swap({p: sd[f"norm_out.linear.{p}"] for p in ("weight", "bias")}))
+        _final_linear(out, sd["proj_out.weight"], sd["proj_out.bias"], model)
+    return _load(model, {k: v.float() for k, v in out.items()})
+
+
+# diffusers UNet2DConditionModel key -> ours (regex, applied in order)
+_DIFFUSERS_UNET_KEYS = [
+    (r"^time_embedding\.linear_([12])", lambda m: f"t_embedder.mlp.{2 * int(m[1]) - 2}"),
+    (r"^add_embedding\.linear_([12])", lambda m: f"add_embedder.{2 * int(m[1]) - 2}"),
+    (r"^(down|up)_blocks\.", r"\1."), (r"^mid_block\.resnets\.", "mid_res."),
+    (r"^mid_block\.attentions\.0\.", "mid_attn."),
+    (r"\.resnets\.", ".res."), (r"\.attentions\.", ".attn."), (r"\.(down|up)samplers\.0\.conv\.", ".sample."),
+    (r"\.time_emb_proj\.", ".emb_proj."), (r"\.conv_shortcut\.", ".skip."), (r"\.transformer_blocks\.", ".blocks."),
+    (r"\.to_([qkv])\.", r".\1."), (r"\.to_out\.0\.", ".out."),
+    (r"\.ff\.net\.0\.proj\.", ".ff_in."), (r"\.ff\.net\.2\.", ".ff_out."),
+    (r"^conv_norm_out\.", "norm_out."),
+]
+
+
+def unet_kwargs_from_diffusers(config):
+    """UNet(...) kwargs that reproduce an SDXL-style diffusers UNet2DConditionModel config (text mode)."""
+    channels = tuple(config["block_out_channels"])
+    heads = config["num_attention_heads"] or config["attention_head_dim"]  # SDXL's 'attention_head_dim' = #heads
+    heads = [heads] * len(channels) if isinstance(heads, int) else heads
+    depth = config["transformer_layers_per_block"]
+    depth = [depth] * len(channels) if isinstance(depth, int) else depth
+    depth = tuple(d * ("CrossAttn" in b) for d, b in zip(depth, config["down_block_types"]))
+    text_dim, time_ids = config["cross_attention_dim"], config["addition_embed_type"] == "text_time"
+    tid = config["addition_time_embed_dim"] or models.TIME_ID_DIM
+    assert len({c // h for c, h in zip(channels, heads)}) == 1, "one head width across levels expected"
+    return dict(channels=channels, layers=config["layers_per_block"], depth=depth, head_dim=channels[0] // heads[0],
+                in_channels=config["in_channels"], out_channels=config["out_channels"], text_dim=text_dim,
+                pooled_dim=config["projection_class_embeddings_input_dim"] - 6 * tid if time_ids else None,
+                time_ids=time_ids, time_id_dim=tid)
+
+
+def import_diffusers_unet(model, diffusers_unet):
+    """Load a diffusers UNet2DConditionModel (SDXL config, addition_embed_type="text_time") into `model`, built with
+    unet_kwargs_from_diffusers(config) (+ control=... if wanted). Only our control embedder may be missing: it keeps
+    its zero init, so the imported model computes exactly what diffusers does."""
+    sd = {}
+    for k, v in diffusers_unet.state_dict().items():
+        for pat, rep in _DIFFUSERS_UNET_KEYS:
+            k = re.sub(pat, rep, k)
+        sd[k] = v
+    return _load(model, sd)
 
 
 def get_parser():
