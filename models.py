@@ -12,6 +12,8 @@ One interface for every model:  eps = model(x_t, t, cond)   (eps has the shape o
       text mode  : cond["text"]   (B, 77, text_dim) token features;  cond["pooled"] (B, pooled_dim)
       control    : cond["phi"]    (B, 5) = conditioning.PHI_KEYS in original-image pixels,
                    cond["keep_ctrl"] (B,) 1 = use, 0 = dropped. Either key may be absent (= no control).
+      training   : cond["mask_generator"] CPU torch.Generator of mDT's token mask (optional; train.py sets it).
+    In train mode mDT-v2 returns (eps of the full input, eps of a masked copy); diffusion.loss_fn sums their losses.
 Presets: SIZES (tiny for CPU, S/B/L/XL with DiT's widths/depths); registry MODELS; build_model(arch, size, ...).
 Checkpoints: load_checkpoint(path) rebuilds a model from its run spec (build_model(**spec["model"])), the one
 loader every script uses; device / precision helpers and FLOP counting (train.py's MFU, bench.py) live here too.
@@ -502,15 +504,21 @@ class MDT(_Transformer):
         super().init_weights()
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, x, t, cond):
-        x, (h, w) = self.x_embedder(x)  # (B, N, D)
+    def sample_keep(self, B, N, device, generator=None):
+        """Visible tokens of a training step, (B, n_keep): mask_ratio + U(0, 0.2) of the N tokens dropped (MDTv2),
+        a random subset per sample (MAE-style shuffle). Drawn on the host from `generator` (train.py passes a CPU
+        generator that is a function of (seed, step, chunk); None = global RNG): n_keep is a shape, so a host draw
+        needs no device sync."""
+        u = torch.rand(1 + B * N, generator=generator)
+        ratio = self.mask_ratio + 0.2 * float(u[0])
+        keep = u[1:].view(B, N).argsort(1)[:, :max(1, int(N * (1 - ratio)))]  # (B, n_keep)
+        return keep.to(device, non_blocking=True)
+
+    def denoise(self, x, c, h, w, keep=None):
+        """Encoder -> (side-interpolator if masked) -> decoder on patch tokens x (B, N, D); keep: visible tokens."""
         B, N, D = x.shape
-        c = self.embed_t(t, cond) + self.y_embedder(cond["y"])  # (B, D)
         x_in = x  # the decoder's long skip reads the full, unmasked input tokens
-        masked = self.training and self.mask_ratio > 0
-        if masked:  # keep a random subset of tokens per sample (MAE-style shuffle)
-            ratio = self.mask_ratio + 0.2 * float(torch.rand(()))  # CPU draw: no device sync
-            keep = torch.rand(B, N, device=x.device).argsort(1)[:, :max(1, int(N * (1 - ratio)))]  # (B, n_keep)
+        if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, D))  # (B, n_keep, D)
         skips = []
         for block in self.en_inblocks:
@@ -519,7 +527,7 @@ class MDT(_Transformer):
         for block in self.en_outblocks:
             x = block(x, c, skip=skips.pop())
         pe = self.x_embedder.pos_embed(h, w, x.device).to(x.dtype)  # MDT adds the PE again before the decoder
-        if masked:  # side-interpolator: mask tokens at dropped positions, predicted from the visible ones
+        if keep is not None:  # side-interpolator: mask tokens at dropped positions, predicted from the visible ones
             full = self.mask_token.to(x.dtype).expand(B, N, D).scatter(1, keep[..., None].expand(-1, -1, D), x) + pe
             side = full
             for block in self.sideblocks:
@@ -531,6 +539,18 @@ class MDT(_Transformer):
         for block in self.de_blocks:
             x = block(x, c, skip=x_in)
         return self.unpatchify(self.final_layer(x, c), h, w)
+
+    def forward(self, x, t, cond):
+        """eps; in train mode (mask_ratio > 0) the pair (eps of the full input, eps of a masked copy): MDTv2 trains
+        both passes at every step on the same x_t (its train_util adds the two losses; diffusion.loss_fn sums the
+        predictions' losses). Deviation: MDTv2 draws fresh noise for the masked pass, we reuse x_t."""
+        x, (h, w) = self.x_embedder(x)  # (B, N, D)
+        c = self.embed_t(t, cond) + self.y_embedder(cond["y"])  # (B, D)
+        eps = self.denoise(x, c, h, w)  # the inference path
+        if not (self.training and self.mask_ratio > 0):
+            return eps
+        keep = self.sample_keep(x.shape[0], x.shape[1], x.device, cond.get("mask_generator"))
+        return eps, self.denoise(x, c, h, w, keep)
 
 
 class PixArt(_Transformer):

@@ -694,6 +694,11 @@ def _mdl_rebuilt(ref, ours):
     return model.eval()
 
 
+def _mdl_preds(out):
+    """A model's output as a tuple of predictions: mDT-v2 returns (unmasked, masked) in train mode."""
+    return out if isinstance(out, tuple) else (out,)
+
+
 def test_equivalence_dit():
     from diffusers import DiTTransformer2DModel
 
@@ -777,9 +782,9 @@ def test_zero_init_outputs_zero(arch, mode):
     x, t, cond = _mdl_inputs()
     for train in (True, False):
         model.train(train)
-        out = model(x, t, cond)
-        assert out.shape == x.shape
-        assert torch.equal(out, torch.zeros_like(out)), f"{arch} fresh output is not exactly 0"
+        for out in _mdl_preds(model(x, t, cond)):
+            assert out.shape == x.shape
+            assert torch.equal(out, torch.zeros_like(out)), f"{arch} fresh output is not exactly 0"
 
 
 @pytest.mark.parametrize("arch,mode", _MDL_CASES, ids=_MDL_IDS)
@@ -790,7 +795,7 @@ def test_every_param_gets_grad(arch, mode):
     x, t, cond = _mdl_inputs(B=4)
     cond["phi"][:, 2] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # flip flag as the data gives it
     t = torch.tensor([10, 300, 600, 900])  # gamma_c(t) > 0 for some samples, so the size branch is live
-    model(x, t, cond).square().mean().backward()
+    sum(p.square().mean() for p in _mdl_preds(model(x, t, cond))).backward()
     dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not dead, f"{arch}: parameters without gradient: {dead}"
 
@@ -817,10 +822,15 @@ def test_pe_resample():
     assert not torch.allclose(outs["resample"][0], outs["extrapolate"][0])
 
 
-def test_mdt_masking_train_only():
+def _mdt_tiny():
     torch.manual_seed(0)
     model = models.build_model("mdt", "tiny", input_size=16, in_channels=4, num_classes=10, mask_ratio=0.3)
     _mdl_randomize(model)
+    return model
+
+
+def test_mdt_masking_train_only():
+    model = _mdt_tiny()
     x, t, cond = _mdl_inputs()
     model.eval()
     with torch.no_grad():
@@ -831,7 +841,41 @@ def test_mdt_masking_train_only():
         model.train()
         tr = model(x, t, cond)
     assert torch.equal(e1, e2) and torch.equal(e1, e3), "eval output changed: masking leaked into eval"
-    assert not torch.allclose(tr, e1, atol=1e-4), "training mode output ignores the mask"
+    assert isinstance(tr, tuple) and len(tr) == 2, "mDT-v2 in train mode returns (unmasked, masked) predictions"
+    assert not torch.allclose(tr[1], e1, atol=1e-4), "training mode output ignores the mask"
+
+
+def test_mdt_trains_unmasked_pass():
+    """Bug 6: MDTv2 adds the loss of the full, unmasked input at every step (same t, same x_t), so the path used at
+    inference is trained too; the training loss is the sum of the two passes' losses."""
+    model = _mdt_tiny()
+    x0, t, cond = _mdl_inputs(B=3)
+    cond = {"y": torch.tensor([3, 10, 7])}
+    eps, sched = torch.randn_like(x0), Schedule()
+    with torch.no_grad():
+        want_full = model.eval()(sched.q_sample(x0, t, eps), t, cond)  # the inference path
+        model.train()
+        gen = lambda: dict(cond, mask_generator=torch.Generator().manual_seed(5))  # the same mask in both calls
+        full, masked = model(sched.q_sample(x0, t, eps), t, gen())
+        _, per_sample, _ = diffusion.loss_fn(model, sched, x0, gen(), t, eps)
+    assert torch.equal(full, want_full), "the unmasked pass of training is not the inference path"
+    mse = lambda p: (p - eps).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(per_sample, mse(full) + mse(masked), rtol=1e-6, atol=0)
+
+
+def test_mdt_mask_from_generator():
+    """Bug 7: mDT's mask comes from cond["mask_generator"] (train.py: a function of (seed, step, chunk)), not from the
+    global RNG, so mDT training is a function of (seed, step)."""
+    model = _mdt_tiny().train()
+    x, t, cond = _mdl_inputs()
+    cond = {"y": cond["y"]}
+    outs = []
+    with torch.no_grad():
+        for gseed, global_seed in ((5, 0), (5, 1), (6, 0)):
+            torch.manual_seed(global_seed)
+            outs.append(model(x, t, dict(cond, mask_generator=torch.Generator().manual_seed(gseed)))[1])
+    assert torch.equal(outs[0], outs[1]), "the mask depends on the global RNG"
+    assert not torch.allclose(outs[0], outs[2]), "the mask ignores its generator"
 
 
 def test_import_dit_original_layout():
@@ -1038,10 +1082,15 @@ def _trn_flat(state):
     return out
 
 
-def test_resume_exact(tmp_path):
+# the default recipe's mmDiT, and mDT (random token mask: drawn from the per-chunk generator, bug 7)
+_TRN_ARCHS = {"mmdit": [], "mdt": ["--arch", "mdt", "--class-in", "adaln"]}
+
+
+@pytest.mark.parametrize("arch", list(_TRN_ARCHS))
+def test_resume_exact(tmp_path, arch):
     torch.manual_seed(0)
     n = 12
-    args = ["train.py", *_TRN_FAST, "--max-steps", str(n), "--ckpt-every", "4"]
+    args = ["train.py", *_TRN_FAST, *_TRN_ARCHS[arch], "--max-steps", str(n), "--ckpt-every", "4"]
     _trn_run(args + ["--out-dir", str(tmp_path / "straight")])
     # same command, killed (SIGKILL) right after its first checkpoint, then rerun: it must resume from ckpt.pt
     cut = str(tmp_path / "cut")
@@ -1094,9 +1143,10 @@ def test_atomic_checkpoint(tmp_path, monkeypatch):
     assert torch.load(path, weights_only=False)["step"] == 4
 
 
-def test_ddp_matches_single(tmp_path):
+@pytest.mark.parametrize("arch", list(_TRN_ARCHS))
+def test_ddp_matches_single(tmp_path, arch):
     torch.manual_seed(0)
-    args = ["train.py", *_TRN_FAST, "--global-batch", "8", "--max-steps", "3", "--ckpt-every", "100"]
+    args = ["train.py", *_TRN_FAST, *_TRN_ARCHS[arch], "--global-batch", "8", "--max-steps", "3", "--ckpt-every", "100"]
     # one process, 2 micro-steps of 4 vs 2 ranks x 4: the same global batch of 8, the same images and noise
     _trn_run(args + ["--grad-accum", "2", "--out-dir", str(tmp_path / "one")])
     out = _trn_run(args + ["--out-dir", str(tmp_path / "ddp")],

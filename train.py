@@ -311,11 +311,12 @@ def stream_batches(ds, micro, num_workers, pos):
         pos["epoch"], pos["index"] = pos["epoch"] + 1, 0
 
 
-def chunk_generator(seed, step, chunk, device):
+def chunk_generator(seed, step, chunk, device, stream=0):
     """RNG of one micro-batch chunk (t, eps, dropout, text noise): a function of (seed, step, chunk) only,
-    so DDP and one process draw the same numbers for the same images, and resume needs no RNG state."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 4099 + chunk)
+    so DDP and one process draw the same numbers for the same images, and resume needs no RNG state.
+    stream=1: a second generator of the chunk (mDT's token mask, drawn on the host: device="cpu")."""
+    g = torch.Generator(device=device)  # the stream offset sits in the low 32 bits: all that a CPU generator keeps
+    g.manual_seed((seed * 1_000_003 + step) * 4099 + chunk + stream * 0x9E3779B9)
     return g
 
 
@@ -592,6 +593,7 @@ def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, ste
         for k in range(args.grad_accum):
             g = chunk_generator(args.seed, step, k * world + rank, device)
             x0, cond = get_micro_batch(g)
+            cond["mask_generator"] = chunk_generator(args.seed, step, k * world + rank, "cpu", stream=1)  # mDT
             t = sched.sample_t(x0.shape[0], generator=g, device=device)  # model times
             eps = torch.randn(x0.shape, generator=g, device=device)
             skip_sync = ddp and k < args.grad_accum - 1
