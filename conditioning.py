@@ -5,8 +5,8 @@ Embedders that live INSIDE the models (the models own these modules):
     timestep_embedding(t, dim=256, max_period=10000) -> (B, dim)      sinusoidal features, DiT convention [cos, sin]
     TimestepEmbedder(hidden, freq_dim=256)(t) -> (B, D)                .mlp = Linear -> SiLU -> Linear
     LabelEmbedder(num_classes, hidden)(y) -> (B, D)                    .embedding_table: num_classes+1 rows, last = null
-    gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0) -> (B,)   Eq. 1 weight of the low-level control
-    ControlEmbedder(hidden, signals, schedule, alpha, step_sigma)(phi, t, keep=None) -> (B, D)
+    gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0, sigma_scale=1.0) -> (B,)   Eq. 1 low-level weight
+    ControlEmbedder(hidden, signals, schedule, alpha, step_sigma, sigma_scale)(phi, t, keep=None) -> (B, D)
                                                                        Eq. 1 E_h(phi_h) + gamma_c(t) E_l(phi_l), zero-init
 
 Helpers used OUTSIDE the models (train.py / sample.py):
@@ -86,16 +86,18 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)  # (B, D)
 
 
-@functools.lru_cache(maxsize=4)
-def _unscaled_sigma(device):
-    """sigma_t of the unscaled schedule, built once per device (the 'step' gamma_c reads it every forward)."""
+@functools.lru_cache(maxsize=8)
+def _sigma(scale, device):
+    """sigma_t of the schedule at Eq. 3 scale `scale`, built once per (scale, device): the 'step' gamma_c reads it
+    every forward."""
     import diffusion  # lazy: diffusion.py owns the schedule
 
-    return diffusion.Schedule().sigma.to(device)
+    return diffusion.Schedule(scale).sigma.to(device)
 
 
-def gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0):
-    """Eq. 1 weight of the low-level control embedding: 0 at pure noise (t = T), 1 at clean data (t = 0)."""
+def gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0, sigma_scale=1.0):
+    """Eq. 1 weight of the low-level control embedding: 0 at pure noise (t = T), 1 at clean data (t = 0).
+    sigma_scale: the schedule scale of the run (--schedule-scale, Eq. 3); only 'step' reads sigma_t."""
     import diffusion  # lazy: diffusion.py owns T and the schedule
 
     t = torch.as_tensor(t).float()
@@ -106,8 +108,8 @@ def gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0):
         return (1 - torch.cos(math.pi * (1 - t / T).clamp(0, 1) ** alpha)) / 2
     if schedule == "linear":
         return (1 - t / T).clamp(0, 1)
-    if schedule == "step":  # Tab. A6: delta(sigma_t <= c), sigma of the unscaled schedule
-        sigma = _unscaled_sigma(t.device)
+    if schedule == "step":  # Tab. A6: delta(sigma_t <= c), sigma_t of the schedule the model trains with
+        sigma = _sigma(float(sigma_scale), t.device)
         idx = t.round().long().clamp(0, T - 1)
         return (sigma[idx] <= step_sigma).float()
     raise ValueError(f"unknown gamma schedule {schedule!r}; choose from {GAMMA_SCHEDULES}")
@@ -130,11 +132,12 @@ class _ScalarMLP(nn.Module):
 class ControlEmbedder(nn.Module):
     """Eq. 1: c_emb = (E_h(phi_h) + gamma_c(t) * E_l(phi_l)) * keep, added to the timestep embedding (§3.1, §3.3)."""
 
-    def __init__(self, hidden, signals=CONTROL_SIGNALS, schedule="cosine", alpha=8.0, step_sigma=1.0):
+    def __init__(self, hidden, signals=CONTROL_SIGNALS, schedule="cosine", alpha=8.0, step_sigma=1.0, sigma_scale=1.0):
         super().__init__()
         assert all(s in CONTROL_SIGNALS for s in signals), f"signals must be from {CONTROL_SIGNALS}"
         assert schedule in GAMMA_SCHEDULES, f"schedule must be one of {GAMMA_SCHEDULES}"
         self.signals, self.schedule, self.alpha, self.step_sigma = tuple(signals), schedule, alpha, step_sigma
+        self.sigma_scale = sigma_scale  # Eq. 3 scale of the run's schedule: the 'step' gamma_c thresholds its sigma
         self.hi_cols = [c for s in ("crop", "flip") if s in signals for c in _SIGNAL_COLS[s]]
         self.lo_cols = list(_SIGNAL_COLS["size"]) if "size" in signals else []
         self.E_h = _ScalarMLP(len(self.hi_cols), hidden) if self.hi_cols else None
@@ -147,7 +150,7 @@ class ControlEmbedder(nn.Module):
         if self.E_h is not None:
             out = out + self.E_h(phi[:, self.hi_cols].float())
         if self.E_l is not None:
-            g = gamma_c(t, self.schedule, self.alpha, self.step_sigma).to(phi.device)  # (B,)
+            g = gamma_c(t, self.schedule, self.alpha, self.step_sigma, self.sigma_scale).to(phi.device)  # (B,)
             out = out + g[:, None] * self.E_l(phi[:, self.lo_cols].float())
         if keep is not None:  # dropped control (guidance) -> zero embedding
             out = out * keep.float()[:, None]

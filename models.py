@@ -390,7 +390,7 @@ class _Transformer(nn.Module):
     def __init__(self, *, hidden, depth, heads, input_size=32, in_channels=3, patch_size=2, num_classes=None,
                  text_dim=None, pooled_dim=None, class_in="adaln", control=(), gamma="cosine", gamma_alpha=8.0,
                  gamma_step_sigma=1.0, pe_grid="extrapolate", pe_base=None, mlp_ratio=4.0, class_tokens=1,
-                 single_final=False, t_freq_shift=0, pe_scale=1.0, pe_max=None):
+                 single_final=False, t_freq_shift=0, pe_scale=1.0, pe_max=None, schedule_scale=1.0):
         super().__init__()
         if (num_classes is None) == (text_dim is None):
             raise ValueError("give exactly one of num_classes (class mode) / text_dim (text mode)")
@@ -408,8 +408,10 @@ class _Transformer(nn.Module):
         # class_tokens > 1: the class embedding becomes k context tokens told apart by learned offsets. Needed where
         # the class is the only context of a cross-attention (PixArt): softmax over one key is 1, queries would be dead.
         self.class_pos = nn.Parameter(torch.zeros(class_tokens, hidden)) if num_classes and class_tokens > 1 else None
-        # Eq. 1 control embedding (crop / size / flip), added to the timestep embedding that feeds adaLN
-        self.c_embedder = ControlEmbedder(hidden, tuple(control), gamma, gamma_alpha, gamma_step_sigma) if control else None
+        # Eq. 1 control embedding (crop / size / flip), added to the timestep embedding that feeds adaLN; schedule_scale
+        # (the run's --schedule-scale, Eq. 3) is read only by the 'step' gamma_c, which thresholds sigma_t
+        self.c_embedder = ControlEmbedder(hidden, tuple(control), gamma, gamma_alpha, gamma_step_sigma,
+                                          schedule_scale) if control else None
         self.final_layer = FinalLayer(hidden, patch_size, in_channels, single_final)
 
     def embed_t(self, t, cond):
@@ -632,7 +634,8 @@ class UNet(nn.Module):
 
     def __init__(self, channels=(32, 64), layers=1, depth=(0, 1), head_dim=16, class_dim=32, *, in_channels=3,
                  out_channels=None, num_classes=None, text_dim=None, pooled_dim=None, class_tokens=4, control=(),
-                 gamma="cosine", gamma_alpha=8.0, gamma_step_sigma=1.0, time_ids=False, time_id_dim=TIME_ID_DIM):
+                 gamma="cosine", gamma_alpha=8.0, gamma_step_sigma=1.0, schedule_scale=1.0, time_ids=False,
+                 time_id_dim=TIME_ID_DIM):
         super().__init__()
         if (num_classes is None) == (text_dim is None):
             raise ValueError("give exactly one of num_classes (class mode) / text_dim (text mode)")
@@ -646,7 +649,8 @@ class UNet(nn.Module):
         self.add_embedder = nn.Sequential(nn.Linear(add_in, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) \
             if add_in else None  # SDXL "text_time": cat[pooled, Fourier(time ids)] -> MLP, added to emb
         self.y_embedder = LabelEmbedder(num_classes, class_tokens * class_dim) if num_classes else None
-        self.c_embedder = ControlEmbedder(emb_dim, control, gamma, gamma_alpha, gamma_step_sigma) if control else None
+        self.c_embedder = ControlEmbedder(emb_dim, control, gamma, gamma_alpha, gamma_step_sigma, schedule_scale) \
+            if control else None  # schedule_scale: as in _Transformer, for the 'step' gamma_c
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         n = len(channels)
         skips, c = [channels[0]], channels[0]  # widths of the skip tensors, in push order

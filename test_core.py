@@ -467,6 +467,32 @@ def test_gamma_schedules():
         conditioning.gamma_c(t, "bogus")
 
 
+def test_step_gamma_follows_schedule_scale():
+    """Bug 12: the 'step' gamma_c is delta(sigma_t <= c) on the sigma the run trains with, i.e. after
+    --schedule-scale (Eq. 3: sigma' = s sigma), for a model built from train.py's args as every script builds it."""
+    t = torch.arange(diffusion.T)
+    sigma1, sigma2 = Schedule().sigma, Schedule(2.0).sigma
+    step2 = conditioning.gamma_c(t, "step", step_sigma=1.0, sigma_scale=2.0)
+    assert torch.equal(step2, (sigma2 <= 1.0).float())
+    window = t[(sigma1 <= 1.0) & (sigma2 > 1.0)]  # on with the unscaled sigma, off with the scaled one
+    assert len(window) > 10
+    phi = torch.tensor([[0.0, 0.0, 0.0, 64.0, 48.0]]).expand(len(window), 5)
+    torch.manual_seed(0)
+    specs = {}
+    for scale, on in ((1.0, True), (2.0, False)):
+        _, specs[scale] = _trn_spec(["--gamma", "step", "--control", "size", "--schedule-scale", str(scale),
+                                     "--pe-grid", "extrapolate"])
+        model = models.build_model(**specs[scale]["model"])
+        _mdl_randomize(model.c_embedder)  # the zero-initialised E_l would hide gamma_c
+        with torch.no_grad():
+            emb = model.c_embedder(phi, window)  # (n, D) = gamma_c(t) E_l(phi_l)
+        assert bool((emb.abs().sum(1) > 0).all()) == on and bool((emb == 0).all()) == (not on), scale
+    # a resolution transfer (2x: Eq. 3 scale 2) moves the step with the schedule
+    sd = models.build_model(**specs[1.0]["model"]).state_dict()
+    b = transfer.transfer_resolution(specs[1.0], sd, 2 * specs[1.0]["data"]["resolution"])[0]
+    assert b["schedule"]["scale"] == b["model"]["schedule_scale"] == 2.0
+
+
 def test_control_zero_init():
     torch.manual_seed(0)
     phi = torch.tensor([[10.0, 3.0, 1.0, 256.0, 341.0], [0.0, 0.0, 0.0, 64.0, 48.0]])

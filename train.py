@@ -230,6 +230,8 @@ def resolve_model(args, latent, semantic, explicit):
         elif k in explicit:
             modes = f" (it has {', '.join(cls.class_in_modes)})" if k == "class_in" and k in takes else ""
             refuse(f"{_flag(k)} {v} does not apply to --arch {arch}{modes}")
+    if kw.get("gamma") == "step" and "schedule_scale" in takes:  # its delta(sigma_t <= c) reads the Eq. 3 sigma
+        kw["schedule_scale"] = args.schedule_scale
     if kw.get("pe_grid") == "resample" and not kw.get("pe_base") and args.schedule_scale != 1:
         refuse(f"--pe-grid resample at --schedule-scale {args.schedule_scale:g} needs --pe-base (the pre-training "
                "patch grid, which transfer.py prints); without it resample equals extrapolate")

@@ -60,6 +60,8 @@ def transfer_resolution(spec, sd, resolution, pe_grid="resample"):
     factor = resolution / spec["data"]["resolution"]
     b["data"]["resolution"] = resolution
     b["schedule"]["scale"] = spec["schedule"]["scale"] * factor
+    if "schedule_scale" in m:  # the 'step' gamma_c thresholds the sigma of this schedule
+        b["model"]["schedule_scale"] = b["schedule"]["scale"]
     flags = {"--resolution": resolution}
     if "input_size" in m:  # transformers: patch grid of the source run, positions computed at r'
         b["model"]["input_size"] = round(m["input_size"] * factor)
