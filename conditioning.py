@@ -354,10 +354,13 @@ EVAL_LAM = 1.5  # App. A: guidance lam 1.5 at the pre-training resolution (Eq. 4
 
 
 def default_lam(spec):
-    """Eq. 4 from lam = 1.5 at the pre-training resolution: s = patch grid / pe_base, where pe_base is the
-    pre-training grid that transfer.py records (s = 1 without a transfer)."""
+    """Eq. 4 from lam = 1.5 at the pre-training resolution: s = resolution / base_resolution, the pre-training
+    resolution that transfer.py records for every arch (train.py --base-resolution); without it s = patch grid /
+    pe_base (a run given only --pe-base); s = 1 without either (no transfer)."""
     import diffusion
-    m = spec["model"]
+    d, m = spec["data"], spec["model"]
+    if d.get("base_resolution"):
+        return diffusion.guidance_law(EVAL_LAM, d["resolution"] / d["base_resolution"])
     if not m.get("pe_base"):
         return EVAL_LAM
     return diffusion.guidance_law(EVAL_LAM, m["input_size"] // m.get("patch_size", 2) / m["pe_base"])

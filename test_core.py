@@ -1476,7 +1476,7 @@ def test_transfer_resolution(tmp_path, capsys):
     g32, g64 = m32.x_embedder.axis(16), m64.x_embedder.axis(32)
     assert len(g64) == 32 and g64[0] == g32[0] == 0 and g64[-1] == g32[-1] == 16
     flags = capsys.readouterr().out.split("--init-from")[-1].split()[1:-2]  # the flags transfer.py prints
-    assert flags == ["--resolution", "64", "--pe-base", "16", "--schedule-scale", "2"]
+    assert flags == ["--resolution", "64", "--pe-base", "16", "--schedule-scale", "2", "--base-resolution", "32"]
     # fine-tune at 64 from the transferred checkpoint, then sample at 64
     train.main(common + ["--max-steps", "1", "--out-dir", str(tmp_path / "r64"), "--init-from",
                          str(tmp_path / "t64.pt")] + flags)
@@ -1492,6 +1492,25 @@ def test_transfer_resolution(tmp_path, capsys):
     out = tmp_path / "r64" / "ckpt_samples_n3_steps2_lam2_beta1_train"
     assert sorted(os.listdir(out)) == ["000000.png", "000001.png", "000002.png"]
     assert json.load(open(str(out) + "_eval.json"))["lam"] == 2.0
+
+
+def test_transfer_resolution_unet_guidance_law(tmp_path, capsys):
+    """Bug 10: Eq. 4 holds for the UNet too (no PE grid to read the pre-training resolution from): lam 1.5 -> 2.0 at 2x,
+    in transfer.py's record and in evaluate.py's default for the fine-tuning run the printed flags describe."""
+    torch.manual_seed(0)
+    pre = ["--arch", "unet", "--resolution", "32"]
+    args, spec = _trn_spec(pre)
+    assert conditioning.default_lam(spec) == 1.5
+    sd = models.build_model(**spec["model"]).state_dict()
+    torch.save({"ema": sd, "model": sd, "spec": spec, "args": vars(args), "step": 3}, tmp_path / "u32.pt")
+    transfer.main(["--ckpt", str(tmp_path / "u32.pt"), "--resolution", "64", "--out", str(tmp_path / "u64.pt")])
+    ck = torch.load(tmp_path / "u64.pt", weights_only=False)
+    assert ck["transfer"]["guidance_lam"] == ck["transfer"]["reports"]["resolution"]["guidance_lam"] == 2.0
+    assert conditioning.default_lam(ck["spec"]) == 2.0
+    flags = capsys.readouterr().out.split("--init-from")[-1].split()[1:-2]  # the flags transfer.py prints
+    _, spec64 = _trn_spec(pre + flags)  # the fine-tuning run's spec
+    assert spec64["data"]["resolution"] == 64 and conditioning.default_lam(spec64) == 2.0
+    assert spec64["model"] == ck["spec"]["model"]
 
 
 def test_transfer_dataset(tmp_path):

@@ -76,6 +76,9 @@ def get_parser():
     # diffusion
     p.add_argument("--schedule-scale", type=float, default=1.0, help="noise schedule scale s'/s, Eq. 3; for rf it "
                    "multiplies --shift (the same operation) (default: 1)")
+    p.add_argument("--base-resolution", type=int, default=None, help="pre-training resolution in pixels of a "
+                   "fine-tuning run: evaluate.py's guidance default follows Eq. 4 from it (transfer.py sets it; "
+                   "default: none = this resolution)")
     p.add_argument("--objective", choices=diffusion.OBJECTIVES, default=None, help="model output: eps, v, x0 (DDPM "
                    f"schedule) or rf (rectified flow, v = eps - x0, Euler sampler) {R}: eps for ours/dit, rf for sd3")
     p.add_argument("--t-density", choices=diffusion.T_DENSITIES, default=None, help="training density of t "
@@ -245,7 +248,7 @@ def resolve_spec(args, ds, vae=None, encoder=None, explicit=frozenset()):
         args.resolution = ds.resolution
     semantic = resolve_semantic(args, ds, encoder)
     d = dict(source=args.data, path=args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
-             seed=args.seed, orig_size=data.typical_orig_size(ds))
+             seed=args.seed, orig_size=data.typical_orig_size(ds), base_resolution=args.base_resolution)
     if args.data == "latents":  # the images the shards came from (evaluate.py --ref train)
         d["images"] = ds.meta.get("source")
     return dict(model=resolve_model(args, latent, semantic, explicit), latent=latent, semantic=semantic,

@@ -11,8 +11,8 @@ from and sample.py / evaluate.py load directly; prints exactly which keys were k
 Resolution r -> r': the model is rebuilt at r' with PE grid `resample` (positions linspace(0, n_base, n): every
 resolution spans the pre-training range, App. C Pseudocode 1) or `extrapolate` (arange(n)); the schedule scale
 becomes s * r'/r (Eq. 3, used for training and sampling) and the guidance default follows Eq. 4 with the factor
-r'/r_pretrain (lam = 1 + 2 (1.5 - 1) = 2.0 at 512 from 1.5 at 256). Positional embeddings are computed, not
-stored, so every weight is kept. Dataset: 1k -> 22k extends the class table (old ids keep their rows, or move by
+r'/r_pretrain (lam = 1 + 2 (1.5 - 1) = 2.0 at 512 from 1.5 at 256; r_pretrain is recorded as base_resolution).
+Positional embeddings are computed, not stored, so every weight is kept. Dataset: 1k -> 22k extends the class table (old ids keep their rows, or move by
 --class-map, the null row moves to the end, new rows are fresh); class -> text keeps every backbone tensor and
 replaces the semantic embedder (label table dropped, text/pooled projections fresh).
 
@@ -71,6 +71,9 @@ def transfer_resolution(spec, sd, resolution, pe_grid="resample"):
             flags["--pe-grid"] = pe_grid
         flags["--pe-base"] = b["model"]["pe_base"]
     flags["--schedule-scale"] = b["schedule"]["scale"]
+    # Eq. 4's s = r' / r_pretrain for every arch (the UNet has no PE grid to read it from)
+    b["data"]["base_resolution"] = flags["--base-resolution"] = spec["data"].get("base_resolution") or \
+        spec["data"]["resolution"]
     new, report = carry_over(models.build_model(**b["model"]), sd)
     report["guidance_lam"] = conditioning.default_lam(b)  # Eq. 4: what evaluate.py will use at r'
     return b, new, report, flags
