@@ -1133,11 +1133,48 @@ def test_resume_exact(tmp_path, arch):
     assert f"resumed from" in out and f"at step {killed_at}" in out
     a, b = _trn_load(tmp_path / "straight"), _trn_load(cut)
     assert a["step"] == b["step"] == n and a["data"] == b["data"]
+    log = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")]  # the lr warm-up as logged
+    assert [r["step"] for r in log] == list(range(1, n + 1)) and [r["lr"] for r in log] == [1e-3] + [2e-3] * (n - 1)
     for part in ("model", "ema", "optimizer"):
         fa, fb = _trn_flat(a[part]), _trn_flat(b[part])
         assert fa.keys() == fb.keys() and fa
         for k in fa:
             assert torch.equal(fa[k], fb[k]), f"{part}{k} differs after resume"
+
+
+def test_ema_update_arithmetic():
+    """ema <- decay * ema + (1 - decay) * model over parameters, buffers copied; the decay's warm-up."""
+    ema, model = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)  # parameters and buffers
+    with torch.no_grad():
+        for p, q in zip(ema.parameters(), model.parameters()):
+            p.fill_(2.0), q.fill_(4.0)
+        model.running_mean.fill_(7.0)
+    train.ema_update(ema, model, 0.75)  # 0.75 * 2 + 0.25 * 4 (exact in binary)
+    assert all(torch.equal(p, torch.full_like(p, 2.5)) for p in ema.parameters())
+    assert torch.equal(ema.running_mean, model.running_mean)
+    assert all(torch.equal(q, torch.full_like(q, 4.0)) for q in model.parameters())  # the model is untouched
+    assert train.ema_decay_at(0, 0.999) == 0.1 and train.ema_decay_at(90, 0.999) == 0.91
+    assert train.ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_lr_warmup():
+    """Linear warm-up over --warmup steps (step 0 at lr / warmup), then constant."""
+    lr, w = 2e-3, 100
+    assert train.lr_at(0, lr, w) == lr / w
+    assert train.lr_at(w // 2 - 1, lr, w) == lr / 2
+    assert train.lr_at(w - 1, lr, w) == train.lr_at(w, lr, w) == train.lr_at(10 * w, lr, w) == lr
+    assert train.lr_at(0, lr, 0) == train.lr_at(0, lr, 1) == lr  # no warm-up
+
+
+def test_loss_by_t_bins():
+    """diffusion.snr_bin cuts t in [0, T) into equal bins; the log reports each bin's mean loss (0 when empty)."""
+    t = torch.tensor([0, 249, 250, 499, 500, 749, 750, 999])
+    assert diffusion.snr_bin(t, 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert diffusion.snr_bin(torch.tensor([0, 333, 334, 666, 667, 999]), 3).tolist() == [0, 0, 1, 1, 2, 2]
+    bin_sum, bin_cnt = torch.zeros(4), torch.zeros(4)
+    train.add_to_bins(bin_sum, bin_cnt, torch.tensor([10, 20, 600, 999]), torch.tensor([1.0, 2.0, 5.0, 8.0]))
+    train.add_to_bins(bin_sum, bin_cnt, torch.tensor([30]), torch.tensor([6.0]))  # accumulates across micro-steps
+    assert train.loss_by_t(bin_sum, bin_cnt) == [3.0, 0.0, 5.0, 8.0]
 
 
 def test_atomic_checkpoint(tmp_path, monkeypatch):

@@ -326,13 +326,36 @@ def chunk_generator(seed, step, chunk, device, stream=0):
 
 
 # ----------------------------------------------------------------------------- small helpers
+def lr_at(step, lr, warmup):
+    """Linear warm-up, then constant (the paper trains at a constant lr): lr * min(1, (step + 1) / warmup), so
+    step 0 trains at lr / warmup and step warmup - 1 reaches lr."""
+    return lr * min(1.0, (step + 1) / max(warmup, 1))
+
+
+def ema_decay_at(step, decay):
+    """EMA decay warmed up as min(decay, (1 + n) / (10 + n)), so that short runs get a useful average."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def ema_update(ema, model, decay):
-    """EMA in fp32 over parameters; buffers are copied."""
+    """ema <- decay * ema + (1 - decay) * model, in fp32 over parameters; buffers are copied."""
     with torch.no_grad():
         ema_p, p = list(ema.parameters()), list(model.parameters())
         torch._foreach_lerp_(ema_p, p, 1.0 - decay)
         for eb, b in zip(ema.buffers(), model.buffers()):
             eb.copy_(b)
+
+
+def add_to_bins(bin_sum, bin_cnt, t, per_sample):
+    """Accumulate per-sample losses (B,) into the LOSS_BINS noise-level bins of their t (diffusion.snr_bin)."""
+    b = diffusion.snr_bin(t, len(bin_sum))
+    bin_sum.index_add_(0, b, per_sample)
+    bin_cnt.index_add_(0, b, torch.ones_like(per_sample))
+
+
+def loss_by_t(bin_sum, bin_cnt):
+    """Mean loss per noise-level bin, as the log reports it (minRF-style diagnostic); an empty bin reports 0."""
+    return (bin_sum / bin_cnt.clamp(min=1)).tolist()
 
 
 def rng_state(device):
@@ -574,7 +597,7 @@ def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, ste
     bar = run.bar = tqdm(total=args.max_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
     while True:
         # --- lr: linear warm-up, then constant (the paper trains at a constant lr)
-        lr = args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
+        lr = lr_at(step, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # --- periodic sample grid / checkpoint (not at the step we just resumed from: it is on disk already)
@@ -608,16 +631,14 @@ def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, ste
                 (loss / args.grad_accum).backward()
             loss_acc += loss.detach() / args.grad_accum  # no .item() here: it would sync every micro-step
             nonfinite += (~torch.isfinite(loss.detach())).float()
-            b = diffusion.snr_bin(t, LOSS_BINS)
-            bin_sum.index_add_(0, b, per_sample.detach())
-            bin_cnt.index_add_(0, b, torch.ones_like(per_sample))
+            add_to_bins(bin_sum, bin_cnt, t, per_sample.detach())
         # --- clip (the norm is computed even without clipping, for the log)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
         # --- optimiser step
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # --- EMA (decay warmed up so that short runs get a useful average)
-        ema_update(ema, raw_model, min(args.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, raw_model, ema_decay_at(step, args.ema_decay))
         step += 1
         n_acc += 1
         imgs_since += args.global_batch
@@ -636,7 +657,7 @@ def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, ste
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             s = stats.tolist()
-            bins = [s[1 + i] / max(s[1 + LOSS_BINS + i], 1) for i in range(LOSS_BINS)]
+            bins = loss_by_t(stats[1:1 + LOSS_BINS], stats[1 + LOSS_BINS:])
             rec = dict(step=step, loss=s[0], lr=lr, grad_norm=gnorm.item(), img_per_s=ips, mem_gb=mem, n_bad=n_bad,
                        mfu=flops_per_img * ips / world / peak if flops_per_img else None, loss_by_t=bins)
             mfu = f" | mfu {100 * rec['mfu']:5.1f}%" if rec["mfu"] is not None else ""
