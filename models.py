@@ -739,13 +739,16 @@ def arch_kwargs(arch):
 
 
 def build_model(arch, size="tiny", **kw):
-    """MODELS[arch] at a SIZES (UNET_SIZES) preset; kw: constructor keywords (arch_kwargs), e.g. input_size,
-    in_channels, num_classes | text_dim + pooled_dim, class_in, control, gamma, pe_grid, patch_size. A keyword the
-    architecture does not take is an error, never silently dropped: what a run spec says is what gets built."""
+    """MODELS[arch] at a SIZES (UNET_SIZES) preset, or at an explicit size dict such as {"hidden": 32, "depth": 2,
+    "heads": 2} (imported reference models of no preset size, transfer.diffusers_kwargs); kw: constructor keywords
+    (arch_kwargs), e.g. input_size, in_channels, num_classes | text_dim + pooled_dim, class_in, control, gamma,
+    pe_grid, patch_size. A keyword the architecture does not take is an error, never silently dropped: what a run
+    spec says is what gets built."""
     unknown = sorted(set(kw) - arch_kwargs(arch))
     if unknown:
         raise ValueError(f"{arch} takes no {', '.join(unknown)} (it takes {', '.join(sorted(arch_kwargs(arch)))})")
-    return MODELS[arch](**(UNET_SIZES if arch == "unet" else SIZES)[size], **kw)
+    preset = size if isinstance(size, dict) else (UNET_SIZES if arch == "unet" else SIZES)[size]
+    return MODELS[arch](**preset, **kw)
 
 
 # ----------------------------------------------------------------------------- checkpoints (the one loader)

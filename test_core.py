@@ -709,13 +709,13 @@ def _mdl_randomize(module, std=0.05):
 
 
 def _mdl_rebuilt(ref, ours):
-    """Bug 14: an imported model is saved, rebuilt from its (JSON round-tripped) kwargs alone and reloaded; it must
-    compute exactly what the imported model computes (nothing set after construction may be lost)."""
-    arch, kwargs = transfer.diffusers_kwargs(ref)
+    """Bug 14: an imported model is saved, rebuilt from its build_model arguments alone (a run spec's "model",
+    JSON round-tripped as config.json does) and reloaded; it must compute exactly what the imported model computes:
+    nothing may be set after construction."""
     buf = io.BytesIO()
     torch.save(ours.state_dict(), buf)
     buf.seek(0)
-    model = models.MODELS[arch](**json.loads(json.dumps(kwargs)))
+    model = models.build_model(**json.loads(json.dumps(transfer.diffusers_kwargs(ref))))
     model.load_state_dict(torch.load(buf))
     return model.eval()
 
@@ -745,6 +745,7 @@ def test_equivalence_dit():
         assert torch.equal(_mdl_rebuilt(ref, ours)(x, t, cond), got)
     err = (got - want).abs().max().item()
     print(f"DiT max abs err {err:.2e}")
+    assert transfer._size(1152, 28, 16) == "XL"  # a public DiT-XL/2 travels as size XL
     assert err <= 1e-5, err
 
 

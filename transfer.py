@@ -122,7 +122,14 @@ def transfer_to_text(spec, sd, text_encoder="ViT-L-14", text_encoder_path="opena
 # ----------------------------------------------------------------------------- weight import (reference checkpoints)
 # Public weights -> our models (README "Weight import"). Everything a reference computes differently from our
 # defaults (diffusers DiT's timestep frequencies and MLP LayerNorm eps, PixArt / SD3 PE grids) is a constructor
-# argument, so an imported model is rebuilt exactly from (arch, kwargs) plus its state_dict.
+# argument, so an imported model is rebuilt exactly from its build_model arguments (a run spec's "model") and
+# its state_dict.
+def _size(hidden, depth, heads):
+    """The SIZES preset of a reference's width / depth / heads, or the explicit dict (build_model takes both)."""
+    want = dict(hidden=hidden, depth=depth, heads=heads)
+    return next((name for name, s in models.SIZES.items() if s == want), want)
+
+
 def _eps_half(w, patch_size, in_channels):
     """Rows of an output Linear ordered (p, q, c): keep c < in_channels. DiT/PixArt also predict a variance in the
     second half of the channels; the paper trains with a fixed schedule (App. C), so we keep only eps."""
@@ -153,8 +160,8 @@ def import_dit_original(state_dict, **kw):
     n = int(sd.pop("pos_embed").shape[1] ** 0.5)  # tokens per side at the checkpoint's resolution
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     heads = next(s["heads"] for s in models.SIZES.values() if s["hidden"] == D)
-    model = models.DiT(hidden=D, depth=depth, heads=heads, in_channels=C, patch_size=p, input_size=n * p,
-                       num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, **kw)
+    model = models.build_model("dit", _size(D, depth, heads), in_channels=C, patch_size=p, input_size=n * p,
+                               num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, **kw)
     _final_linear(sd, sd.pop("final_layer.linear.weight"), sd.pop("final_layer.linear.bias"), model)
     return _load(model, sd)
 
@@ -175,38 +182,39 @@ def _swap(tensors):
 
 
 def diffusers_kwargs(ref, **kw):
-    """(arch, constructor kwargs) of our model that computes what a diffusers DiTTransformer2DModel /
-    PixArtTransformer2DModel / SD3Transformer2DModel computes: models.MODELS[arch](**kwargs). kw: extra build
-    options (e.g. control=...)."""
+    """build_model arguments (a run spec's "model": arch, size, constructor keywords) of our model that computes
+    what a diffusers DiTTransformer2DModel / PixArtTransformer2DModel / SD3Transformer2DModel computes.
+    kw: extra build options (e.g. control=...)."""
     cfg, name = ref.config, type(ref).__name__
-    base = dict(hidden=cfg.num_attention_heads * cfg.attention_head_dim, depth=cfg.num_layers,
-                heads=cfg.num_attention_heads, in_channels=cfg.in_channels, patch_size=cfg.patch_size,
-                input_size=cfg.sample_size)
+    base = dict(size=_size(cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads),
+                in_channels=cfg.in_channels, patch_size=cfg.patch_size, input_size=cfg.sample_size)
     if name == "DiTTransformer2DModel":
         # diffusers embeds t with downscale_freq_shift=1 and normalises before the MLP with norm3 (eps 1e-5):
         # neither is a weight, both are constructor arguments
-        return "dit", dict(base, num_classes=cfg.num_embeds_ada_norm, t_freq_shift=1,
-                           mlp_norm_eps=ref.transformer_blocks[0].norm3.eps, **kw)
+        return dict(base, arch="dit", num_classes=cfg.num_embeds_ada_norm, t_freq_shift=1,
+                    mlp_norm_eps=ref.transformer_blocks[0].norm3.eps, **kw)
     if name == "PixArtTransformer2DModel":
         if ref.use_additional_conditions:  # PixArt-α 1024 resolution/aspect embedders: not part of this study
             raise ValueError("PixArt with use_additional_conditions (resolution embedding) is not supported")
         # positions / interpolation_scale
-        return "pixart", dict(base, text_dim=cfg.caption_channels, pe_scale=ref.pos_embed.interpolation_scale, **kw)
+        return dict(base, arch="pixart", text_dim=cfg.caption_channels, pe_scale=ref.pos_embed.interpolation_scale,
+                    **kw)
     if name == "SD3Transformer2DModel":
-        if cfg.dual_attention_layers or cfg.caption_projection_dim != base["hidden"] or cfg.qk_norm not in (None, "rms_norm"):
+        width = cfg.num_attention_heads * cfg.attention_head_dim
+        if cfg.dual_attention_layers or cfg.caption_projection_dim != width or cfg.qk_norm not in (None, "rms_norm"):
             raise ValueError("only SD3.0-style transformers (no dual attention, context width = hidden) are supported")
         # SD3 PE: a pos_embed_max_size grid with positions arange(M) * base / M, centre-cropped to the input
         M = cfg.pos_embed_max_size
-        return "mmdit", dict(base, text_dim=cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
-                             qk_norm=cfg.qk_norm == "rms_norm", pe_max=M, pe_scale=M / ref.pos_embed.base_size, **kw)
+        return dict(base, arch="mmdit", text_dim=cfg.joint_attention_dim, pooled_dim=cfg.pooled_projection_dim,
+                    qk_norm=cfg.qk_norm == "rms_norm", pe_max=M, pe_scale=M / ref.pos_embed.base_size, **kw)
     raise ValueError(f"no importer for {name}")
 
 
 def import_diffusers(ref, **kw):
     """Build our model matching a diffusers DiTTransformer2DModel / PixArtTransformer2DModel / SD3Transformer2DModel
-    (diffusers_kwargs) and copy its weights. Returns the model (fp32, train mode)."""
-    arch, kwargs = diffusers_kwargs(ref, **kw)
-    model, sd, out = models.MODELS[arch](**kwargs), ref.state_dict(), {}
+    (models.build_model(**diffusers_kwargs(ref))) and copy its weights. Returns the model (fp32, train mode)."""
+    spec_model = diffusers_kwargs(ref, **kw)
+    arch, model, sd, out = spec_model["arch"], models.build_model(**spec_model), ref.state_dict(), {}
     _put(out, "x_embedder.proj", sd, "pos_embed.proj")
 
     if arch == "dit":
