@@ -12,9 +12,10 @@ Resolution r -> r': the model is rebuilt at r' with PE grid `resample` (position
 resolution spans the pre-training range, App. C Pseudocode 1) or `extrapolate` (arange(n)); the schedule scale
 becomes s * r'/r (Eq. 3, used for training and sampling) and the guidance default follows Eq. 4 with the factor
 r'/r_pretrain (lam = 1 + 2 (1.5 - 1) = 2.0 at 512 from 1.5 at 256; r_pretrain is recorded as base_resolution).
-Positional embeddings are computed, not stored, so every weight is kept. Dataset: 1k -> 22k extends the class table (old ids keep their rows, or move by
---class-map, the null row moves to the end, new rows are fresh); class -> text keeps every backbone tensor and
-replaces the semantic embedder (label table dropped, text/pooled projections fresh).
+Positional embeddings are computed, not stored, so every weight is kept. Dataset: 1k -> 22k extends the class
+table (old ids keep their rows, or move by --class-map, the null row moves to the end, new rows are fresh);
+class -> text keeps every backbone tensor and replaces the semantic embedder (label table dropped, text/pooled
+projections fresh).
 
 Library part (tests and users import it): the transfers above, and weight import from public checkpoints:
 import_dit_original (facebookresearch/DiT), import_diffusers + diffusers_kwargs (diffusers DiT / PixArt-α / SD3
