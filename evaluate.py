@@ -225,8 +225,8 @@ def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
     mu, sigma = stats(features(net, images if images is not None else iter_images(source, res, limit)))
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        np.savez(path + ".tmp.npz", mu=mu, sigma=sigma)
-        os.replace(path + ".tmp.npz", path)
+        with data.atomic_write(path) as f:
+            np.savez(f, mu=mu, sigma=sigma)
     return mu, sigma
 
 
