@@ -378,6 +378,7 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
     (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit)."""
     import data
     import diffusion
+    import models  # lazy: models.py imports this file
     device = torch.device(device)
     t_start = diffusion.T - 1 if t_start is None else t_start
     model.eval()
@@ -403,7 +404,7 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
         fn = diffusion.guided_eps_fn(model, cond, cond_s, cond_null, cfg, control_cfg)
 
         def eps_fn(x, t):
-            with torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32):
+            with models.autocast(device, precision):
                 return fn(x, t).float()
 
         x = noise.to(device)

