@@ -10,6 +10,7 @@ The sampling step is one denoiser call with the three guidance branches of Eq. 2
     python bench.py --suite cpu-compare --threads 1 --warmup 1 --reps 7   # DiT / PixArt / mmDiT S/2 vs diffusers
     python bench.py --suite gpu              # DiT-XL/2 and mmDiT-XL/2 at 256 px, bf16, eager and compiled
     python bench.py --suite flops            # params and forward GFLOPs of every arch at XL/2 (paper Tab. A1)
+    python bench.py --suite cpu-default --threads 2   # round 1's default step: this machine's share of the CPU budget
 """
 import argparse
 import gc
@@ -37,6 +38,11 @@ LAM, BETA = 1.5, 1.375  # guidance of the sampling benchmark (paper: lam 1.5 at 
 # class-conditional (ImageNet) values are copied, in the table's column order.
 PAPER_A1 = {("unet", False): 95.38, ("pixart", False): 275.14, ("mmdit", False): 237.93, ("mdt", False): 259.08,
             ("dit", False): 237.4}
+# Issue 13's CPU budget: `python train.py` + `python sample.py` within 10 min on a 2-core AMD EPYC (Zen 1), where
+# round 1's default job (mmDiT-tiny, 24 px pixels, batch 32, 10 classes + control, fp32) trained at 2.5 steps/s.
+# On another machine the budget scales by that job's step rate, which `--suite cpu-default` measures.
+REF_JOB = dict(arch="mmdit", size="tiny", resolution=24, batch=32, classes=10)
+REF_STEPS_PER_S, BUDGET_MIN = 2.5, 10.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -47,28 +53,30 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_batch(arch, B, R, device, control=True, text=None):
-    """Latent x0 (B, 4, R/8, R/8) and a cond dict (INTERFACES.md contract): text for TEXT_ARCHS unless text=False."""
+def make_batch(arch, B, R, device, control=True, text=None, pixels=False, classes=NUM_CLASSES):
+    """Latent x0 (B, 4, R/8, R/8) (pixels: (B, 3, R, R)) and a cond dict: text for TEXT_ARCHS unless text=False."""
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(B, LATENT_CH, R // VAE_DOWN, R // VAE_DOWN, generator=g)
+    x0 = torch.randn(B, 3, R, R, generator=g) if pixels else torch.randn(B, LATENT_CH, R // VAE_DOWN, R // VAE_DOWN,
+                                                                          generator=g)
     if arch in TEXT_ARCHS if text is None else text:
         cond = {"text": torch.randn(B, 77, TEXT_DIM, generator=g), "pooled": torch.randn(B, POOLED_DIM, generator=g)}
     else:
-        cond = {"y": torch.randint(0, NUM_CLASSES, (B,), generator=g)}
+        cond = {"y": torch.randint(0, classes, (B,), generator=g)}
     if control:  # phi in original-image pixels: crop_top, crop_left, flip, orig_h, orig_w
         cond["phi"] = torch.tensor([0.0, 0.0, 1.0, R, R]).repeat(B, 1)
         cond["keep_ctrl"] = torch.ones(B)
     return x0.to(device), {k: v.to(device) for k, v in cond.items()}
 
 
-def build_ours(arch, size, R, control=True, device="cpu", text=None):
-    """Our model for arch/size on an R-pixel image's latent, built (and initialised) directly on device."""
+def build_ours(arch, size, R, control=True, device="cpu", text=None, pixels=False, classes=NUM_CLASSES):
+    """Our model for arch/size on an R-pixel image's latent (or its pixels), built directly on device."""
     text = arch in TEXT_ARCHS if text is None else text
-    kind = dict(text_dim=TEXT_DIM, pooled_dim=POOLED_DIM) if text else dict(num_classes=NUM_CLASSES)
+    kind = dict(text_dim=TEXT_DIM, pooled_dim=POOLED_DIM) if text else dict(num_classes=classes)
     if "input_size" in models.arch_kwargs(arch):  # transformers; the UNet is fully convolutional
-        kind["input_size"] = R // VAE_DOWN
+        kind["input_size"] = R if pixels else R // VAE_DOWN
     with torch.device(device):
-        return models.build_model(arch, size, in_channels=LATENT_CH, control=CONTROL_SIGNALS if control else (), **kind)
+        return models.build_model(arch, size, in_channels=3 if pixels else LATENT_CH,
+                                  control=CONTROL_SIGNALS if control else (), **kind)
 
 
 def timed(fn, device):
@@ -87,13 +95,14 @@ def peak_mem_mb(device, rss0):
 
 
 # ----------------------------------------------------------------------------- one configuration
-def bench_config(arch, size, R, B, dtype, device, compile=False, steps=10, warmup=3, control=True, sample=True):
+def bench_config(arch, size, R, B, dtype, device, compile=False, steps=10, warmup=3, control=True, sample=True,
+                 pixels=False, classes=NUM_CLASSES):
     """Train-step and sampling-step numbers of one (arch, size, resolution, batch, dtype, compile) as a dict."""
     torch.manual_seed(0)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = build_ours(arch, size, R, control, device)
+    model = build_ours(arch, size, R, control, device, text=False if pixels else None, pixels=pixels, classes=classes)
     sched = diffusion.Schedule().to(device)
-    x0, cond = make_batch(arch, B, R, device, control)
+    x0, cond = make_batch(arch, B, R, device, control, text=False if pixels else None, pixels=pixels, classes=classes)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.03,
                             fused=device.type == "cuda")
     # FLOPs on the eager model with 2 images (cheap even for XL on a CPU box)
@@ -127,13 +136,25 @@ def bench_config(arch, size, R, B, dtype, device, compile=False, steps=10, warmu
         model.eval()
         cond_s = {**cond, "keep_ctrl": torch.zeros(B, device=device)}
         null = ({"text": torch.zeros_like(cond["text"])} if "text" in cond  # null semantic: empty text / null class
-                else {"y": torch.full_like(cond["y"], NUM_CLASSES)})
+                else {"y": torch.full_like(cond["y"], classes)})
         eps_fn = diffusion.guided_eps_fn(net, cond, cond_s, {**cond_s, **null}, lam=LAM, beta=BETA)
         t = torch.full((B,), 500, device=device, dtype=torch.long)
         with torch.no_grad(), autocast(device, dtype):
             ts = [timed(lambda: eps_fn(x0, t), device)[0] for _ in range(max(1, warmup) + max(1, steps // 2))]
         row["sample_step_ms"] = statistics.median(ts[max(1, warmup):]) * 1e3
     return row
+
+
+# ----------------------------------------------------------------------------- the CPU budget (cpu-default)
+def cpu_default(steps, warmup):
+    """Round 1's default training step (REF_JOB) on this machine: steps/s and what issue 13's 10-minute budget on
+    the 2.5 steps/s reference machine comes to here (budget x 2.5 / steps/s)."""
+    j = REF_JOB
+    row = bench_config(j["arch"], j["size"], j["resolution"], j["batch"], torch.float32, torch.device("cpu"),
+                       steps=steps, warmup=warmup, sample=False, pixels=True, classes=j["classes"])
+    rate = 1e3 / row["step_ms"]
+    row.update(steps_per_s=rate, budget_min=BUDGET_MIN * REF_STEPS_PER_S / rate)
+    return [row]
 
 
 # ----------------------------------------------------------------------------- diffusers references (cpu-compare)
@@ -300,7 +321,7 @@ def print_table(rows, cols):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to run
-    p.add_argument("--suite", choices=["cpu-compare", "gpu", "flops"], default=None,
+    p.add_argument("--suite", choices=["cpu-compare", "cpu-default", "gpu", "flops"], default=None,
                    help="preset suite; default: one configuration given by the model flags")
     # model
     p.add_argument("--arch", choices=list(models.MODELS), default="dit", help="denoiser (models.MODELS)")
@@ -339,6 +360,11 @@ def main():
         rows = cpu_compare(args.size or "S", args.batch or 8, args.resolution, args.reps, args.warmup,
                            args.compare_archs, [DTYPES[d] for d in args.compare_dtypes])
         print_table(rows, COMPARE_COLS)
+    elif args.suite == "cpu-default":
+        rows = cpu_default(max(args.steps, 30), max(args.warmup, 5))
+        print_table(rows, ["arch", "size", "resolution", "batch", "step_ms", "steps_per_s", "budget_min"])
+        print(f"issue 13's budget ({BUDGET_MIN:g} min at {REF_STEPS_PER_S} steps/s of this job) is "
+              f"{rows[0]['budget_min']:.2f} min on this machine")
     elif args.suite == "flops":
         rows = flops_table(args.size or "XL")
         print_table(rows, FLOPS_COLS)

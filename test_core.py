@@ -1812,3 +1812,21 @@ def test_default_size_condition_spans_the_data(tmp_path):
     _, spec = _trn_spec(["--data", "imagefolder", "--data-path", str(tmp_path), "--resolution", "16"])
     assert spec["data"]["orig_size"] == [40.0, 40.0]
     assert conditioning.default_phi(spec, 1)[0, 3:].tolist() == [40.0, 40.0]
+# ----------------------------------------------------------------------------- judge (issue 13)
+def test_judge_separates(tmp_path):
+    """The judge scores real held-out crops at its ceiling, and a generator that ignores its label (real images of
+    random classes) or pure noise near chance; the trained judge is cached and reloads to the same predictions."""
+    ds = data.build_dataset("embedded", resolution=24, crop="global", flip=True, seed=0)
+    cache = str(tmp_path / "judge.pt")
+    net = evaluate.train_judge(ds, 10, n=2000, epochs=6, cache=cache)
+    x_a, y_a = evaluate.real_crops(ds, evaluate.heldout_indices(ds, 500))
+    x_b, y_b = evaluate.real_crops(ds, evaluate.heldout_indices(ds, 500, start=evaluate.HELDOUT_START + 500))
+    ceiling, per_class, pred_a = evaluate.judge_accuracy(net, x_a, y_a, 10)
+    assert ceiling > 0.6 and len(per_class) == 10
+    assert abs(evaluate.judge_accuracy(net, x_b, y_b, 10)[0] - ceiling) < 0.06  # real crops = the ceiling
+    wrong = y_b[torch.randperm(len(y_b), generator=torch.Generator().manual_seed(0))]  # labels ignored
+    assert abs(evaluate.judge_accuracy(net, x_b, wrong, 10)[0] - 0.1) < 0.05
+    noise = torch.randint(0, 256, x_b.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    assert evaluate.judge_accuracy(net, noise, y_b, 10)[0] < 0.2
+    again = evaluate.train_judge(ds, 10, n=2000, epochs=6, cache=cache)  # from the cache
+    assert torch.equal(evaluate.judge_accuracy(again, x_a, y_a, 10)[2], pred_a)
