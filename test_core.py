@@ -1165,6 +1165,9 @@ def test_lr_warmup():
     assert train.lr_at(w // 2 - 1, lr, w) == lr / 2
     assert train.lr_at(w - 1, lr, w) == train.lr_at(w, lr, w) == train.lr_at(10 * w, lr, w) == lr
     assert train.lr_at(0, lr, 0) == train.lr_at(0, lr, 1) == lr  # no warm-up
+    # --lr-decay N: the last N steps before max_steps ramp down linearly; the last step trains at lr / N
+    assert train.lr_at(799, lr, w, 200, 1000) == lr and train.lr_at(800, lr, w, 200, 1000) == lr
+    assert train.lr_at(900, lr, w, 200, 1000) == lr / 2 and train.lr_at(999, lr, w, 200, 1000) == lr / 200
 
 
 def test_loss_by_t_bins():

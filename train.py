@@ -123,6 +123,8 @@ def get_parser():
                    "(default: 0.999; 0.9999 at full scale)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip grad norm; 0 = off (default: 1)")
     p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (default: 100)")
+    p.add_argument("--lr-decay", type=int, default=0, help="linear lr decay to 0 over the last N steps before "
+                   "--max-steps; 0 = constant lr, as the paper (default: 0)")
     p.add_argument("--max-steps", type=int, default=3000, help="optimiser steps to train (default: 3000)")
     # system
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
@@ -331,10 +333,12 @@ def chunk_generator(seed, step, chunk, device, stream=0):
 
 
 # ----------------------------------------------------------------------------- small helpers
-def lr_at(step, lr, warmup):
+def lr_at(step, lr, warmup, decay=0, max_steps=0):
     """Linear warm-up, then constant (the paper trains at a constant lr): lr * min(1, (step + 1) / warmup), so
-    step 0 trains at lr / warmup and step warmup - 1 reaches lr."""
-    return lr * min(1.0, (step + 1) / max(warmup, 1))
+    step 0 trains at lr / warmup and step warmup - 1 reaches lr. decay > 0: the last `decay` steps before max_steps
+    ramp linearly down to 0 (a short-run deviation, --lr-decay; the last step trains at lr / decay)."""
+    cool = min(1.0, (max_steps - step) / decay) if decay else 1.0
+    return lr * min(1.0, (step + 1) / max(warmup, 1), cool)
 
 
 def ema_decay_at(step, decay):
@@ -602,7 +606,7 @@ def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, ste
     bar = run.bar = tqdm(total=args.max_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
     while True:
         # --- lr: linear warm-up, then constant (the paper trains at a constant lr)
-        lr = lr_at(step, args.lr, args.warmup)
+        lr = lr_at(step, args.lr, args.warmup, args.lr_decay, args.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # --- periodic sample grid / checkpoint (not at the step we just resumed from: it is on disk already)
