@@ -73,6 +73,9 @@ def get_parser():
     p.add_argument("--pe-grid", choices=["extrapolate", "resample"], default=None, help=f"2-D sin-cos PE grid {R}")
     p.add_argument("--pe-base", type=int, default=None, help="PE grid size of pre-training (default: this grid)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="mDT latent mask ratio (default: 0.3)")
+    p.add_argument("--class-tokens", type=int, default=None, help="context tokens made from the class embedding "
+                   "(learned offsets tell them apart): more attention mass on the class (default: the arch's own, "
+                   "1 for dit/mmdit, 4 for pixart/unet)")
     p.add_argument("--stem", type=int, default=0, help="transformers: width of a two-layer 3x3 conv stem before "
                    "patchify (minRF), 0 = plain patchify as DiT/SD3 (default: 0)")
     p.add_argument("--head", type=int, default=0, help="transformers: width of a two-layer 3x3 conv head after "
@@ -180,7 +183,7 @@ def explicit_flags(argv=None):
 #   schedule make_schedule's arguments: scale (Eq. 3), objective, shift, t density, loss weight, zero-snr, clip
 #   data     source, path, resolution, crop, flip, seed, orig_size (sample.py's default size condition)
 MODEL_FLAGS = ("patch_size", "class_in", "pe_grid", "pe_base", "mask_ratio", "control", "gamma", "gamma_alpha",
-               "gamma_step_sigma", "stem", "head")  # flags that are constructor keywords (where the arch takes them)
+               "gamma_step_sigma", "stem", "head", "class_tokens")  # constructor keywords (where the arch takes them)
 SPEC_KEYS = ("model", "latent", "semantic", "schedule")  # what a resumed run must share with its checkpoint
 
 
@@ -232,8 +235,8 @@ def resolve_model(args, latent, semantic, explicit):
               dict(text_dim=semantic["dim"], pooled_dim=semantic["pooled_dim"]))
     for k in MODEL_FLAGS:
         v = getattr(args, k)
-        if k == "class_in" and semantic["kind"] == "text":
-            continue  # the class embedding does not exist in text mode
+        if k in ("class_in", "class_tokens") and semantic["kind"] == "text" or v is None and k == "class_tokens":
+            continue  # the class embedding does not exist in text mode; None = the arch's own token count
         if k.startswith("gamma") and not args.control:
             if k in explicit:
                 refuse(f"{_flag(k)} needs control conditioning (--control crop size flip)")
