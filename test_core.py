@@ -1882,3 +1882,56 @@ def test_caption_agreement():
     # an empty image shows nothing: no side, no colour
     side, colour = evaluate.image_side_colour(torch.zeros(1, 3, 24, 24, dtype=torch.uint8))
     assert side.item() == -1 and colour.item() == -1
+
+
+def test_reproduce_smoke(tmp_path):
+    """Every study of reproduce.py runs end to end at a few steps (16 px, 2 samples, FID on for one study on a
+    handful of images) in this process, writes its table and JSON (and the transfer figures), and a rerun skips
+    every run and evaluation (no new command)."""
+    import reproduce
+    alex = tmp_path / "alex.pth"
+    torch.save({f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}, alex)
+    common = ["--steps", "2", "--num-samples", "2", "--eval-steps", "2", "--eval-batch", "4", "--judge-train", "256",
+              "--in-process", "--device", "cpu", "--out-dir", str(tmp_path / "repro"), "--cache-dir",
+              str(tmp_path / "cache"), "--lpips-alex-path", str(alex), "--train-args",
+              "--resolution 16 --global-batch 4 --warmup 1 --sample-every 0 --log-every 1 --no-progress",
+              "--eval-args", "--judge-heldout 20"]
+    studies = {"control": ["--lpips-prompts", "1", "--fid", "--ref-max", "4"], "guidance": ["--no-fid"],
+               "padding": ["--no-fid"], "flip": [], "transfer": ["--no-fid", "--low-res", "8", "--ft-evals", "1",
+                                                                 "--lams", "1.5", "2"]}
+    for study, flags in studies.items():
+        reproduce.main([study] + common + flags)
+        out = tmp_path / "repro" / study
+        md = (out / f"{study}.md").read_text()
+        assert md.startswith("## ") and "| " in md and "paper" in md
+        res = json.load(open(out / f"{study}.json"))["results"]
+        assert res, study
+        n_cmds = len((out / "commands.sh").read_text().splitlines())
+        reproduce.main([study] + common + flags)  # rerun: everything is on disk
+        assert len((out / "commands.sh").read_text().splitlines()) == n_cmds, f"{study} rerun ran commands"
+    ctl = json.load(open(tmp_path / "repro" / "control" / "control.json"))["results"]
+    assert set(ctl) == {"uniform", "cosine"} and all(np.isfinite(ctl[k]["lpips"][0]) and
+                                                     np.isfinite(ctl[k]["fid"][0]) for k in ctl)
+    pad = json.load(open(tmp_path / "repro" / "padding" / "padding.json"))["results"]
+    assert set(pad) == {"zero", "replicate", "noisy"} and 0 <= pad["zero"]["caption_side"][0] <= 1
+    tr = json.load(open(tmp_path / "repro" / "transfer" / "transfer.json"))["results"]
+    assert set(tr["curves"]) == {"baseline", "extrapolate", "no-rescale", "local"}
+    assert "judge_acc@2" in tr["curves"]["local"] and (tmp_path / "repro" / "transfer" / "transfer_judge.png").exists()
+    # each fine-tune run differs from the baseline's in one flag only (local: its pre-training does, by --crop)
+    def flags(cmd):
+        t = shlex.split(cmd)[2:]
+        out = {}
+        for k, a in enumerate(t):  # argparse semantics: the last occurrence wins
+            if a.startswith("--"):
+                out[a] = t[k + 1] if k + 1 < len(t) and not t[k + 1].startswith("--") else True
+        return {k: v for k, v in out.items() if k not in ("--out-dir", "--init-from")}
+    cmds = [c for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
+            if c.startswith("python train.py") and "--max-steps 2 " in c]
+    ft = {re.search(r"ft16_([a-z-]+)_s0", c).group(1): flags(c) for c in cmds if "ft16_" in c}
+    base = ft["baseline"]
+    assert base["--resolution"] == "16" and base["--pe-base"] == "4" and float(base["--schedule-scale"]) == 2
+    diff = {name: {k for k in set(base) | set(f) if base.get(k) != f.get(k)} for name, f in ft.items()}
+    assert diff == {"baseline": set(), "extrapolate": {"--pe-grid"}, "no-rescale": {"--schedule-scale"}, "local": set()}
+    pre = [flags(c) for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
+           if "/pre8" in c and c.startswith("python train.py")]
+    assert len(pre) == 2 and {k for k in set(pre[0]) | set(pre[1]) if pre[0].get(k) != pre[1].get(k)} == {"--crop"}
