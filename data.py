@@ -94,6 +94,39 @@ def save_grid(images, path, nrow=8, pad=2):
     grid.save(path)
 
 
+PLOT_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#7f7f7f")
+
+
+def plot_lines(series, path, title="", w=520, h=320, pad=44):
+    """Line plot drawn with PIL (no matplotlib): series = {name: (xs, ys)}; NaN points are skipped; a legend
+    with each series' colour; the axes' end values written at the corners."""
+    from PIL import ImageDraw
+    pts = {k: [(x, y) for x, y in zip(*v) if y == y] for k, v in series.items()}  # y == y drops NaN
+    allp = [p for v in pts.values() for p in v]
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    d.text((pad, 8), title, fill="black")
+    if allp:
+        x0, x1 = min(p[0] for p in allp), max(p[0] for p in allp)
+        y0, y1 = min(p[1] for p in allp), max(p[1] for p in allp)
+        sx = lambda x: pad + (x - x0) / ((x1 - x0) or 1) * (w - 2 * pad)
+        sy = lambda y: h - pad - (y - y0) / ((y1 - y0) or 1) * (h - 2 * pad)
+        for k, (name, p) in enumerate(pts.items()):
+            col = PLOT_COLORS[k % len(PLOT_COLORS)]
+            if len(p) > 1:
+                d.line([(sx(x), sy(y)) for x, y in p], fill=col, width=2)
+            for x, y in p:
+                d.ellipse([sx(x) - 2, sy(y) - 2, sx(x) + 2, sy(y) + 2], fill=col)
+            d.text((w - pad - 150, pad + 4 + 12 * k), name, fill=col)
+        d.text((pad, h - pad + 6), f"{x0:g}", fill="black")
+        d.text((w - pad - 30, h - pad + 6), f"{x1:g}", fill="black")
+        d.text((2, pad - 12), f"{y1:.3g}", fill="black")
+        d.text((2, h - pad), f"{y0:.3g}", fill="black")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    img.save(path)
+
+
 def latent_shape(latent, resolution):
     """(C, H, W) the denoiser sees for an image of `resolution` px: pixels, or VAE latents (run spec "latent")."""
     r = resolution // latent["down"]

@@ -1,5 +1,6 @@
 """
-Evaluation (paper §3.1, SPEC §7): FID, CLIPScore and LPIPS under size conditioning.
+Evaluation (paper §3.1, SPEC §7): FID, CLIPScore, LPIPS under size conditioning; at CPU scale a judge (class
+accuracy) and caption agreement (embedded captions: shape, side, colour).
 
 FID uses the standard network: Inception-v3 pool3 (2048-d) ported from TF `inception-2015-12-05`
 (the one pytorch-fid, clean-fid, ADM and StyleGAN/EDM use), as the TorchScript file shipped in PyPI
@@ -327,6 +328,93 @@ def judge_accuracy(net, images, labels, num_classes, batch=256):
     return hit.mean().item(), per_class, preds
 
 
+# ----------------------------------------------------------------------------- caption agreement (embedded data)
+# The embedded captions say "a magenta star on the right": shape, colour, side of the original image. A generated
+# image agrees with its caption in three ways, each read off the image: the judge's shape, the side of the
+# foreground's centre of mass, and the nearest data.COLORS entry to the foreground's colour. Foreground = pixels
+# with some channel above FG_LEVEL: every embedded background channel is < 70 (render_embedded), every COLORS entry
+# has a channel >= 190, so the midpoint separates them with a margin on both sides, also on the blurred edges of a
+# bicubic resize (a border-colour distance would fail where a crop cuts the shape at the border).
+FG_LEVEL = 128
+SIDES = ("left", "right")
+CAPTION_PARTS = ("shape", "side", "colour")
+
+
+def parse_caption(caption):
+    """'a magenta star on the right' -> (class id, side 0 = left / 1 = right, colour index into data.COLORS)."""
+    words = caption.lower().replace(".", " ").split()
+    colours = list(data.COLORS)
+    shape = next((data.CLASSES.index(w) for w in words if w in data.CLASSES), None)
+    colour = next((colours.index(w) for w in words if w in colours), None)
+    side = next((SIDES.index(w) for w in words if w in SIDES), None)
+    if None in (shape, colour, side):
+        raise ValueError(f"not an embedded-data caption (shape, colour, left/right): {caption!r}")
+    return shape, side, colour
+
+
+def foreground(images):
+    """Foreground mask (N, H, W) bool of uint8 images (N, 3, H, W): some channel above FG_LEVEL."""
+    return images.max(1).values > FG_LEVEL
+
+
+def image_side_colour(images):
+    """Per image: side of the foreground's centre of mass (0 left, 1 right, -1 no foreground) and the index of
+    the data.COLORS entry nearest to the median foreground colour (-1 no foreground). The median, not the mean:
+    blended edge pixels, darker than the shape, are a minority of the foreground."""
+    mask = foreground(images)  # (N, H, W)
+    W = images.shape[-1]
+    palette = torch.tensor(list(data.COLORS.values()), dtype=torch.float32)  # (8, 3)
+    cols = torch.arange(W, dtype=torch.float32) + 0.5  # pixel centres
+    side, colour = [], []
+    for img, m in zip(images, mask):
+        if not m.any():
+            side.append(-1), colour.append(-1)
+            continue
+        cx = (m.float().sum(0) * cols).sum() / m.sum()  # centre of mass along x
+        side.append(int(cx > W / 2))
+        rgb = img.permute(1, 2, 0)[m].float().median(0).values  # (3,)
+        colour.append(int(((palette - rgb) ** 2).sum(1).argmin()))
+    return torch.tensor(side), torch.tensor(colour)
+
+
+@torch.no_grad()
+def caption_predictions(net, images, batch=256):
+    """What each uint8 image (N, 3, R, R) shows: {"shape": judge class, "side", "colour"} as (N,) tensors."""
+    shape = torch.cat([net(images[i:i + batch].float() / 127.5 - 1).argmax(1) for i in range(0, len(images), batch)])
+    side, colour = image_side_colour(images)
+    return {"shape": shape, "side": side, "colour": colour}
+
+
+def caption_agreement(pred, captions, flips=None):
+    """Agreement of caption_predictions with captions: per part, the fraction of images showing what their caption
+    says, the mean of the three, and each part's chance level sum_c p_pred(c) p_caption(c) (the agreement of a
+    generator whose outputs ignore their prompts, with the same marginals). flips (N,): images that are mirrored
+    views of what their caption describes (a flipped training crop): their caption's side is swapped."""
+    want = torch.tensor([parse_caption(c) for c in captions])  # (N, 3): shape, side, colour
+    if flips is not None:
+        f = torch.as_tensor(flips).bool()
+        want[f, 1] = 1 - want[f, 1]
+    out = {}
+    for k, part in enumerate(CAPTION_PARTS):
+        p, w = pred[part], want[:, k]
+        out[part] = (p == w).float().mean().item()
+        vals = torch.unique(torch.cat([p, w]))
+        out[f"{part}_chance"] = sum(((p == v).float().mean() * (w == v).float().mean()).item() for v in vals)
+    out["mean"] = sum(out[p] for p in CAPTION_PARTS) / len(CAPTION_PARTS)
+    return out
+
+
+def leftright_prompts(seeds):
+    """Issue 14 item 4: a balanced prompt set, seed s -> 'a <colour> <shape> on the <side>' with shape s % 10,
+    side (s // 10) % 2, colour (s // 20) % 8: every shape equally often on each side."""
+    colours = list(data.COLORS)
+    out = []
+    for s in seeds:
+        col, shape, side = colours[(s // 20) % len(colours)], data.CLASSES[s % len(data.CLASSES)], SIDES[(s // 10) % 2]
+        out.append(f"{'an' if col[0] in 'aeiou' else 'a'} {col} {shape} on the {side}")
+    return out
+
+
 # ----------------------------------------------------------------------------- CLIPScore
 def load_clip(name=CLIP_MODEL, pretrained=CLIP_PRETRAINED):
     """open_clip model + tokenizer (pretrained: a tag or a local file); missing weights -> one-line error."""
@@ -436,14 +524,22 @@ def get_parser():
                    "1.5 at the pre-training resolution: 1.5 at 256, 2.0 after transfer to 512)")
     p.add_argument("--beta", type=float, default=1.0, help="control guidance beta of Eq. 2 (default: 1 = plain CFG; "
                    "the paper's best is 1.375)")
-    p.add_argument("--size-cond", choices=["train", "fixed"], default="train", help="size conditioning: drawn from "
-                   "the training distribution (Tab. 2b) or orig size = resolution (default: train)")
+    p.add_argument("--size-cond", choices=["train", "fixed", "center"], default="train", help="size conditioning: "
+                   "drawn from the training distribution (Tab. 2b), orig size = resolution, or 'center': the training "
+                   "distribution's size with the crop at the centre-crop position, the view whose caption agreement "
+                   "on real images is ~1 (--caption-agreement) (default: train)")
+    p.add_argument("--prompts", choices=["train", "leftright"], default="train", help="text mode: the captions of "
+                   "the training samples the conditions are drawn from, or the balanced 'a <colour> <shape> on the "
+                   "<left/right>' set (issue 14 item 4) (default: train)")
     p.add_argument("--batch-size", type=int, default=64, help="images per generation batch per rank (default: 64)")
     # metrics
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID (default: on)")
     p.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None, help="class accuracy of the "
                    "samples under a CNN trained on the run's real training crops, beside its accuracy on held-out "
                    "real crops (ceiling) and chance (default: on for class-conditional checkpoints on image data)")
+    p.add_argument("--caption-agreement", action=argparse.BooleanOptionalAction, default=None, help="agreement of "
+                   "each sample with its prompt (shape by the judge, side, colour; embedded-data captions) (default: "
+                   "on for text-conditional checkpoints trained on the embedded data)")
     p.add_argument("--judge-train", type=int, default=JUDGE_TRAIN, help=f"training items of the judge (default: "
                    f"{JUDGE_TRAIN})")
     p.add_argument("--judge-heldout", type=int, default=1000, help="held-out real crops for the judge's ceiling "
@@ -484,7 +580,10 @@ def main(argv=None):
         spec = ck["spec"]
         d, sem = spec["data"], spec["semantic"]
         lam = args.lam if args.lam is not None else conditioning.default_lam(spec)
-        tag = f"n{args.num_samples}_steps{args.steps}_lam{lam:g}_beta{args.beta:g}_{args.size_cond}"
+        if args.prompts != "train" and sem["kind"] != "text":
+            die("--prompts needs a text-conditional checkpoint")
+        tag = f"n{args.num_samples}_steps{args.steps}_lam{lam:g}_beta{args.beta:g}_{args.size_cond}" + \
+            ("" if args.prompts == "train" else f"_{args.prompts}")
         images = f"{os.path.splitext(args.ckpt)[0]}_samples_{tag}"
         ds = data.build_dataset(d["source"], d["path"], resolution=d["resolution"], crop=d["crop"], flip=d["flip"],
                                 seed=d["seed"])
@@ -501,12 +600,17 @@ def main(argv=None):
             chunk = seeds[i:i + args.batch_size]
             labels, phi = train_conditions(spec, pool, chunk)
             phi = conditioning.default_phi(spec, len(chunk)) if args.size_cond == "fixed" else phi
+            if args.size_cond == "center":  # crop (top, left) of the centre crop of side min(h, w)
+                m = phi[:, 3:5].min(1).values
+                phi[:, 0], phi[:, 1] = ((phi[:, 3] - m) / 2).floor(), ((phi[:, 4] - m) / 2).floor()
+            labels = leftright_prompts(chunk) if args.prompts == "leftright" else labels
             for s, img, lab in zip(chunk, gen(chunk, labels, phi), labels):
                 data.to_pil(img).save(os.path.join(images, f"{s:06d}.png"))
                 if sem["kind"] == "text":  # the prompt travels with the image, for CLIPScore
                     with open(os.path.join(images, f"{s:06d}.txt"), "w") as f:
                         f.write(lab)
-        metrics.update(ckpt=args.ckpt, steps=args.steps, lam=lam, beta=args.beta, size_cond=args.size_cond)
+        metrics.update(ckpt=args.ckpt, steps=args.steps, lam=lam, beta=args.beta, size_cond=args.size_cond,
+                       prompts=args.prompts)
         if args.lpips_prompts:  # --- Tab. 2a protocol
             sizes = args.lpips_sizes or [int(d["resolution"] * f) for f in LPIPS_SIZE_FACTORS]
             lp_seeds = list(range(args.seed + rank, args.seed + args.lpips_prompts, world))
@@ -526,6 +630,10 @@ def main(argv=None):
                                                                spec["data"]["source"] in ("embedded", "imagefolder"))
     if judge_on and not (spec and spec["semantic"]["kind"] == "class"):
         die("--judge needs --ckpt of a class-conditional run")
+    text_embedded = bool(spec and spec["semantic"]["kind"] == "text" and spec["data"]["source"] == "embedded")
+    caption_on = args.caption_agreement if args.caption_agreement is not None else text_embedded
+    if caption_on and not text_embedded:
+        die("--caption-agreement needs --ckpt of a text-conditional run on the embedded data")
     stem = os.path.splitext(images)[0] if os.path.isfile(images) else images.rstrip("/")
     out = args.out or stem + "_eval.json"  # next to the checkpoint / the images
 
@@ -576,14 +684,24 @@ def main(argv=None):
                                 for i in range(0, len(caps), 64)])
             metrics.update(clip_score=scores.mean().item(), clip_n=len(scores), clip_model=f"{args.clip_model}/"
                            f"{args.clip_pretrained}")
-        if judge_on:  # --- class accuracy of the samples (labels seed % K) next to the real ceiling and chance
-            K, d = spec["semantic"]["num_classes"], spec["data"]
+        if judge_on or caption_on:  # the judge: a CNN trained on the run's real training crops (cached)
+            d = spec["data"]
+            K = spec["semantic"]["num_classes"] if judge_on else len(data.CLASSES)  # text runs: embedded classes
             jds = data.build_dataset(d["source"], d["path"], resolution=d["resolution"], crop=d["crop"],
                                      flip=d["flip"], seed=d["seed"])
             key = hashlib.sha1(f"{d['source']}:{d['path']}:{d['seed']}:{d['resolution']}:{d['crop']}:{d['flip']}:"
                                f"{args.judge_train}:{JUDGE_EPOCHS}:{JUDGE_LR}".encode()).hexdigest()[:16]
             net = train_judge(jds, K, args.judge_train, cache=os.path.join(args.cache_dir, f"judge_{key}.pt"),
                               progress=True)
+        if caption_on:  # --- shape / side / colour of each sample against its sidecar prompt
+            files = sorted(glob.glob(os.path.join(images, "*.png")))
+            gen_x = torch.stack([_pil_to_tensor(Image.open(f), None) for f in files])
+            prompts = [open(f[:-4] + ".txt").read().strip() for f in files]
+            agree = caption_agreement(caption_predictions(net, gen_x), prompts)
+            metrics.update({f"caption_{k}": v for k, v in agree.items()}, caption_n=len(files))
+            print("caption agreement  " + "  ".join(f"{p} {agree[p]:.3f} (chance {agree[p + '_chance']:.3f})"
+                                                    for p in CAPTION_PARTS) + f"  mean {agree['mean']:.3f}")
+        if judge_on:  # --- class accuracy of the samples (labels seed % K) next to the real ceiling and chance
             files = sorted(glob.glob(os.path.join(images, "*.png")))
             gen_x = torch.stack([_pil_to_tensor(Image.open(f), None) for f in files])
             gen_y = [int(os.path.basename(f)[:-4]) % K for f in files]  # balanced labels, as generated

@@ -1833,3 +1833,105 @@ def test_judge_separates(tmp_path):
     assert evaluate.judge_accuracy(net, noise, y_b, 10)[0] < 0.2
     again = evaluate.train_judge(ds, 10, n=2000, epochs=6, cache=cache)  # from the cache
     assert torch.equal(evaluate.judge_accuracy(again, x_a, y_a, 10)[2], pred_a)
+
+
+class _OracleJudge(torch.nn.Module):
+    """Stands in for the trained judge: one-hot logits of known labels, batch after batch (the judge's own
+    accuracy is test_judge_separates' concern; here the shape part must be exactly 1 and exactly chance)."""
+
+    def __init__(self, labels):
+        super().__init__()
+        self.labels, self.pos = labels, 0
+
+    def forward(self, x):
+        y = self.labels[self.pos:self.pos + len(x)]
+        self.pos += len(x)
+        return torch.nn.functional.one_hot(y, 10).float()
+
+
+def test_caption_agreement():
+    """The embedded data's own images (the evaluation view: centre crop, 24 px) agree with their captions, shuffled
+    captions agree at chance; a mirrored image agrees once its flip is declared; the reported chance level is exact."""
+    ds = data.build_dataset("embedded", resolution=24, crop="center", flip=False, seed=0)
+    items = [ds[i] for i in range(500)]
+    x = data.to_uint8(torch.stack([s["image"] for s in items]))  # (500, 3, 24, 24) uint8
+    y, caps = torch.tensor([s["y"] for s in items]), [s["caption"] for s in items]
+    assert evaluate.parse_caption("an orange moon on the left") == (8, 0, list(data.COLORS).index("orange"))
+    with pytest.raises(ValueError):
+        evaluate.parse_caption("a dog on the grass")
+    pred = evaluate.caption_predictions(_OracleJudge(y), x)
+    a = evaluate.caption_agreement(pred, caps)
+    assert a["shape"] == 1.0
+    # side and colour are read off the pixels; the centre crop of a 2:1 original can cut a shape placed near the
+    # image border (shape centre at 0.15-0.4 of the width), which moves its centre of mass / blends its colour:
+    # measured 3 / 1000 side and 8 / 1000 colour misses at 24 px, so >= 0.99 and >= 0.98 here
+    assert a["side"] >= 0.99 and a["colour"] >= 0.98 and a["mean"] >= 0.99
+    # mirrored images agree exactly as well once declared flipped, and disagree on the side without it
+    mir = evaluate.caption_predictions(_OracleJudge(y), x.flip(-1))
+    assert evaluate.caption_agreement(mir, caps, flips=torch.ones(500))["side"] == a["side"]
+    assert evaluate.caption_agreement(mir, caps)["side"] <= 1 - a["side"] + 1e-6
+    # shuffled captions: chance (shape 1/10, side 1/2, colour 1/8) ...
+    perm = torch.randperm(500, generator=torch.Generator().manual_seed(0)).tolist()
+    s = evaluate.caption_agreement(pred, [caps[i] for i in perm])
+    assert abs(s["shape"] - 0.1) < 0.04 and abs(s["side"] - 0.5) < 0.06 and abs(s["colour"] - 0.125) < 0.04
+    # ... and exactly the reported chance level on average over all cyclic shifts of the captions
+    assert a["shape_chance"] == pytest.approx(0.1)  # classes are i % 10: exactly balanced
+    for part in evaluate.CAPTION_PARTS:
+        shifted = [evaluate.caption_agreement(pred, caps[k:] + caps[:k])[part] for k in range(0, 500, 1)]
+        assert np.mean(shifted) == pytest.approx(a[f"{part}_chance"], abs=1e-6)
+    # an empty image shows nothing: no side, no colour
+    side, colour = evaluate.image_side_colour(torch.zeros(1, 3, 24, 24, dtype=torch.uint8))
+    assert side.item() == -1 and colour.item() == -1
+
+
+def test_reproduce_smoke(tmp_path):
+    """Every study of reproduce.py runs end to end at a few steps (16 px, 2 samples, FID on for one study on a
+    handful of images) in this process, writes its table and JSON (and the transfer figures), and a rerun skips
+    every run and evaluation (no new command)."""
+    import reproduce
+    alex = tmp_path / "alex.pth"
+    torch.save({f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}, alex)
+    common = ["--steps", "2", "--num-samples", "2", "--eval-steps", "2", "--eval-batch", "4", "--judge-train", "256",
+              "--in-process", "--device", "cpu", "--out-dir", str(tmp_path / "repro"), "--cache-dir",
+              str(tmp_path / "cache"), "--lpips-alex-path", str(alex), "--train-args",
+              "--resolution 16 --global-batch 4 --warmup 1 --sample-every 0 --log-every 1 --no-progress",
+              "--eval-args", "--judge-heldout 20"]
+    studies = {"control": ["--lpips-prompts", "1", "--fid", "--ref-max", "4"], "guidance": ["--no-fid"],
+               "padding": ["--no-fid"], "flip": [], "transfer": ["--no-fid", "--low-res", "8", "--ft-evals", "1",
+                                                                 "--lams", "1.5", "2"]}
+    for study, flags in studies.items():
+        reproduce.main([study] + common + flags)
+        out = tmp_path / "repro" / study
+        md = (out / f"{study}.md").read_text()
+        assert md.startswith("## ") and "| " in md and "paper" in md
+        res = json.load(open(out / f"{study}.json"))["results"]
+        assert res, study
+        n_cmds = len((out / "commands.sh").read_text().splitlines())
+        reproduce.main([study] + common + flags)  # rerun: everything is on disk
+        assert len((out / "commands.sh").read_text().splitlines()) == n_cmds, f"{study} rerun ran commands"
+    ctl = json.load(open(tmp_path / "repro" / "control" / "control.json"))["results"]
+    assert set(ctl) == {"uniform", "cosine"} and all(np.isfinite(ctl[k]["lpips"][0]) and
+                                                     np.isfinite(ctl[k]["fid"][0]) for k in ctl)
+    pad = json.load(open(tmp_path / "repro" / "padding" / "padding.json"))["results"]
+    assert set(pad) == {"zero", "replicate", "noisy"} and 0 <= pad["zero"]["caption_side"][0] <= 1
+    tr = json.load(open(tmp_path / "repro" / "transfer" / "transfer.json"))["results"]
+    assert set(tr["curves"]) == {"baseline", "extrapolate", "no-rescale", "local"}
+    assert "judge_acc@2" in tr["curves"]["local"] and (tmp_path / "repro" / "transfer" / "transfer_judge.png").exists()
+    # each fine-tune run differs from the baseline's in one flag only (local: its pre-training does, by --crop)
+    def flags(cmd):
+        t = shlex.split(cmd)[2:]
+        out = {}
+        for k, a in enumerate(t):  # argparse semantics: the last occurrence wins
+            if a.startswith("--"):
+                out[a] = t[k + 1] if k + 1 < len(t) and not t[k + 1].startswith("--") else True
+        return {k: v for k, v in out.items() if k not in ("--out-dir", "--init-from")}
+    cmds = [c for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
+            if c.startswith("python train.py") and "--max-steps 2 " in c]
+    ft = {re.search(r"ft16_([a-z-]+)_s0", c).group(1): flags(c) for c in cmds if "ft16_" in c}
+    base = ft["baseline"]
+    assert base["--resolution"] == "16" and base["--pe-base"] == "4" and float(base["--schedule-scale"]) == 2
+    diff = {name: {k for k in set(base) | set(f) if base.get(k) != f.get(k)} for name, f in ft.items()}
+    assert diff == {"baseline": set(), "extrapolate": {"--pe-grid"}, "no-rescale": {"--schedule-scale"}, "local": set()}
+    pre = [flags(c) for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
+           if "/pre8" in c and c.startswith("python train.py")]
+    assert len(pre) == 2 and {k for k in set(pre[0]) | set(pre[1]) if pre[0].get(k) != pre[1].get(k)} == {"--crop"}

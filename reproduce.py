@@ -1,0 +1,472 @@
+"""
+The paper's findings in miniature (issue 14): one subcommand per table, each a set of runs of the repo's own CLIs.
+
+    python reproduce.py control     # Tab. 2a / Fig. 2: gamma_c uniform vs cosine (alpha 8): LPIPS-size, FID, judge
+    python reproduce.py guidance    # Eq. 2: control guidance beta 1, 1.375, 2 at fixed lam: FID, judge
+    python reproduce.py padding     # Tab. 3: --text-pad zero | replicate | noisy (tiny text tower): FID, captions
+    python reproduce.py flip        # §3.3 / Fig. 6: flip augmentation with vs without flip in phi: left/right
+    python reproduce.py transfer    # Fig. 8 / Tab. A3: pre-train at R, transfer to 2R, fine-tune; lam sweep (Eq. 4)
+    python reproduce.py control --seeds 0 1 --steps 3000 --out-dir runs/repro   # a second seed: mean and spread
+    python reproduce.py transfer --dry-run                                      # the commands and a time estimate
+
+Every run is `python train.py` with its defaults plus the one flag its row varies (and the study's common flags,
+e.g. `--semantic text --text-encoder tiny` for padding), then `python evaluate.py --ckpt ... --out <json>`; the
+table is built from those JSON files. Seeds are fixed (`--seed` of train.py per `--seeds` entry; evaluation seeds
+0..N-1 for every run, so rows share their initial noise). Outputs: <out-dir>/<study>/<run>_s<seed>/ (the run),
+<study>.md (the table, with the paper's number in the last column), <study>.json (every number), commands.sh (every
+command, in order) and <study>_*.png where the study has a figure. A rerun skips runs and evaluations whose outputs
+exist (a finished run leaves done.json; an evaluation its JSON).
+
+How the scripts are called: this file imports only library files (data.py). Each command runs as a subprocess
+(`python train.py ...`, a fresh interpreter, exactly what a user types); `--in-process` instead calls the script's
+`main(argv)` with the same argv, as test_core.py does, for the smoke test. Either way the interface is the CLI, and
+the fine-tune flags of `transfer` are read from what transfer.py prints.
+
+Default sizes (`--steps` per study) aim at <= 30 min on the 2-core CPU; `--dry-run` prints the estimate from the
+bench reference rate (`--steps-per-s`, default 2.5 = bench.py's REF_STEPS_PER_S for the default job; pass what
+`python bench.py --suite cpu-default` prints on your machine) and the measured FID-network cost.
+"""
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import data
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+STUDIES = ("control", "guidance", "padding", "flip", "transfer")
+# steps per training run, sized by estimate() for <= 30 min at REF_STEPS_PER_S (see --dry-run)
+STUDY_STEPS = {"control": 1000, "guidance": 1900, "padding": 600, "flip": 1200, "transfer": 400}
+STUDY_SAMPLES = {"transfer": 100}  # samples per evaluation where it differs from --num-samples' 200
+TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embedded captions, no download
+EVAL_STEPS = 50  # DDIM steps of every evaluation (Fig. 8 uses 50; the paper's FID protocol 250 is CPU-prohibitive)
+# time model of --dry-run: bench.py's reference rate of the default job (mmDiT-tiny, 24 px, batch 32, fp32); a
+# guided sampling step of one image (3 branches, forward only) costs about one training image (forward + backward);
+# cost grows with the token count (resolution / 24)^2; TF-Inception on 2 CPU cores: 0.32 s per image (README: 5000
+# reference images in ~27 min)
+REF_STEPS_PER_S, REF_RES, REF_BATCH, INCEPTION_S, JUDGE_S, BUDGET_S = 2.5, 24, 32, 0.32, 60, 1800
+
+# the paper's numbers beside each row (/work/shared/paper.txt)
+PAPER = {
+    "control": {"uniform": "FID 3.08, LPIPS 0.33, /HR 0.210", "cosine": "FID 3.04, LPIPS 0.04, /HR 0.009",
+                "linear": "FID 3.13, LPIPS 0.07, /HR 0.041", "step": "FID 3.15, LPIPS 0.09, /HR 0.046 (σ ≤ 1)"},
+    "guidance": {1.0: "FID 1.71 (Tab. A3, IN1k, β = 1)", 1.375: "FID 1.59 (Tab. A3; best β, Fig. 7 right)",
+                 2.0: "worse than 1.375 (Fig. 7 right)"},
+    "padding": {"zero": "FID 7.19, CLIP 26.25", "replicate": "FID 6.93, CLIP 26.47",
+                "noisy": "FID 6.79, CLIP 26.60 (β_txt 0.02)"},
+    "flip": {"flip": "FID 8.40, CLIP 23.68 (Tab. 2c); follows left/right (Fig. 6)",
+             "no-flip": "FID 8.43, CLIP 23.59 (Tab. 2c); confuses left/right (Fig. 6)"},
+    "transfer": {"baseline": "FID 6.27 with every change (Tab. A3 right)",
+                 "extrapolate": "≈ +0.2 FID after 130k it. (Fig. 8a)",
+                 "no-rescale": "≈ +0.7 FID after 40k it. (Fig. 8b)",
+                 "local": "FID 7.25 → 6.89 with local-view pre-training (Tab. A3 right, Fig. 8c)"},
+}
+
+
+# ----------------------------------------------------------------------------- running the CLIs
+class Runner:
+    """Runs `python <script>.py argv` (subprocess, or main(argv) in this process), logging every command."""
+
+    def __init__(self, args, out):
+        self.args, self.out, self.plan = args, out, []
+        os.makedirs(out, exist_ok=True)
+
+    def __call__(self, script, argv, capture=False):
+        argv = [str(a) for a in argv]
+        line = shlex.join(["python", f"{script}.py", *argv])
+        self.plan.append((script, argv))
+        if self.args.dry_run:
+            print(line)
+            return ""
+        with open(os.path.join(self.out, "commands.sh"), "a") as f:
+            f.write(line + "\n")
+        print(f"\n$ {line}", flush=True)
+        if self.args.in_process:
+            main = importlib.import_module(script).main
+            if not capture:
+                main(argv)
+                return ""
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                main(argv)
+            return buf.getvalue()
+        r = subprocess.run([sys.executable, f"{script}.py", *argv], cwd=REPO, check=True, text=True,
+                           stdout=subprocess.PIPE if capture else None)
+        return r.stdout or ""
+
+
+class Study:
+    """The runs of one study: train (skipped when done.json says so), evaluate (skipped when its JSON exists)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.out = os.path.join(args.out_dir, args.study)
+        self.run = Runner(args, self.out)
+        self.extra_train = shlex.split(args.train_args)
+        self.extra_eval = shlex.split(args.eval_args)
+        self.planned = set()  # (run dir, steps) already trained in this invocation
+
+    def train(self, name, seed, flags, steps=None, init=None):
+        """One train.py run: <defaults> + flags, --seed, --max-steps; returns its directory."""
+        steps = steps or self.args.steps
+        d = os.path.join(self.out, f"{name}_s{seed}")
+        argv = [*self.extra_train, *flags, "--seed", seed, "--max-steps", steps, "--out-dir", d, "--device",
+                self.args.device, *(["--init-from", init] if init else [])]  # the row's own flags win
+        done = os.path.join(d, "done.json")
+        if (d, steps) in self.planned or os.path.isfile(done) and json.load(open(done)).get("steps") == steps:
+            return d
+        self.planned.add((d, steps))
+        self.run("train", argv)
+        if not self.args.dry_run:
+            with data.atomic_write(done, "w") as f:
+                json.dump({"steps": steps, "argv": [str(a) for a in argv]}, f)
+        return d
+
+    def evaluate(self, ckpt, tag, flags=(), fid=True):
+        """evaluate.py on a checkpoint -> its metrics dict (None in a dry run)."""
+        a = self.args
+        out = f"{os.path.splitext(ckpt)[0]}_{tag}_eval.json"
+        if os.path.isfile(out):
+            return json.load(open(out))
+        fid_flags = ["--ref", "heldout", "--ref-max", a.ref_max] if (fid and a.fid) else ["--no-fid"]
+        argv = ["--ckpt", ckpt, "--out", out, "--num-samples", a.num_samples, "--steps", a.eval_steps,
+                "--batch-size", a.eval_batch, "--device", a.device, *self.extra_eval, *fid_flags, *flags]
+        for flag in ("judge_train", "cache_dir", "inception_path", "lpips_alex_path"):
+            if getattr(a, flag) is not None:
+                argv += ["--" + flag.replace("_", "-"), getattr(a, flag)]
+        self.run("evaluate", argv)
+        return None if a.dry_run else json.load(open(out))
+
+    def seeds(self, fn):
+        """fn(seed) -> metrics dict, for every --seeds entry: {key: [values over seeds]}."""
+        per = [fn(s) for s in self.args.seeds]
+        if any(p is None for p in per):
+            return {}
+        return {k: [p.get(k) for p in per] for k in set().union(*per)}
+
+
+# ----------------------------------------------------------------------------- tables
+def fmt(vals, digits=3):
+    """Mean over seeds, '± sd' with two or more seeds; '—' when missing."""
+    vals = [v for v in (vals or []) if isinstance(v, (int, float)) and v == v]
+    if not vals:
+        return "—"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def mean(vals):
+    vals = [v for v in (vals or []) if isinstance(v, (int, float)) and v == v]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def write_table(study, title, header, rows, notes=(), extra=""):
+    """<out>/<study>.md: a title, the markdown table, notes; returns its text."""
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    lines += [""] + [f"- {n}" for n in notes] + ([extra] if extra else [])
+    text = "\n".join(lines) + "\n"
+    if not study.args.dry_run:
+        with data.atomic_write(os.path.join(study.out, f"{study.args.study}.md"), "w") as f:
+            f.write(text)
+    return text
+
+
+def setting(a):
+    return (f"{a.steps} steps per run, seeds {' '.join(map(str, a.seeds))}, {a.num_samples} samples per evaluation, "
+            f"{a.eval_steps} DDIM steps; FID " + (f"vs {a.ref_max} held-out embedded images (N = {a.num_samples})"
+                                                   if a.fid else "off"))
+
+
+# ----------------------------------------------------------------------------- the studies
+def control(study):
+    """Tab. 2a / A6: γ_c(t) of Eq. 1; the recipe's cosine α = 8 is the baseline, each other row is --gamma X."""
+    a, rows, res = study.args, [], {}
+    for sched in a.schedules:
+        flags = [] if sched == "cosine" else ["--gamma", sched]
+        m = study.seeds(lambda s: study.evaluate(study.train(sched, s, flags) + "/ckpt.pt", "control",
+                                                 ["--lpips-prompts", a.lpips_prompts]))
+        res[sched] = m
+        rows.append([sched, " ".join(flags) or "(default: cosine, α = 8)", fmt(m.get("lpips")),
+                     fmt(m.get("lpips_hr")), fmt(m.get("fid"), 1), fmt(m.get("judge_acc")),
+                     fmt(m.get("judge_ceiling")), PAPER["control"].get(sched, "—")])
+    write_table(study, "Control conditioning: γ_c(t) (Tab. 2a, Tab. A6, Fig. 2)",
+                ["γ_c", "flag", "LPIPS", "LPIPS/HR", "FID", "judge", "judge ceiling", "paper (IN1k-256)"], rows,
+                [setting(a), f"LPIPS: {a.lpips_prompts} prompts, sizes resolution × (¼, ½, 1, 2, 4), same seed and "
+                 "class per prompt (evaluate.py --lpips-prompts); /HR: sizes ≥ the resolution",
+                 "judge: class accuracy of the samples under the CNN trained on the run's real crops; ceiling: its "
+                 "accuracy on held-out real crops; chance 0.1"])
+    return res
+
+
+def guidance(study):
+    """Eq. 2: one training run (the defaults), evaluated at each β with λ fixed."""
+    a, rows, res = study.args, [], {}
+    lam = ["--lam", a.lam] if a.lam is not None else []
+    for beta in a.betas:
+        m = study.seeds(lambda s: study.evaluate(study.train("default", s, []) + "/ckpt.pt", f"beta{beta:g}",
+                                                 ["--beta", beta, *lam]))
+        res[beta] = m
+        rows.append([f"{beta:g}", f"--beta {beta:g}", fmt(m.get("fid"), 1), fmt(m.get("judge_acc")),
+                     fmt(m.get("judge_ceiling")), PAPER["guidance"].get(beta, "—")])
+    lam_txt = f"{a.lam:g}" if a.lam is not None else "evaluate.py's default (Eq. 4: 1.5 at the training resolution)"
+    write_table(study, "Control guidance β of Eq. 2", ["β", "evaluate.py flag", "FID", "judge", "judge ceiling",
+                                                       "paper"], rows,
+                [setting(a), f"one training run per seed, evaluated at every β with λ = {lam_txt}",
+                 "β = 1 is plain classifier-free guidance (the control-dropped branch gets weight 0)"])
+    return res
+
+
+def caption_cols(m):
+    return [fmt(m.get("caption_shape")), fmt(m.get("caption_side")), fmt(m.get("caption_colour")),
+            fmt(m.get("caption_mean"))]
+
+
+CAPTION_NOTE = ("caption agreement (evaluate.py --caption-agreement): shape = the judge's class, side = the side of "
+                "the foreground's centre of mass, colour = the nearest palette colour of the foreground; chance 0.1 / "
+                "0.5 / 0.125; generated with --size-cond center (the centre-crop view of a training-size original, "
+                "on which real images agree ≥ 0.99)")
+
+
+def padding(study):
+    """Tab. 3: text padding after EOT, text-conditional on the embedded captions with the tiny tower."""
+    a, rows, res = study.args, [], {}
+    for pad in ("zero", "replicate", "noisy"):
+        flags = TEXT + ["--text-pad", pad]
+        m = study.seeds(lambda s: study.evaluate(study.train(pad, s, flags) + "/ckpt.pt", "padding",
+                                                 ["--size-cond", "center", "--no-clip", "--caption-agreement"]))
+        res[pad] = m
+        rows.append([pad, f"--text-pad {pad}", fmt(m.get("fid"), 1), *caption_cols(m), PAPER["padding"][pad]])
+    write_table(study, "Text padding (Tab. 3)", ["padding", "flag", "FID", "shape", "side", "colour", "mean",
+                                                  "paper (CC12M-256)"], rows,
+                [setting(a), f"every run: {' '.join(TEXT)} (a seeded random 2-layer text tower; the paper uses "
+                 "CLIP ViT-L/14, and reports CLIPScore where we report caption agreement)", CAPTION_NOTE,
+                 "noisy = the recipe's default (β_txt 0.02); replicate = no noise"])
+    return res
+
+
+def flip(study):
+    """§3.3 / Fig. 6: flip augmentation on in both runs; the second drops flip from φ (--control crop size)."""
+    a, rows, res = study.args, [], {}
+    for name, flags in (("flip", []), ("no-flip", ["--control", "crop", "size"])):
+        m = study.seeds(lambda s: study.evaluate(study.train(name, s, TEXT + flags) + "/ckpt.pt", "leftright",
+                                                 ["--prompts", "leftright", "--size-cond", "center", "--no-clip",
+                                                  "--caption-agreement"], fid=False))
+        res[name] = m
+        rows.append([name, " ".join(flags) or "(default: --control crop size flip)", *caption_cols(m),
+                     PAPER["flip"][name]])
+    write_table(study, "Flip conditioning (§3.3, Fig. 6, Tab. 2c)", ["φ", "flag", "shape", "side (left/right)",
+                                                                     "colour", "mean", "paper"], rows,
+                [setting(a).split("; FID")[0] + "; FID off", f"every run: {' '.join(TEXT)}, random flips p = 0.5 "
+                 "(the default); captions describe the unflipped original",
+                 "prompts: the balanced 'a <colour> <shape> on the <left/right>' set (evaluate.py --prompts "
+                 "leftright), sampled with flip = 0 in φ", CAPTION_NOTE])
+    return res
+
+
+def finetune_flags(printed, out):
+    """The flags transfer.py prints after `--init-from <out>` on its 'fine-tune:' line."""
+    line = next(ln for ln in printed.splitlines() if ln.startswith("fine-tune:"))
+    flags = shlex.split(line.split(f"--init-from {out}", 1)[1])
+    if "--out-dir" in flags:  # its placeholder NEW_DIR: each fine-tune gets its own
+        i = flags.index("--out-dir")
+        flags = flags[:i] + flags[i + 2:]
+    return flags
+
+
+def replace_flag(flags, name, value):
+    i = flags.index(name)
+    return flags[:i + 1] + [str(value)] + flags[i + 2:]
+
+
+def transfer(study):
+    """Fig. 8 / Tab. A3 right: pre-train at --low-res, transfer.py to 2x, fine-tune, evaluating along the way."""
+    a = study.args
+    lo, hi = a.low_res, 2 * a.low_res
+    k_eval = sorted({round(a.steps * j / a.ft_evals) for j in range(a.ft_evals + 1)})  # fine-tune steps, from 0
+    variants = {  # name: (pre-training flags, transfer.py flags, fine-tune flag change)
+        "baseline": ([], [], None), "extrapolate": ([], ["--pe-grid", "extrapolate"], None),
+        "no-rescale": ([], [], ("--schedule-scale", 1.0)), "local": (["--crop", "local"], [], None)}
+    what = {"baseline": "(resample PE, Eq. 3 rescale, global crops)", "extrapolate": "transfer.py --pe-grid extrapolate",
+            "no-rescale": "fine-tune --schedule-scale 1", "local": "pre-train --crop local"}
+    curves, lam_rows = {}, {}
+
+    def one_seed(name, s):
+        pre_flags, tr_flags, change = variants[name]
+        pre = study.train(f"pre{lo}{'_local' if pre_flags else ''}", s, ["--resolution", lo, *pre_flags],
+                          steps=a.pre_steps or a.steps)
+        init = os.path.join(study.out, f"{name}_s{s}_init{hi}.pt")
+        printed = study.run("transfer", ["--ckpt", pre + "/ckpt.pt", "--resolution", hi, "--out", init, *tr_flags],
+                            capture=True) if not os.path.isfile(init) or a.dry_run else None
+        ft_file = init + ".flags.json"  # what transfer.py printed, kept for reruns
+        if printed is not None and not a.dry_run:
+            with data.atomic_write(ft_file, "w") as f:
+                json.dump(finetune_flags(printed, init), f)
+        ft = json.load(open(ft_file)) if not a.dry_run else ["--resolution", hi, "--schedule-scale", "(printed)"]
+        if change:
+            ft = replace_flag(ft, *change)
+        out = {}
+        for k in k_eval:
+            if k == 0:
+                ck = init
+            else:
+                d = study.train(f"ft{hi}_{name}", s, ft, steps=k, init=init)
+                ck = os.path.join(d, f"ckpt_{k:06d}.pt")
+                if not a.dry_run and not os.path.isfile(ck):
+                    shutil.copyfile(os.path.join(d, "ckpt.pt"), ck)
+            m = study.evaluate(ck, "transfer")
+            for key in ("judge_acc", "fid"):
+                out[f"{key}@{k}"] = None if m is None else m.get(key)
+        if name == "baseline":  # λ sweep at both resolutions (Eq. 4)
+            for lam in a.lams:
+                for r, ck in ((lo, pre + "/ckpt.pt"), (hi, ck)):
+                    m = study.evaluate(ck, f"lam{lam:g}", ["--lam", lam])
+                    for key in ("judge_acc", "fid"):
+                        out[f"lam{lam:g}_{key}@{r}"] = None if m is None else m.get(key)
+        return out
+
+    rows = []
+    for name in variants:
+        m = study.seeds(lambda s: one_seed(name, s))
+        curves[name] = m
+        rows.append([name, what[name], *[fmt(m.get(f"judge_acc@{k}")) for k in k_eval],
+                     *[fmt(m.get(f"fid@{k}"), 1) for k in k_eval], PAPER["transfer"][name]])
+    base = curves["baseline"]
+    for lam in a.lams:
+        lam_rows[lam] = [f"{lam:g}", *[fmt(base.get(f"lam{lam:g}_{k}@{r}"), d) for r in (lo, hi)
+                                       for k, d in (("fid", 1), ("judge_acc", 3))]]
+
+    def best(r):  # λ with the lowest mean FID (the paper's criterion), else the highest judge accuracy
+        key, sign = ("fid", 1) if a.fid else ("judge_acc", -1)
+        vals = {lam: sign * mean(base.get(f"lam{lam:g}_{key}@{r}")) for lam in a.lams}
+        vals = {k: v for k, v in vals.items() if v == v}
+        return min(vals, key=vals.get) if vals else float("nan")
+
+    b_lo, b_hi = best(lo), best(hi)
+    lam_md = "\n".join(["", f"### Guidance law (Eq. 4): λ sweep of the baseline at {lo} px (pre-trained) and {hi} px "
+                        "(fine-tuned)", "", f"| λ | FID @{lo} | judge @{lo} | FID @{hi} | judge @{hi} |",
+                        "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in lam_rows.values()] +
+                       ["", f"- best λ at {lo} px: {b_lo:g}; Eq. 4 predicts {1 + 2 * (b_lo - 1):g} at {hi} px; "
+                        f"best λ measured at {hi} px: {b_hi:g} (by {'FID' if a.fid else 'judge accuracy'})",
+                        "- paper: λ* = 1.5 at 256 and 2.0 at 512 (Fig. 7 left/centre, App. D)"])
+    write_table(study, f"Resolution transfer {lo} → {hi} px (Fig. 8, Tab. A3 right)",
+                ["variant", "differs from the baseline by", *[f"judge @{k}" for k in k_eval],
+                 *[f"FID @{k}" for k in k_eval], "paper (IN1k-512 / CC12M)"], rows,
+                [setting(a) + f"; pre-training {a.pre_steps or a.steps} steps at {lo} px, fine-tuning evaluated "
+                 f"after {', '.join(map(str, k_eval))} steps at {hi} px (0 = the transferred checkpoint itself)",
+                 "fine-tune flags: what transfer.py prints (--resolution, --pe-base, --schedule-scale, "
+                 "--base-resolution, --pe-grid); λ by Eq. 4 (2.0 after 2×)",
+                 f"figures: {a.study}_judge.png, {a.study}_fid.png"], lam_md)
+    if not a.dry_run:
+        for key, label in (("judge_acc", "judge accuracy"), ("fid", "FID")):
+            series = {n: (k_eval, [mean(c.get(f"{key}@{k}")) for k in k_eval]) for n, c in curves.items()}
+            data.plot_lines(series, os.path.join(study.out, f"{a.study}_{key.split('_')[0]}.png"),
+                            f"{label} vs fine-tune steps at {hi} px")
+    return {"curves": curves, "best_lam": {lo: b_lo, hi: b_hi}}
+
+
+# ----------------------------------------------------------------------------- time estimate (--dry-run)
+def estimate(plan, a):
+    """Seconds of the planned commands on the reference machine: training steps scaled by tokens, guided sampling
+    as training images, the FID network per image, the judge and the held-out reference once."""
+    rate, total = a.steps_per_s, 0.0
+    res = {}
+    for script, argv in plan:
+        opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+        if script == "train":
+            r = int(opt.get("--resolution", REF_RES))
+            res[opt["--out-dir"]] = r
+            prev = res.get(opt["--out-dir"] + ":steps", 0)  # fine-tune segments resume
+            steps = int(opt["--max-steps"]) - prev
+            res[opt["--out-dir"] + ":steps"] = int(opt["--max-steps"])
+            total += steps / rate * (r / REF_RES) ** 2
+        elif script == "evaluate":
+            ck = opt["--ckpt"]
+            r = res.get(os.path.dirname(ck), 2 * a.low_res if "_init" in ck else REF_RES)
+            n, s = int(opt["--num-samples"]), int(opt["--steps"])
+            lp = int(opt.get("--lpips-prompts", 0)) * 5
+            total += (n + lp) * s / REF_BATCH / rate * (r / REF_RES) ** 2
+            total += INCEPTION_S * n if "--no-fid" not in argv else 0
+    n_res = len({2 * a.low_res, a.low_res}) if a.study == "transfer" else 1  # held-out references, cached after
+    total += JUDGE_S * n_res + (INCEPTION_S * (a.ref_max + a.num_samples) * n_res if a.fid else 0)
+    return total
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", choices=STUDIES, help="which table to make")
+    # runs
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per run (transfer: fine-tune steps) "
+                   f"(default: per study, {STUDY_STEPS})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.py --seed of each repeat; two or more "
+                   "give mean ± sd (default: 0)")
+    p.add_argument("--train-args", default="", help="flags added to every train.py run, e.g. '--resolution 16' "
+                   "(default: none = train.py's defaults)")
+    p.add_argument("--device", default="auto", help="train.py / evaluate.py --device (default: auto)")
+    # evaluation
+    p.add_argument("--num-samples", type=int, default=None, help="samples per evaluation (default: 200; transfer "
+                   "100)")
+    p.add_argument("--eval-steps", type=int, default=EVAL_STEPS, help=f"DDIM steps (default: {EVAL_STEPS})")
+    p.add_argument("--eval-batch", type=int, default=100, help="evaluate.py --batch-size (default: 100)")
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="FID vs held-out embedded "
+                   "images (default: on)")
+    p.add_argument("--ref-max", type=int, default=1000, help="held-out reference images for FID (default: 1000)")
+    p.add_argument("--judge-train", type=int, default=None, help="evaluate.py --judge-train (default: its own)")
+    p.add_argument("--eval-args", default="", help="flags added to every evaluate.py call (default: none)")
+    p.add_argument("--cache-dir", default=None, help="evaluate.py --cache-dir (default: its own)")
+    p.add_argument("--inception-path", default=None, help="evaluate.py --inception-path (default: its own)")
+    p.add_argument("--lpips-alex-path", default=None, help="evaluate.py --lpips-alex-path (default: its own)")
+    # study knobs
+    p.add_argument("--schedules", nargs="+", default=["uniform", "cosine"], choices=["uniform", "cosine", "linear",
+                   "step"], help="control: γ_c schedules; add linear step for Tab. A6 (default: uniform cosine)")
+    p.add_argument("--lpips-prompts", type=int, default=20, help="control: LPIPS prompts (default: 20)")
+    p.add_argument("--betas", type=float, nargs="+", default=[1.0, 1.375, 2.0], help="guidance: β values "
+                   "(default: 1 1.375 2)")
+    p.add_argument("--lam", type=float, default=None, help="guidance: fixed λ (default: evaluate.py's, 1.5)")
+    p.add_argument("--low-res", type=int, default=12, help="transfer: pre-training resolution; fine-tune at 2× "
+                   "(default: 12 -> 24)")
+    p.add_argument("--pre-steps", type=int, default=None, help="transfer: pre-training steps (default: 2 × --steps)")
+    p.add_argument("--ft-evals", type=int, default=2, help="transfer: evaluations along fine-tuning, besides step 0 "
+                   "(default: 2)")
+    p.add_argument("--lams", type=float, nargs="+", default=[1.5, 2.0, 3.0], help="transfer: λ sweep "
+                   "(default: 1.5 2 3)")
+    # system
+    p.add_argument("--out-dir", default=os.path.join("runs", "repro"), help="root of every study (default: "
+                   "runs/repro)")
+    p.add_argument("--in-process", action="store_true", help="call each script's main(argv) here instead of a "
+                   "subprocess (the tests)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and the time estimate, run nothing")
+    p.add_argument("--steps-per-s", type=float, default=REF_STEPS_PER_S, help="default job's training steps/s for "
+                   f"the estimate (default: {REF_STEPS_PER_S}, bench.py's reference machine)")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    args.steps = args.steps or STUDY_STEPS[args.study]
+    args.num_samples = args.num_samples or STUDY_SAMPLES.get(args.study, 200)
+    if args.study == "transfer" and args.pre_steps is None:
+        args.pre_steps = 2 * args.steps
+    study = Study(args)
+    res = globals()[args.study](study)
+    est = estimate(study.run.plan, args)
+    print(f"\n{args.study}: {len(study.run.plan)} commands; estimated {est / 60:.0f} min at {args.steps_per_s:g} "
+          f"steps/s of the default job" + ("" if est <= BUDGET_S else " (over the 30 min budget)"))
+    if not args.dry_run:
+        with data.atomic_write(os.path.join(study.out, f"{args.study}.json"), "w") as f:
+            json.dump({"args": vars(args), "results": res}, f, indent=1, default=str)
+        print(open(os.path.join(study.out, f"{args.study}.md")).read())
+
+
+if __name__ == "__main__":
+    main()
