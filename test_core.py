@@ -1277,13 +1277,18 @@ def test_objective_flags_travel():
     # train.py's diffusion flags: defaults are today's eps-DDPM, --recipe sd3 is rectified flow with logit-normal t
     # (explicit flags win), impossible combinations are refused, the run spec's schedule entry holds them all, and
     # conditioning.generate samples as the run trained.
-    a = vars(train.parse_args([]))
+    a = vars(train.parse_args(["--no-tiny-recipe"]))  # the paper's recipe (Tab. A4) at tiny size
     assert diffusion.schedule_spec(a) == {**diffusion.SCHEDULE_DEFAULTS, "t_density": "uniform"}
+    assert (a["objective"], a["class_in"]) == ("eps", "attn")
+    a = vars(train.parse_args([]))  # the tiny default: issue 13's deviations; any explicit flag still wins
+    assert (a["objective"], a["t_density"], a["class_in"]) == ("rf", "logit-normal", "adaln")
+    assert vars(train.parse_args(["--class-in", "attn"]))["class_in"] == "attn"
+    assert vars(train.parse_args(["--size", "S"]))["objective"] == "eps"
     sd3_args, sd3 = _trn_spec(["--recipe", "sd3", "--resolution", "16", "--patch-size", "4"])
     assert (sd3_args.objective, sd3_args.t_density) == ("rf", "logit-normal")
     assert sd3["schedule"] == diffusion.schedule_spec(vars(sd3_args)) and sd3["schedule"]["objective"] == "rf"
     assert vars(train.parse_args(["--recipe", "sd3", "--objective", "eps"]))["t_density"] == "uniform"
-    for bad in (["--zero-snr"], ["--shift", "3"]):
+    for bad in (["--no-tiny-recipe", "--zero-snr"], ["--no-tiny-recipe", "--shift", "3"]):
         with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             train.parse_args(bad)
 
