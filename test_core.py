@@ -4,6 +4,7 @@ Exact answers where the math gives one, equivalence with diffusers' reference mo
 tiny random weights, behaviour rather than shapes. Sections follow the files they test.
 """
 import contextlib
+import glob
 import io
 import json
 import math
@@ -1940,3 +1941,18 @@ def test_reproduce_smoke(tmp_path):
     pre = [flags(c) for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
            if "/pre8" in c and c.startswith("python train.py")]
     assert len(pre) == 2 and {k for k in set(pre[0]) | set(pre[1]) if pre[0].get(k) != pre[1].get(k)} == {"--crop"}
+
+
+def test_judge_cli_heldout(tmp_path):
+    """The README's judge command at tiny scale: evaluate.py --ref heldout writes judge accuracy (per class, ceiling,
+    chance) and FID with its real-vs-real floor at the same N into the metrics JSON."""
+    out = tmp_path / "run"
+    with _trn_one_thread():
+        train.main([*_TRN_FAST, "--max-steps", "2", "--sample-every", "0", "--out-dir", str(out)])
+        evaluate.main(["--ckpt", str(out / "ckpt.pt"), "--ref", "heldout", "--num-samples", "20", "--steps", "2",
+                       "--lam", "4", "--ref-max", "20", "--judge-train", "300", "--judge-heldout", "50",
+                       "--cache-dir", str(tmp_path / "cache")])
+    m = json.load(open(glob.glob(str(out / "ckpt_samples_*_eval.json"))[0]))
+    assert m["judge_n"] == 20 and len(m["judge_acc_per_class"]) == 10 and m["judge_chance"] == 0.1
+    assert 0 <= m["judge_acc"] <= 1 and m["judge_ratio"] == m["judge_acc"] / m["judge_ceiling"]
+    assert m["fid_n"] == 20 and m["fid_floor_n"] == 20 and m["fid_floor"] > 0 and m["fid"] > m["fid_floor"]
