@@ -1042,6 +1042,13 @@ def test_bench_cli_smoke(tmp_path, monkeypatch):
     bench.main()
     row = json.loads(out.read_text())["rows"][0]
     assert set(bench.COMPARE_COLS) <= set(row) and row["ratio"] > 0
+    # the CPU budget: round 1's default step (pixels, 24 px, batch 32) and the budget it implies, 10 x 2.5 / rate
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--suite", "cpu-default", "--threads", "1", "--out", str(out)])
+    bench.main()
+    row = json.loads(out.read_text())["rows"][0]
+    assert (row["resolution"], row["batch"], row["arch"]) == (24, 32, "mmdit")
+    assert row["steps_per_s"] == pytest.approx(1e3 / row["step_ms"]) and row["budget_min"] == pytest.approx(
+        bench.BUDGET_MIN * bench.REF_STEPS_PER_S / row["steps_per_s"])
     # the Tab. A1 counterpart runs on meta tensors: every arch, both resolutions, 4x the tokens -> > 4x the FLOPs
     monkeypatch.setattr(sys, "argv", ["bench.py", "--suite", "flops", "--size", "tiny", "--out", str(out)])
     bench.main()
