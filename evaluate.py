@@ -295,7 +295,8 @@ def train_judge(ds, num_classes, n=JUDGE_TRAIN, epochs=JUDGE_EPOCHS, seed=0, cac
     opt = torch.optim.AdamW(net.parameters(), lr=JUDGE_LR, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     per_epoch = len(x) // epochs
-    steps = epochs * (per_epoch // JUDGE_BATCH)
+    batch = min(JUDGE_BATCH, per_epoch)  # tiny datasets (tests): one batch per epoch
+    steps = epochs * (per_epoch // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, JUDGE_LR, total_steps=steps)
     it = range(steps)
     if progress:
@@ -303,8 +304,8 @@ def train_judge(ds, num_classes, n=JUDGE_TRAIN, epochs=JUDGE_EPOCHS, seed=0, cac
         it = tqdm(it, desc="training the judge", leave=False)
     net.train()
     for k in it:  # epoch e draws its batches from crop set e
-        e = k // (per_epoch // JUDGE_BATCH)
-        idx = e * per_epoch + torch.randint(0, per_epoch, (JUDGE_BATCH,), generator=g)
+        e = k // (per_epoch // batch)
+        idx = e * per_epoch + torch.randint(0, per_epoch, (batch,), generator=g)
         loss = F.cross_entropy(net(x[idx].float() / 127.5 - 1), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -536,10 +537,11 @@ def get_parser():
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID (default: on)")
     p.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None, help="class accuracy of the "
                    "samples under a CNN trained on the run's real training crops, beside its accuracy on held-out "
-                   "real crops (ceiling) and chance (default: on for class-conditional checkpoints on image data)")
+                   "real crops (ceiling) and chance (default: on for class-conditional checkpoints with --ref heldout, "
+                   "the CPU-scale protocol)")
     p.add_argument("--caption-agreement", action=argparse.BooleanOptionalAction, default=None, help="agreement of "
                    "each sample with its prompt (shape by the judge, side, colour; embedded-data captions) (default: "
-                   "on for text-conditional checkpoints trained on the embedded data)")
+                   "on for text-conditional checkpoints trained on the embedded data, with --ref heldout)")
     p.add_argument("--judge-train", type=int, default=JUDGE_TRAIN, help=f"training items of the judge (default: "
                    f"{JUDGE_TRAIN})")
     p.add_argument("--judge-heldout", type=int, default=1000, help="held-out real crops for the judge's ceiling "
@@ -626,12 +628,13 @@ def main(argv=None):
                            lpips_prompts=int(tot[2]))
         if ddp:
             dist.barrier()
-    judge_on = args.judge if args.judge is not None else bool(spec and spec["semantic"]["kind"] == "class" and
-                                                               spec["data"]["source"] in ("embedded", "imagefolder"))
+    judge_on = args.judge if args.judge is not None else bool(args.ref == "heldout" and spec and
+                                                               spec["semantic"]["kind"] == "class")
     if judge_on and not (spec and spec["semantic"]["kind"] == "class"):
         die("--judge needs --ckpt of a class-conditional run")
     text_embedded = bool(spec and spec["semantic"]["kind"] == "text" and spec["data"]["source"] == "embedded")
-    caption_on = args.caption_agreement if args.caption_agreement is not None else text_embedded
+    caption_on = (args.caption_agreement if args.caption_agreement is not None
+                  else text_embedded and args.ref == "heldout")
     if caption_on and not text_embedded:
         die("--caption-agreement needs --ckpt of a text-conditional run on the embedded data")
     stem = os.path.splitext(images)[0] if os.path.isfile(images) else images.rstrip("/")

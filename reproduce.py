@@ -135,7 +135,8 @@ class Study:
         out = f"{os.path.splitext(ckpt)[0]}_{tag}_eval.json"
         if os.path.isfile(out):
             return json.load(open(out))
-        fid_flags = ["--ref", "heldout", "--ref-max", a.ref_max] if (fid and a.fid) else ["--no-fid"]
+        fid_flags = ["--ref", "heldout", "--ref-max", a.ref_max] if (fid and a.fid) else ["--no-fid", "--ref",
+                                                                                           "heldout"]
         argv = ["--ckpt", ckpt, "--out", out, "--num-samples", a.num_samples, "--steps", a.eval_steps,
                 "--batch-size", a.eval_batch, "--device", a.device, *self.extra_eval, *fid_flags, *flags]
         for flag in ("judge_train", "cache_dir", "inception_path", "lpips_alex_path"):

@@ -1325,7 +1325,7 @@ def test_sample_denoise_from(tmp_path):
     # generate(images=, t_start=): a fresh model predicts eps = 0 exactly, so DDIM returns the start divided by
     # sqrt(abar) of its first step, i.e. x0 + sigma_t0 * noise(seed): checks the noise level and the per-seed noise
     torch.manual_seed(0)
-    _, a = _trn_spec(["--resolution", "16", "--patch-size", "4"])
+    _, a = _trn_spec(["--resolution", "16", "--patch-size", "4", "--no-tiny-recipe"])  # DDPM-eps, as the paper
     model = models.build_model(**a["model"])
     ds = data.build_dataset("embedded", resolution=16)
     b = data.collate([ds[i] for i in range(3)])
