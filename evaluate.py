@@ -285,12 +285,11 @@ def heldout_indices(ds, n, start=HELDOUT_START):
 def train_judge(ds, num_classes, n=JUDGE_TRAIN, epochs=JUDGE_EPOCHS, seed=0, cache=None, progress=False):
     """Judge trained on crops of the first n training items (one fresh crop/flip per epoch), deterministic in
     (dataset, n, epochs, seed); cached as a state_dict at `cache` when given."""
+    torch.manual_seed(seed)
     net = Judge(num_classes)
     if cache and os.path.isfile(cache):
         net.load_state_dict(torch.load(cache, map_location="cpu"))
         return net.eval()
-    torch.manual_seed(seed)
-    net = Judge(num_classes)
     x, y = real_crops(ds, list(range(min(n, len(ds)))), epochs)  # (E*n, 3, R, R) uint8
     opt = torch.optim.AdamW(net.parameters(), lr=JUDGE_LR, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
