@@ -369,13 +369,15 @@ def default_lam(spec):
 # ----------------------------------------------------------------------------- generation from a run spec
 @torch.no_grad()
 def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, sampler="ddim", device="cpu",
-             batch_size=16, precision=torch.float32, schedule_scale=None, progress=False, images=None, t_start=None):
+             batch_size=16, precision=torch.float32, schedule_scale=None, progress=False, images=None, t_start=None,
+             clip_x0=None):
     """Images (N, 3, H, W) in [-1, 1] on the CPU, one per (seed, label), from a model and its run spec.
     labels: class ids or prompts; phi: (N, 5) control (default: default_phi); cfg = lam, control_cfg = beta of
     Eq. 2 (beta = 1: plain CFG). Sample i starts from noise drawn from torch.Generator().manual_seed(seeds[i]) on
     the CPU (device independent, EDM2); the DDPM sampler's extra noise uses per-sample generators too (rf: Euler,
     sampler "ddim" only); the model output is read as the run's objective (eps / v / x0 / rf). With images
-    (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit)."""
+    (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit).
+    clip_x0: True / False overrides the run's x0 clamping while sampling (None: the run spec's)."""
     import data
     import diffusion
     import models  # lazy: models.py imports this file
@@ -386,7 +388,7 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
     enc = semantic_encoder(sem, device)
     vae = data.get_vae(lat["vae"], str(device)) if lat["vae"] else None
     null_sem = semantic_null(sem, enc, device)
-    sched = diffusion.schedule_from_args(spec["schedule"], device, scale=schedule_scale)  # objective, shift, clip too
+    sched = diffusion.schedule_from_args(spec["schedule"], device, scale=schedule_scale, clip_x0=clip_x0)
     phi = default_phi(spec, len(seeds)) if phi is None else phi
     t0 = sched.timesteps(steps, t_start)[0].item()  # first step (pure noise unless SDEdit)
     shape = data.latent_shape(lat, spec["data"]["resolution"])  # (C, H, W) the model sees

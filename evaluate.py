@@ -522,6 +522,9 @@ def get_parser():
     p.add_argument("--steps", type=int, default=EVAL_STEPS, help=f"DDIM steps (default: {EVAL_STEPS}, §3.1)")
     p.add_argument("--lam", type=float, default=None, help="guidance lam of Eq. 2 (default: guidance law Eq. 4 from "
                    "1.5 at the pre-training resolution: 1.5 at 256, 2.0 after transfer to 512)")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clamp predicted x0 to "
+                   "[-1, 1] while sampling (pixel space), or not (default: the run's --clip-x0)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
     p.add_argument("--beta", type=float, default=1.0, help="control guidance beta of Eq. 2 (default: 1 = plain CFG; "
                    "the paper's best is 1.375)")
     p.add_argument("--size-cond", choices=["train", "fixed", "center"], default="train", help="size conditioning: "
@@ -577,21 +580,23 @@ def main(argv=None):
     device, metrics, spec, images = torch.device(dev), {}, None, args.images
 
     if args.ckpt:  # --- generate with the paper's settings; files named by seed, so a rerun resumes
-        model, ck = models.load_checkpoint(args.ckpt, device)
+        model, ck = models.load_checkpoint(args.ckpt, device, ema=args.ema)
         spec = ck["spec"]
         d, sem = spec["data"], spec["semantic"]
         lam = args.lam if args.lam is not None else conditioning.default_lam(spec)
         if args.prompts != "train" and sem["kind"] != "text":
             die("--prompts needs a text-conditional checkpoint")
         tag = f"n{args.num_samples}_steps{args.steps}_lam{lam:g}_beta{args.beta:g}_{args.size_cond}" + \
-            ("" if args.prompts == "train" else f"_{args.prompts}")
+            ("" if args.prompts == "train" else f"_{args.prompts}") + ("" if args.ema else "_raw") + \
+            ("" if args.clip_x0 is None else f"_clip{int(args.clip_x0)}")
         images = f"{os.path.splitext(args.ckpt)[0]}_samples_{tag}"
         ds = data.build_dataset(d["source"], d["path"], resolution=d["resolution"], crop=d["crop"], flip=d["flip"],
                                 seed=d["seed"])
 
         def gen(seeds, labels, phi):
             return conditioning.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam,
-                                         control_cfg=args.beta, device=device, batch_size=args.batch_size)
+                                         control_cfg=args.beta, device=device, batch_size=args.batch_size,
+                                         clip_x0=args.clip_x0)
 
         os.makedirs(images, exist_ok=True)
         seeds = [s for s in range(args.seed + rank, args.seed + args.num_samples, world)

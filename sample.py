@@ -35,6 +35,8 @@ def main(argv=None):
     p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py (default: out/ckpt.pt)")
     p.add_argument("--out-dir", default=None, help="where PNGs go (default: <ckpt dir>/samples)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
+    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clamp predicted x0 to "
+                   "[-1, 1] while sampling, or not (default: the run's --clip-x0)")
     p.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
                    help="also write one <seed>.png per image (default: on)")
     # semantic condition
@@ -85,7 +87,8 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     os.makedirs(out_dir, exist_ok=True)
     kw = dict(steps=args.steps, cfg=args.cfg, control_cfg=args.control_cfg, sampler=args.sampler, device=device,
-              batch_size=args.batch_size, precision=precision, schedule_scale=args.schedule_scale, progress=True)
+              batch_size=args.batch_size, precision=precision, schedule_scale=args.schedule_scale, progress=True,
+              clip_x0=args.clip_x0)
     if args.denoise_from is not None:
         return denoise_training_crops(model, spec, args, out_dir, kw)
     if spec["semantic"]["kind"] == "class":

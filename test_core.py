@@ -1321,6 +1321,30 @@ def test_objective_flags_travel():
             torch.testing.assert_close(torch.cat(rec.ts), diffusion.make_schedule(**sch).timesteps(n))
 
 
+def test_width_depth_and_clip_overrides():
+    # --width / --depth replace the preset's (heads keep its head width of 16) in the run spec, and what is built
+    # from the spec has them; generate(clip_x0=) overrides the spec's x0 clamping exactly as a run trained with it
+    _, spec = _trn_spec(["--width", "96", "--depth", "2", "--resolution", "16"])
+    assert spec["model"]["size"] == {"hidden": 96, "depth": 2, "heads": 6}
+    m = models.build_model(**spec["model"])
+    assert (len(m.blocks), m.heads, m.hidden) == (2, 6, 96)
+    assert sum(p.numel() for p in m.parameters()) > sum(p.numel() for p in models.build_model(
+        **{**spec["model"], "size": "tiny"}).parameters())
+    assert _trn_spec(["--resolution", "16"])[1]["model"]["size"] == "tiny"
+
+    class Far(torch.nn.Module):  # predicts x0 = -2 x_t, i.e. v = (x_t - x0) / s = 3 x_t / s: x0 leaves [-1, 1]
+        def forward(self, x, t, cond):
+            return 3 * x / (t / T).view(-1, 1, 1, 1)
+
+    clipped = {**spec, "schedule": {**spec["schedule"], "clip_x0": True}}
+    plain = conditioning.generate(Far(), spec, [0, 1], [1, 2], steps=4, cfg=1.0)
+    over = conditioning.generate(Far(), spec, [0, 1], [1, 2], steps=4, cfg=1.0, clip_x0=True)
+    torch.testing.assert_close(over, conditioning.generate(Far(), clipped, [0, 1], [1, 2], steps=4, cfg=1.0))
+    assert (over - plain).abs().max() > 0.1
+    torch.testing.assert_close(conditioning.generate(Far(), clipped, [0, 1], [1, 2], steps=4, cfg=1.0,
+                                                     clip_x0=False), plain)
+
+
 def test_sample_denoise_from(tmp_path):
     # generate(images=, t_start=): a fresh model predicts eps = 0 exactly, so DDIM returns the start divided by
     # sqrt(abar) of its first step, i.e. x0 + sigma_t0 * noise(seed): checks the noise level and the per-seed noise
@@ -1770,7 +1794,8 @@ def test_every_arch_under_every_recipe(arch, recipe, tmp_path, capsys):
     (["--arch", "unet", "--class-in", "adaln"], "--class-in"), (["--arch", "unet", "--patch-size", "4"], "--patch-size"),
     (["--arch", "mdt", "--class-in", "attn"], "--class-in"), (["--arch", "dit", "--mask-ratio", "0.5"], "--mask-ratio"),
     (["--arch", "dit", "--semantic", "text", "--text-encoder", "tiny"], "--semantic"),
-    (["--recipe", "sd3", "--gamma", "cosine"], "--gamma")])
+    (["--recipe", "sd3", "--gamma", "cosine"], "--gamma"), (["--arch", "unet", "--depth", "2"], "--width / --depth"),
+    (["--width", "40"], "--width 40")])
 def test_inapplicable_flags_refused(argv, flag, tmp_path, capsys):
     # bug 5: an explicit flag the arch does not take is refused in one line naming it (today the UNet silently
     # ignores --class-in / --patch-size and writes them into config.json)

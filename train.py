@@ -75,6 +75,10 @@ def get_parser():
     # model
     p.add_argument("--arch", choices=list(models.MODELS), default=None, help=f"denoiser {R}")
     p.add_argument("--size", choices=list(models.SIZES), default="tiny", help="size preset (default: tiny)")
+    p.add_argument("--width", type=int, default=None, help="transformers: hidden width instead of the preset's, heads "
+                   "keep the preset's head width (default: the preset's; tiny 64)")
+    p.add_argument("--depth", type=int, default=None, help="transformers: blocks instead of the preset's (default: "
+                   "the preset's; tiny 4)")
     p.add_argument("--patch-size", type=int, default=2, help="transformer patch size (default: 2)")
     p.add_argument("--class-in", choices=["adaln", "attn"], default=None, help=f"class via adaLN or attention {R}")
     p.add_argument("--pe-grid", choices=["extrapolate", "resample"], default=None, help=f"2-D sin-cos PE grid {R}")
@@ -259,7 +263,24 @@ def resolve_model(args, latent, semantic, explicit):
             refuse(f"{_flag(k)} {v} does not apply to --arch {arch}{modes}")
     if kw.get("gamma") == "step" and "schedule_scale" in takes:  # its delta(sigma_t <= c) reads the Eq. 3 sigma
         kw["schedule_scale"] = args.schedule_scale
-    return dict(arch=arch, size=args.size, **kw)
+    return dict(arch=arch, size=resolve_size(args), **kw)
+
+
+def resolve_size(args):
+    """The --size preset's name, or its dict with --width / --depth put in (heads keep the preset's head width)."""
+    if args.width is None and args.depth is None:
+        return args.size
+    if args.arch == "unet":
+        refuse("--width / --depth: the UNet's size is its channel tuple; pick --size")
+    size = dict(models.SIZES[args.size])
+    head_dim = size["hidden"] // size["heads"]
+    if args.width is not None:
+        if args.width % head_dim:
+            refuse(f"--width {args.width}: must be a multiple of the {args.size} preset's head width {head_dim}")
+        size.update(hidden=args.width, heads=args.width // head_dim)
+    if args.depth is not None:
+        size["depth"] = args.depth
+    return size
 
 
 def resolve_spec(args, ds, vae=None, encoder=None, explicit=frozenset()):
