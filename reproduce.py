@@ -42,11 +42,13 @@ import data
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STUDIES = ("control", "guidance", "padding", "flip", "transfer")
-# steps per training run, sized by estimate() for <= 30 min at REF_STEPS_PER_S (see --dry-run)
-STUDY_STEPS = {"control": 1000, "guidance": 1900, "padding": 600, "flip": 1200, "transfer": 400}
-STUDY_SAMPLES = {"transfer": 100}  # samples per evaluation where it differs from --num-samples' 200
+# each study's defaults (steps per training run; transfer: fine-tune steps, and its evaluation cut down), sized by
+# estimate() for <= 30 min at REF_STEPS_PER_S (see --dry-run); explicit flags win
+STUDY_DEFAULTS = {"control": dict(steps=1000), "guidance": dict(steps=1900), "padding": dict(steps=600),
+                  "flip": dict(steps=1200), "transfer": dict(steps=300, num_samples=100, ft_evals=1, lams=[1.5, 3.0],
+                                                             ref_max=400, eval_steps=25)}
 TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embedded captions, no download
-EVAL_STEPS = 50  # DDIM steps of every evaluation (Fig. 8 uses 50; the paper's FID protocol 250 is CPU-prohibitive)
+EVAL_STEPS = 50  # sampling steps of every evaluation (DDIM; Euler for rf, the tiny default) (Fig. 8 uses 50; the paper's FID protocol 250 is CPU-prohibitive)
 # time model of --dry-run: bench.py's reference rate of the default job (mmDiT-tiny, 24 px, batch 32, fp32); a
 # guided sampling step of one image (3 branches, forward only) costs about one training image (forward + backward);
 # cost grows with the token count (resolution / 24)^2; TF-Inception on 2 CPU cores: 0.32 s per image (README: 5000
@@ -185,7 +187,7 @@ def write_table(study, title, header, rows, notes=(), extra=""):
 
 def setting(a):
     return (f"{a.steps} steps per run, seeds {' '.join(map(str, a.seeds))}, {a.num_samples} samples per evaluation, "
-            f"{a.eval_steps} DDIM steps; FID " + (f"vs {a.ref_max} held-out embedded images (N = {a.num_samples})"
+            f"{a.eval_steps} sampling steps; FID " + (f"vs {a.ref_max} held-out embedded images (N = {a.num_samples})"
                                                    if a.fid else "off"))
 
 
@@ -407,21 +409,23 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=STUDIES, help="which table to make")
     # runs
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per run (transfer: fine-tune steps) "
-                   f"(default: per study, {STUDY_STEPS})")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (transfer: fine-tune steps) "
+                   f"(default: per study, {dict((k, v['steps']) for k, v in STUDY_DEFAULTS.items())})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.py --seed of each repeat; two or more "
                    "give mean ± sd (default: 0)")
     p.add_argument("--train-args", default="", help="flags added to every train.py run, e.g. '--resolution 16' "
                    "(default: none = train.py's defaults)")
     p.add_argument("--device", default="auto", help="train.py / evaluate.py --device (default: auto)")
     # evaluation
-    p.add_argument("--num-samples", type=int, default=None, help="samples per evaluation (default: 200; transfer "
+    p.add_argument("--num-samples", type=int, default=200, help="samples per evaluation (default: 200; transfer "
                    "100)")
-    p.add_argument("--eval-steps", type=int, default=EVAL_STEPS, help=f"DDIM steps (default: {EVAL_STEPS})")
+    p.add_argument("--eval-steps", type=int, default=EVAL_STEPS, help="sampling steps (DDIM; Euler for rf) "
+                   f"(default: {EVAL_STEPS}; transfer 25)")
     p.add_argument("--eval-batch", type=int, default=100, help="evaluate.py --batch-size (default: 100)")
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="FID vs held-out embedded "
                    "images (default: on)")
-    p.add_argument("--ref-max", type=int, default=1000, help="held-out reference images for FID (default: 1000)")
+    p.add_argument("--ref-max", type=int, default=1000, help="held-out reference images for FID (default: 1000; "
+                   "transfer 400)")
     p.add_argument("--judge-train", type=int, default=None, help="evaluate.py --judge-train (default: its own)")
     p.add_argument("--eval-args", default="", help="flags added to every evaluate.py call (default: none)")
     p.add_argument("--cache-dir", default=None, help="evaluate.py --cache-dir (default: its own)")
@@ -437,10 +441,9 @@ def get_parser():
     p.add_argument("--low-res", type=int, default=12, help="transfer: pre-training resolution; fine-tune at 2× "
                    "(default: 12 -> 24)")
     p.add_argument("--pre-steps", type=int, default=None, help="transfer: pre-training steps (default: 2 × --steps)")
-    p.add_argument("--ft-evals", type=int, default=2, help="transfer: evaluations along fine-tuning, besides step 0 "
-                   "(default: 2)")
-    p.add_argument("--lams", type=float, nargs="+", default=[1.5, 2.0, 3.0], help="transfer: λ sweep "
-                   "(default: 1.5 2 3)")
+    p.add_argument("--ft-evals", type=int, default=1, help="transfer: evaluations along fine-tuning, besides step 0 "
+                   "(default: 1)")
+    p.add_argument("--lams", type=float, nargs="+", default=[1.5, 3.0], help="transfer: λ sweep (default: 1.5 3)")
     # system
     p.add_argument("--out-dir", default=os.path.join("runs", "repro"), help="root of every study (default: "
                    "runs/repro)")
@@ -453,9 +456,9 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    args.steps = args.steps or STUDY_STEPS[args.study]
-    args.num_samples = args.num_samples or STUDY_SAMPLES.get(args.study, 200)
+    p = get_parser()
+    p.set_defaults(**STUDY_DEFAULTS[p.parse_args(argv).study])
+    args = p.parse_args(argv)
     if args.study == "transfer" and args.pre_steps is None:
         args.pre_steps = 2 * args.steps
     study = Study(args)

@@ -1973,6 +1973,12 @@ def test_reproduce_smoke(tmp_path):
     pre = [flags(c) for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
            if "/pre8" in c and c.startswith("python train.py")]
     assert len(pre) == 2 and {k for k in set(pre[0]) | set(pre[1]) if pre[0].get(k) != pre[1].get(k)} == {"--crop"}
+    for study in studies:  # each study's defaults fit the 30-minute budget at the slow machine's rate (--dry-run)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            reproduce.main([study, "--dry-run", "--out-dir", str(tmp_path / "dry")])
+        est = float(re.search(r"estimated (\d+) min", buf.getvalue()).group(1))
+        assert est <= 30 and "over the" not in buf.getvalue(), (study, est)
 
 
 def test_judge_cli_heldout(tmp_path):
