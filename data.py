@@ -59,6 +59,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "
 
 
 PIXELS = dict(vae=None, scale=1.0, channels=3, down=1)  # the run spec's "latent" section of a pixel-space run
+RESOLUTION = 16  # train.py's default --resolution (CPU, pixels): issue 13's study, README "What makes the tiny ..."
 
 
 # ----------------------------------------------------------------------------- small shared helpers

@@ -44,8 +44,8 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 STUDIES = ("control", "guidance", "padding", "flip", "transfer")
 # each study's defaults (steps per training run; transfer: fine-tune steps, and its evaluation cut down), sized by
 # estimate() for <= 30 min at REF_STEPS_PER_S (see --dry-run); explicit flags win
-STUDY_DEFAULTS = {"control": dict(steps=1000), "guidance": dict(steps=1900), "padding": dict(steps=600),
-                  "flip": dict(steps=1200), "transfer": dict(steps=300, num_samples=100, ft_evals=1, lams=[1.5, 3.0],
+STUDY_DEFAULTS = {"control": dict(steps=1600), "guidance": dict(steps=3000), "padding": dict(steps=1000),
+                  "flip": dict(steps=2000), "transfer": dict(steps=300, num_samples=100, ft_evals=1, lams=[1.5, 3.0],
                                                              ref_max=400, eval_steps=25)}
 TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embedded captions, no download
 EVAL_STEPS = 50  # sampling steps of every evaluation (DDIM; Euler for rf, the tiny default) (Fig. 8 uses 50; the paper's FID protocol 250 is CPU-prohibitive)
@@ -387,7 +387,7 @@ def estimate(plan, a):
     for script, argv in plan:
         opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
         if script == "train":
-            r = int(opt.get("--resolution", REF_RES))
+            r = int(opt.get("--resolution", data.RESOLUTION))
             res[opt["--out-dir"]] = r
             prev = res.get(opt["--out-dir"] + ":steps", 0)  # fine-tune segments resume
             steps = int(opt["--max-steps"]) - prev
@@ -395,7 +395,7 @@ def estimate(plan, a):
             total += steps / rate * (r / REF_RES) ** 2
         elif script == "evaluate":
             ck = opt["--ckpt"]
-            r = res.get(os.path.dirname(ck), 2 * a.low_res if "_init" in ck else REF_RES)
+            r = res.get(os.path.dirname(ck), 2 * a.low_res if "_init" in ck else data.RESOLUTION)
             n, s = int(opt["--num-samples"]), int(opt["--steps"])
             lp = int(opt.get("--lpips-prompts", 0)) * 5
             total += (n + lp) * s / REF_BATCH / rate * (r / REF_RES) ** 2

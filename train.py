@@ -1,7 +1,7 @@
 r"""
 Train a diffusion denoiser (SPEC §6): one process or torchrun DDP, bf16 on GPU, EMA, exact resume.
 
-    python train.py                                   # tiny "ours" mmDiT, embedded data, 24 px pixels, CPU, < 10 min
+    python train.py                                   # tiny "ours" mmDiT, embedded data, 16 px pixels, CPU, < 10 min
     torchrun --nproc_per_node=8 train.py --recipe ours --size XL --data imagefolder --data-path /imagenet/train \
         --resolution 256 --vae stabilityai/sd-vae-ft-ema --global-batch 2048 --lr 1e-4 --out-dir out/in1k256
 
@@ -63,7 +63,8 @@ def get_parser():
     # data
     p.add_argument("--data", choices=data.SOURCES, default="embedded", help="dataset source; 'embedded' needs no files")
     p.add_argument("--data-path", default=None, help="dataset root / shard pattern (unused for 'embedded')")
-    p.add_argument("--resolution", type=int, default=24, help="training resolution in pixels (default: 24, CPU run)")
+    p.add_argument("--resolution", type=int, default=data.RESOLUTION, help="training resolution in pixels (default: "
+                   f"{data.RESOLUTION}, the CPU run)")
     p.add_argument("--crop", choices=["global", "local", "mix", "center"], default="global",
                    help="crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2; default global)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random h-flip, p=0.5 (on)")
@@ -139,7 +140,7 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (default: 100)")
     p.add_argument("--lr-decay", type=int, default=0, help="linear lr decay to 0 over the last N steps before "
                    "--max-steps; 0 = constant lr, as the paper (default: 0)")
-    p.add_argument("--max-steps", type=int, default=1200, help="optimiser steps to train (default: 1200, which "
+    p.add_argument("--max-steps", type=int, default=2400, help="optimiser steps to train (default: 2400, which "
                    "with sample.py fits issue 13's 10 minutes on a 2-core Zen 1 CPU; bench.py --suite cpu-default)")
     # system
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
