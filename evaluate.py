@@ -463,6 +463,12 @@ def load_lpips(alex_path=None, allow_random_trunk=False):
     return net.eval()
 
 
+def pixel_distance(a, b):
+    """The offline stand-in for LPIPS (--lpips-net pixel): mean absolute pixel difference of images in [-1, 1],
+    halved so that it lies in [0, 1]. (B,3,H,W), (B,3,H,W) -> (B,)."""
+    return (a - b).abs().mean(dim=(1, 2, 3)) / 2
+
+
 @torch.no_grad()
 def mean_pairwise_lpips(lp, images):
     """Mean LPIPS over all unordered pairs of a group of images (K,3,H,W) in [-1, 1]."""
@@ -491,7 +497,7 @@ def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution):
     out_all, out_hr = [], []
     for seed, label in zip(seeds, labels):
         imgs = gen([seed] * len(sizes), [label] * len(sizes), sizes)  # (K, 3, H, W), one noise, K sizes
-        if imgs.shape[-1] < 64:  # AlexNet needs >= ~32 px; upsample tiny images (deviation for CPU runs)
+        if imgs.shape[-1] < 64 and lp is not pixel_distance:  # AlexNet needs >= ~32 px: upsample tiny images (CPU)
             imgs = F.interpolate(imgs, size=(64, 64), mode="bilinear", align_corners=False)
         out_all.append(mean_pairwise_lpips(lp, imgs))
         out_hr.append(mean_pairwise_lpips(lp, imgs[hr]) if len(hr) > 1 else float("nan"))
@@ -558,6 +564,9 @@ def get_parser():
                    "(paper: 10000; default: 0 = off)")
     p.add_argument("--lpips-sizes", type=int, nargs="*", default=None, help="size conditionings (default: resolution "
                    "x (1/4, 1/2, 1, 2, 4) = [64..1024] at 256, Tab. 2a)")
+    p.add_argument("--lpips-net", choices=["alex", "pixel"], default="alex", help="distance of the size-conditioning "
+                   "protocol: LPIPS-Alex (the paper's), or pixel = mean |a - b| / 2, which needs no weights (the "
+                   "offline stand-in; not comparable with LPIPS) (default: alex)")
     p.add_argument("--lpips-alex-path", default=None, help=f"torchvision AlexNet weights {ALEXNET_FILE} (default: "
                    "torch hub cache, downloaded when online)")
     # system
@@ -620,7 +629,7 @@ def main(argv=None):
         if args.lpips_prompts:  # --- Tab. 2a protocol
             sizes = args.lpips_sizes or [int(d["resolution"] * f) for f in LPIPS_SIZE_FACTORS]
             lp_seeds = list(range(args.seed + rank, args.seed + args.lpips_prompts, world))
-            lp = load_lpips(args.lpips_alex_path).to(device)
+            lp = load_lpips(args.lpips_alex_path).to(device) if args.lpips_net == "alex" else pixel_distance
             def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
                 return gen(seeds, labels, torch.cat([conditioning.default_phi(spec, 1, (v, v)) for v in sizes]))
             la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, lp_seeds)[0], lp_seeds, sizes,
@@ -629,7 +638,7 @@ def main(argv=None):
             if ddp:
                 dist.all_reduce(tot)
             metrics.update(lpips=(tot[0] / tot[2]).item(), lpips_hr=(tot[1] / tot[2]).item(), lpips_sizes=sizes,
-                           lpips_prompts=int(tot[2]))
+                           lpips_prompts=int(tot[2]), lpips_net=args.lpips_net)
         if ddp:
             dist.barrier()
     judge_on = args.judge if args.judge is not None else bool(args.ref == "heldout" and spec and

@@ -197,16 +197,20 @@ def control(study):
     a, rows, res = study.args, [], {}
     for sched in a.schedules:
         flags = [] if sched == "cosine" else ["--gamma", sched]
-        m = study.seeds(lambda s: study.evaluate(study.train(sched, s, flags) + "/ckpt.pt", "control",
-                                                 ["--lpips-prompts", a.lpips_prompts]))
+        tag = "control" if a.lpips_net == "alex" else f"control_{a.lpips_net}"
+        m = study.seeds(lambda s: study.evaluate(study.train(sched, s, flags) + "/ckpt.pt", tag,
+                                                 ["--lpips-prompts", a.lpips_prompts, "--lpips-net", a.lpips_net]))
         res[sched] = m
         rows.append([sched, " ".join(flags) or "(default: cosine, α = 8)", fmt(m.get("lpips")),
                      fmt(m.get("lpips_hr")), fmt(m.get("fid"), 1), fmt(m.get("judge_acc")),
                      fmt(m.get("judge_ceiling")), PAPER["control"].get(sched, "—")])
+    dist = "LPIPS" if a.lpips_net == "alex" else "pixel distance"
     write_table(study, "Control conditioning: γ_c(t) (Tab. 2a, Tab. A6, Fig. 2)",
-                ["γ_c", "flag", "LPIPS", "LPIPS/HR", "FID", "judge", "judge ceiling", "paper (IN1k-256)"], rows,
-                [setting(a), f"LPIPS: {a.lpips_prompts} prompts, sizes resolution × (¼, ½, 1, 2, 4), same seed and "
-                 "class per prompt (evaluate.py --lpips-prompts); /HR: sizes ≥ the resolution",
+                ["γ_c", "flag", dist, f"{dist}/HR", "FID", "judge", "judge ceiling", "paper (IN1k-256)"], rows,
+                [setting(a), dist + ("" if a.lpips_net == "alex" else " (evaluate.py --lpips-net pixel: mean |a − b| "
+                                     "/ 2 in [0, 1], the offline stand-in for LPIPS, not on its scale)") +
+                 f": {a.lpips_prompts} prompts, sizes resolution × (¼, ½, 1, 2, 4), same seed and class per prompt "
+                 "(evaluate.py --lpips-prompts); /HR: sizes ≥ the resolution",
                  "judge: class accuracy of the samples under the CNN trained on the run's real crops; ceiling: its "
                  "accuracy on held-out real crops; chance 0.1"])
     return res
@@ -434,6 +438,8 @@ def get_parser():
     # study knobs
     p.add_argument("--schedules", nargs="+", default=["uniform", "cosine"], choices=["uniform", "cosine", "linear",
                    "step"], help="control: γ_c schedules; add linear step for Tab. A6 (default: uniform cosine)")
+    p.add_argument("--lpips-net", choices=["alex", "pixel"], default="alex", help="control: evaluate.py --lpips-net; "
+                   "pixel needs no AlexNet weights (default: alex, the paper's LPIPS)")
     p.add_argument("--lpips-prompts", type=int, default=20, help="control: LPIPS prompts (default: 20)")
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 1.375, 2.0], help="guidance: β values "
                    "(default: 1 1.375 2)")
