@@ -489,7 +489,7 @@ def train_conditions(spec, ds, seeds):
     return labels, phi  # (N,), (N, 5)
 
 
-def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution):
+def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution, upsample=True):
     """Tab. 2a: for each (seed, label), generate one image per size conditioning (orig_h = orig_w = size)
     from the SAME initial noise and label; mean pairwise LPIPS over all sizes, and over sizes >= resolution
     (/HR). gen(seeds, labels, sizes) -> (K,3,H,W) in [-1,1]. Returns per-prompt arrays (all, hr)."""
@@ -497,7 +497,7 @@ def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution):
     out_all, out_hr = [], []
     for seed, label in zip(seeds, labels):
         imgs = gen([seed] * len(sizes), [label] * len(sizes), sizes)  # (K, 3, H, W), one noise, K sizes
-        if imgs.shape[-1] < 64 and lp is not pixel_distance:  # AlexNet needs >= ~32 px: upsample tiny images (CPU)
+        if upsample and imgs.shape[-1] < 64:  # AlexNet needs >= ~32 px: upsample tiny images (CPU runs)
             imgs = F.interpolate(imgs, size=(64, 64), mode="bilinear", align_corners=False)
         out_all.append(mean_pairwise_lpips(lp, imgs))
         out_hr.append(mean_pairwise_lpips(lp, imgs[hr]) if len(hr) > 1 else float("nan"))
@@ -633,7 +633,7 @@ def main(argv=None):
             def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
                 return gen(seeds, labels, torch.cat([conditioning.default_phi(spec, 1, (v, v)) for v in sizes]))
             la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, lp_seeds)[0], lp_seeds, sizes,
-                                         d["resolution"])
+                                         d["resolution"], upsample=args.lpips_net == "alex")
             tot = torch.tensor([la.sum(), lh.sum(), len(la)], dtype=torch.float64)
             if ddp:
                 dist.all_reduce(tot)

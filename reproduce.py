@@ -48,7 +48,9 @@ STUDY_DEFAULTS = {"control": dict(steps=1600), "guidance": dict(steps=3000), "pa
                   "flip": dict(steps=2000), "transfer": dict(steps=300, num_samples=100, ft_evals=1, lams=[1.5, 3.0],
                                                              ref_max=400, eval_steps=25)}
 TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embedded captions, no download
-EVAL_STEPS = 50  # sampling steps of every evaluation (DDIM; Euler for rf, the tiny default) (Fig. 8 uses 50; the paper's FID protocol 250 is CPU-prohibitive)
+# sampling steps of every evaluation (DDIM; Euler for rf, the tiny default); Fig. 8 uses 50, the paper's FID
+# protocol 250 is CPU-prohibitive
+EVAL_STEPS = 50
 # time model of --dry-run: bench.py's reference rate of the default job (mmDiT-tiny, 24 px, batch 32, fp32); a
 # guided sampling step of one image (3 branches, forward only) costs about one training image (forward + backward);
 # cost grows with the token count (resolution / 24)^2; TF-Inception on 2 CPU cores: 0.32 s per image (README: 5000
@@ -195,9 +197,9 @@ def setting(a):
 def control(study):
     """Tab. 2a / A6: γ_c(t) of Eq. 1; the recipe's cosine α = 8 is the baseline, each other row is --gamma X."""
     a, rows, res = study.args, [], {}
+    tag = "control" if a.lpips_net == "alex" else f"control_{a.lpips_net}"  # its own JSON per distance
     for sched in a.schedules:
         flags = [] if sched == "cosine" else ["--gamma", sched]
-        tag = "control" if a.lpips_net == "alex" else f"control_{a.lpips_net}"
         m = study.seeds(lambda s: study.evaluate(study.train(sched, s, flags) + "/ckpt.pt", tag,
                                                  ["--lpips-prompts", a.lpips_prompts, "--lpips-net", a.lpips_net]))
         res[sched] = m

@@ -1545,7 +1545,8 @@ def test_lpips_size_protocol(tmp_path):
     # the offline stand-in (--lpips-net pixel): mean |a - b| / 2, on the images themselves (no upsampling)
     x, y = torch.zeros(2, 3, 16, 16), torch.ones(2, 3, 16, 16)
     assert evaluate.pixel_distance(x, y).tolist() == [0.5, 0.5] and evaluate.pixel_distance(x, x).tolist() == [0, 0]
-    assert evaluate.lpips_size_protocol(evaluate.pixel_distance, gen, [3], [11], sizes, resolution=16)[0][0] < 1e-6
+    assert evaluate.lpips_size_protocol(evaluate.pixel_distance, gen, [3], [11], sizes, resolution=16,
+                                        upsample=False)[0][0] < 1e-6
 
 
 def test_transfer_resolution(tmp_path, capsys):
