@@ -10,7 +10,7 @@ The sampling step is one denoiser call with the three guidance branches of Eq. 2
     python bench.py --suite cpu-compare --threads 1 --warmup 1 --reps 7   # DiT / PixArt / mmDiT S/2 vs diffusers
     python bench.py --suite gpu              # DiT-XL/2 and mmDiT-XL/2 at 256 px, bf16, eager and compiled
     python bench.py --suite flops            # params and forward GFLOPs of every arch at XL/2 (paper Tab. A1)
-    python bench.py --suite cpu-default --threads 2   # round 1's default step: this machine's share of the CPU budget
+    python bench.py --suite cpu-default --threads 2   # the reference CPU step: this machine's share of the CPU budget
 """
 import argparse
 import gc
@@ -22,6 +22,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import conditioning
 import diffusion
 import models
 from conditioning import CONTROL_SIGNALS
@@ -38,8 +39,9 @@ LAM, BETA = 1.5, 1.375  # guidance of the sampling benchmark (paper: lam 1.5 at 
 # class-conditional (ImageNet) values are copied, in the table's column order.
 PAPER_A1 = {("unet", False): 95.38, ("pixart", False): 275.14, ("mmdit", False): 237.93, ("mdt", False): 259.08,
             ("dit", False): 237.4}
-# Issue 13's CPU budget: `python train.py` + `python sample.py` within 10 min on a 2-core AMD EPYC (Zen 1), where
-# round 1's default job (mmDiT-tiny, 24 px pixels, batch 32, 10 classes + control, fp32) trained at 2.5 steps/s.
+# The CPU budget: `python train.py` + `python sample.py` within 10 min on a 2-core AMD EPYC (Zen 1), where the
+# reference job (the first default: mmDiT-tiny, 24 px pixels, batch 32, 10 classes + control, fp32) trains at
+# 2.5 steps/s.
 # On another machine the budget scales by that job's step rate, which `--suite cpu-default` measures.
 REF_JOB = dict(arch="mmdit", size="tiny", resolution=24, batch=32, classes=10)
 REF_STEPS_PER_S, BUDGET_MIN = 2.5, 10.0
@@ -62,8 +64,8 @@ def make_batch(arch, B, R, device, control=True, text=None, pixels=False, classe
         cond = {"text": torch.randn(B, 77, TEXT_DIM, generator=g), "pooled": torch.randn(B, POOLED_DIM, generator=g)}
     else:
         cond = {"y": torch.randint(0, classes, (B,), generator=g)}
-    if control:  # phi in original-image pixels: crop_top, crop_left, flip, orig_h, orig_w
-        cond["phi"] = torch.tensor([0.0, 0.0, 1.0, R, R]).repeat(B, 1)
+    if control:  # φ in original-image pixels: an uncropped, flipped R x R original
+        cond["phi"] = conditioning.default_phi({"data": {"resolution": R}}, B, flip=True)
         cond["keep_ctrl"] = torch.ones(B)
     return x0.to(device), {k: v.to(device) for k, v in cond.items()}
 
@@ -147,7 +149,7 @@ def bench_config(arch, size, R, B, dtype, device, compile=False, steps=10, warmu
 
 # ----------------------------------------------------------------------------- the CPU budget (cpu-default)
 def cpu_default(steps, warmup):
-    """Round 1's default training step (REF_JOB) on this machine: steps/s and what issue 13's 10-minute budget on
+    """The reference training step (REF_JOB) on this machine: steps/s and what the 10-minute CPU budget on
     the 2.5 steps/s reference machine comes to here (budget x 2.5 / steps/s)."""
     j = REF_JOB
     row = bench_config(j["arch"], j["size"], j["resolution"], j["batch"], torch.float32, torch.device("cpu"),
@@ -363,7 +365,7 @@ def main():
     elif args.suite == "cpu-default":
         rows = cpu_default(max(args.steps, 30), max(args.warmup, 5))
         print_table(rows, ["arch", "size", "resolution", "batch", "step_ms", "steps_per_s", "budget_min"])
-        print(f"issue 13's budget ({BUDGET_MIN:g} min at {REF_STEPS_PER_S} steps/s of this job) is "
+        print(f"the CPU budget ({BUDGET_MIN:g} min at {REF_STEPS_PER_S} steps/s of this job) is "
               f"{rows[0]['budget_min']:.2f} min on this machine")
     elif args.suite == "flops":
         rows = flops_table(args.size or "XL")

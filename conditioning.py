@@ -27,25 +27,30 @@ Run-spec level (spec = train.py's run spec; sample.py, evaluate.py and train.py'
     semantic_encoder(sem, device) / semantic_cond(sem, labels, encoder, ...) / semantic_null(sem, encoder, device)
     default_phi(spec, n, orig_size=None, crop_tl=(0, 0), flip=False) -> (n, 5)   inference-time control φ
     default_lam(spec) -> lam                                            Eq. 4 guidance default after a transfer
-    generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, ...) -> (N, 3, H, W)
+Generation from a run spec (model + guidance + sampler + VAE decode) is models.generate: it needs the models,
+the data's VAE and the sampler, and this file sits below all three (diffusion <- conditioning <- data <- models).
 
 Example: python -c "import conditioning as c, torch; print(c.gamma_c(torch.arange(0, 1000, 100)))"
 """
 import functools
 import math
+import os
 
 import torch
 import torch.nn as nn
 
+import diffusion
+
 # ----------------------------------------------------------------------------- constants (defined once)
 TEXT_LEN = 77  # CLIP context length (open_clip ViT-L-14)
 PHI_KEYS = ("crop_top", "crop_left", "flip", "orig_h", "orig_w")  # φ layout, original-image pixels (SDXL convention)
+CROP_TOP, CROP_LEFT, FLIP, ORIG_H, ORIG_W = range(len(PHI_KEYS))  # φ's columns by name: phi[:, ORIG_H]
 CONTROL_SIGNALS = ("crop", "size", "flip")  # which parts of φ a model may use
 GAMMA_SCHEDULES = ("uniform", "cosine", "linear", "step")  # Eq. 1 / Tab. A4 / Tab. A6
 FREQ_DIM = 256  # sinusoidal features per scalar (DiT / SDXL)
 TEXT_PADDINGS = ("zero", "replicate", "noisy")  # §2.1, App. C Eq. 7
 # which φ columns feed which embedder: E_h gets high-level (crop, flip), E_l low-level (size)
-_SIGNAL_COLS = {"crop": (0, 1), "flip": (2,), "size": (3, 4)}
+_SIGNAL_COLS = {"crop": (CROP_TOP, CROP_LEFT), "flip": (FLIP,), "size": (ORIG_H, ORIG_W)}
 
 
 # ----------------------------------------------------------------------------- embedders used inside models
@@ -90,16 +95,12 @@ class LabelEmbedder(nn.Module):
 def _sigma(scale, device):
     """sigma_t of the schedule at Eq. 3 scale `scale`, built once per (scale, device): the 'step' gamma_c reads it
     every forward."""
-    import diffusion  # lazy: diffusion.py owns the schedule
-
     return diffusion.Schedule(scale).sigma.to(device)
 
 
 def gamma_c(t, schedule="cosine", alpha=8.0, step_sigma=1.0, sigma_scale=1.0):
     """Eq. 1 weight of the low-level control embedding: 0 at pure noise (t = T), 1 at clean data (t = 0).
     sigma_scale: the schedule scale of the run (--schedule-scale, Eq. 3); only 'step' reads sigma_t."""
-    import diffusion  # lazy: diffusion.py owns T and the schedule
-
     t = torch.as_tensor(t).float()
     T = diffusion.T
     if schedule == "uniform":  # SDXL: size conditioning at every noise level
@@ -208,7 +209,6 @@ class TextEncoder(nn.Module):
 
 
 def _is_file(p):
-    import os
     return isinstance(p, str) and os.path.isfile(p)
 
 
@@ -347,7 +347,8 @@ def default_phi(spec, n, orig_size=None, crop_tl=(0, 0), flip=False):
     original size of the training data recorded in the spec, else the resolution)."""
     d = spec["data"]
     h, w = orig_size or d.get("orig_size") or (d["resolution"], d["resolution"])
-    return torch.tensor([float(crop_tl[0]), float(crop_tl[1]), float(flip), float(h), float(w)]).repeat(n, 1)
+    vals = dict(crop_top=crop_tl[0], crop_left=crop_tl[1], flip=flip, orig_h=h, orig_w=w)
+    return torch.tensor([float(vals[k]) for k in PHI_KEYS]).repeat(n, 1)
 
 
 EVAL_LAM = 1.5  # App. A: guidance lam 1.5 at the pre-training resolution (Eq. 4 -> 2.0 at 2x)
@@ -357,68 +358,9 @@ def default_lam(spec):
     """Eq. 4 from lam = 1.5 at the pre-training resolution: s = resolution / base_resolution, the pre-training
     resolution that transfer.py records for every arch (train.py --base-resolution); without it s = patch grid /
     pe_base (a run given only --pe-base); s = 1 without either (no transfer)."""
-    import diffusion
     d, m = spec["data"], spec["model"]
     if d.get("base_resolution"):
         return diffusion.guidance_law(EVAL_LAM, d["resolution"] / d["base_resolution"])
     if not m.get("pe_base"):
         return EVAL_LAM
     return diffusion.guidance_law(EVAL_LAM, m["input_size"] // m.get("patch_size", 2) / m["pe_base"])
-
-
-# ----------------------------------------------------------------------------- generation from a run spec
-@torch.no_grad()
-def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, sampler="ddim", device="cpu",
-             batch_size=16, precision=torch.float32, schedule_scale=None, progress=False, images=None, t_start=None,
-             clip_x0=None):
-    """Images (N, 3, H, W) in [-1, 1] on the CPU, one per (seed, label), from a model and its run spec.
-    labels: class ids or prompts; phi: (N, 5) control (default: default_phi); cfg = lam, control_cfg = beta of
-    Eq. 2 (beta = 1: plain CFG). Sample i starts from noise drawn from torch.Generator().manual_seed(seeds[i]) on
-    the CPU (device independent, EDM2); the DDPM sampler's extra noise uses per-sample generators too (rf: Euler,
-    sampler "ddim" only); the model output is read as the run's objective (eps / v / x0 / rf). With images
-    (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit).
-    clip_x0: True / False overrides the run's x0 clamping while sampling (None: the run spec's)."""
-    import data
-    import diffusion
-    import models  # lazy: models.py imports this file
-    device = torch.device(device)
-    t_start = diffusion.T - 1 if t_start is None else t_start
-    model.eval()
-    sem, lat, control = spec["semantic"], spec["latent"], spec["model"].get("control")
-    enc = semantic_encoder(sem, device)
-    vae = data.get_vae(lat["vae"], str(device)) if lat["vae"] else None
-    null_sem = semantic_null(sem, enc, device)
-    sched = diffusion.schedule_from_args(spec["schedule"], device, scale=schedule_scale, clip_x0=clip_x0)
-    phi = default_phi(spec, len(seeds)) if phi is None else phi
-    t0 = sched.timesteps(steps, t_start)[0].item()  # first step (pure noise unless SDEdit)
-    shape = data.latent_shape(lat, spec["data"]["resolution"])  # (C, H, W) the model sees
-    out = []
-    for i in range(0, len(seeds), batch_size):
-        sl = slice(i, i + batch_size)
-        noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds[sl]])
-        cond = semantic_cond(sem, labels[sl], enc, device)
-        if control:
-            cond["phi"] = phi[sl].to(device).float()
-            cond["keep_ctrl"] = torch.ones(len(noise), device=device)
-        cond, cond_s, cond_null = guidance_conds(cond, null_sem)
-        if not control:  # without control, Eq. 2 reduces to CFG: the control-dropped branch equals cond
-            cond_s = cond
-        fn = diffusion.guided_eps_fn(model, cond, cond_s, cond_null, cfg, control_cfg)
-
-        def eps_fn(x, t):
-            with models.autocast(device, precision):
-                return fn(x, t).float()
-
-        x = noise.to(device)
-        if images is not None:  # SDEdit: data noised to the first sampling step
-            z = images[sl].to(device) if vae is None else data.encode(vae, images[sl].to(device), lat["scale"])
-            x = sched.q_sample(z.float(), torch.full((len(z),), t0, device=device), x)
-        if sampler == "ddim":
-            x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress, t_start=t_start)
-        else:
-            gens = [torch.Generator(device).manual_seed(s + (1 << 32)) for s in seeds[sl]]
-            x = diffusion.ddpm_sample(eps_fn, x, sched, steps, generator=gens, progress=progress, t_start=t_start)
-        if vae is not None:
-            x = data.decode(vae, x, lat["scale"])
-        out.append(x.float().clamp(-1, 1).cpu())
-    return torch.cat(out)

@@ -27,8 +27,8 @@ import argparse
 import contextlib
 import functools
 import glob
-import itertools
 import io
+import itertools
 import json
 import math
 import os
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from conditioning import PHI_KEYS
+from conditioning import ORIG_H, ORIG_W, PHI_KEYS
 
 # ----------------------------------------------------------------------------- constants (defined once)
 VAE_SCALE = 0.18215  # SD / LDM latent scale factor (diffusers AutoencoderKL config "scaling_factor")
@@ -51,7 +51,7 @@ SOURCE_PATHS = {"imagefolder": "a root/<class>/<image> folder", "captions": "a f
 CROP_RANGES = {"global": (0.9, 1.0), "local": (0.4, 0.6), "mix": (0.4, 1.0)}  # §2.2, Fig. 8c: side = u * min(H, W)
 CROPS = (*CROP_RANGES, "center")  # center: evaluation
 FLIP_P = 0.5
-IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # embedded dataset: 10 shapes x 8 colours, left/right placement, varied original sizes (§3.3: flip matters)
 CLASSES = ("circle", "square", "triangle", "diamond", "ring", "cross", "star", "hexagon", "moon", "bar")
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
@@ -59,7 +59,9 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "
 
 
 PIXELS = dict(vae=None, scale=1.0, channels=3, down=1)  # the run spec's "latent" section of a pixel-space run
-RESOLUTION = 16  # train.py's default --resolution (CPU, pixels): issue 13's study, README "What makes the tiny ..."
+RESOLUTION = 16  # train.py's default --resolution (CPU, pixels): chosen by the tiny-default study in RESULTS.md
+SIDES = ("left", "right")  # the embedded captions' placement words
+HELDOUT_START = 1_000_000  # held-out items of the embedded dataset: indices never drawn in training (< length)
 
 
 # ----------------------------------------------------------------------------- small shared helpers
@@ -101,7 +103,6 @@ PLOT_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
 def plot_lines(series, path, title="", w=520, h=320, pad=44):
     """Line plot drawn with PIL (no matplotlib): series = {name: (xs, ys)}; NaN points are skipped; a legend
     with each series' colour; the axes' end values written at the corners."""
-    from PIL import ImageDraw
     pts = {k: [(x, y) for x, y in zip(*v) if y == y] for k, v in series.items()}  # y == y drops NaN
     allp = [p for v in pts.values() for p in v]
     img = Image.new("RGB", (w, h), "white")
@@ -146,7 +147,7 @@ def first_items(ds, n):
 def typical_orig_size(ds, n=64):
     """Median original (h, w) of n samples spread over the data: sample.py's default size condition."""
     items = first_items(ds, n)
-    return torch.stack([s["phi"][3:5] for s in items]).median(0).values.tolist() if items else None
+    return torch.stack([s["phi"][[ORIG_H, ORIG_W]] for s in items]).median(0).values.tolist() if items else None
 
 
 # ----------------------------------------------------------------------------- crops and φ
@@ -251,7 +252,40 @@ def render_embedded(seed, i):
         d.rectangle((cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r), fill=col)
     else:
         d.polygon(_shape_polygon(cname, cx, cy, r), fill=col)
-    return img, y, f"{'an' if colname[0] in 'aeiou' else 'a'} {colname} {cname} on the {pos}"
+    return img, y, embedded_caption(colname, cname, pos)
+
+
+def embedded_caption(colour, shape, side):
+    """The embedded data's caption: 'a red square on the left' ('an' before a vowel)."""
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} on the {side}"
+
+
+def parse_caption(caption):
+    """'a magenta star on the right' -> (class id, side 0 = left / 1 = right, colour index into COLORS)."""
+    words = caption.lower().replace(".", " ").split()
+    colours = list(COLORS)
+    shape = next((CLASSES.index(w) for w in words if w in CLASSES), None)
+    colour = next((colours.index(w) for w in words if w in colours), None)
+    side = next((SIDES.index(w) for w in words if w in SIDES), None)
+    if None in (shape, colour, side):
+        raise ValueError(f"not an embedded-data caption (shape, colour, left/right): {caption!r}")
+    return shape, side, colour
+
+
+def leftright_prompts(seeds):
+    """A balanced prompt set of the embedded data's words: seed s -> shape s % 10, side (s // 10) % 2, colour
+    (s // 20) % 8, so every shape appears equally often on each side."""
+    colours = list(COLORS)
+    return [embedded_caption(colours[(s // 20) % len(colours)], CLASSES[s % len(CLASSES)], SIDES[(s // 10) % 2])
+            for s in seeds]
+
+
+def heldout_indices(ds, n, start=HELDOUT_START):
+    """Items of the embedded dataset the run never saw (beyond its length: render_embedded is defined for every
+    index); for file datasets, the last n items (seen in training: their ceiling is optimistic)."""
+    if hasattr(ds, "length"):  # EmbeddedDataset
+        return list(range(start, start + n))
+    return list(range(max(0, len(ds) - n), len(ds)))
 
 
 class EmbeddedDataset(_Augmented, torch.utils.data.Dataset):
@@ -474,6 +508,75 @@ def collate(samples):
         v = [s[k] for s in good]
         out[k] = torch.stack(v) if torch.is_tensor(v[0]) else torch.tensor(v) if k in ("y", "crop_size") else v
     return out
+
+
+# ----------------------------------------------------------------------------- images for evaluation (uint8)
+def center_crop_resize(img, res):
+    """ADM reference-batch convention: BOX-halve while >= 2x too big, BICUBIC to size, centre crop."""
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - res) // 2, (img.size[1] - res) // 2
+    return img.crop((left, top, left + res, top + res))
+
+
+def image_uint8(img, res=None):
+    """PIL image -> (3, H, W) uint8 RGB, centre-cropped to res x res (center_crop_resize) when res is given."""
+    img = img.convert("RGB")
+    if res is not None and img.size != (res, res):
+        img = center_crop_resize(img, res)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def image_files(folder):
+    """Image files under folder, recursive, sorted."""
+    return sorted(f for f in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
+                  if f.lower().endswith(IMG_EXTS))
+
+
+def iter_images(source, res=None, limit=None):
+    """uint8 (3,H,W) tensors from a folder / ImageFolder tree (recursive, sorted), an ADM-style .npz batch
+    (arr_0, NHWC uint8) or tar shards (expand_shards: a folder of .tar is read as images first, so give shards
+    as a glob, a brace pattern or a comma list), centre-cropped to res if given."""
+    if source.endswith(".npz"):
+        return (torch.from_numpy(x).permute(2, 0, 1) for x in np.load(source)["arr_0"][:limit])
+    if os.path.isdir(source):
+        files = image_files(source)
+        if not files:
+            raise SystemExit(f"no images in {source}")
+        return (image_uint8(Image.open(f), res) for f in files[:limit])
+    shards = expand_shards(source)
+    if not shards or not all(s.endswith(".tar") and os.path.isfile(s) for s in shards):
+        raise SystemExit(f"{source!r} is not a folder, .tar shard(s), .npz, 'train' or 'embedded'")
+
+    def tar_images():
+        for shard in shards:
+            for _, files in tar_groups(shard):
+                yield from (image_uint8(Image.open(io.BytesIO(b)), res) for ext, b in files.items()
+                            if ("." + ext).endswith(IMG_EXTS))
+    return itertools.islice(tar_images(), limit)
+
+
+def dataset_images(ds, limit=None):
+    """uint8 images of a dataset of this file (built with crop="center", flip=False for evaluation): the first
+    `limit` decodable ones, of a map-style dataset or of a shard stream."""
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        items = iter(ds)
+    else:
+        items = (ds[i] for i in range(len(ds)))
+    return (to_uint8(s["image"]) for s in itertools.islice((s for s in items if s is not None), limit))
+
+
+def dataset_images_at(ds, indices):
+    """uint8 images of the given items of a map-style dataset."""
+    return (to_uint8(ds[i]["image"]) for i in indices)
+
+
+def condition_pool(ds, n=1000):
+    """The training samples evaluation draws its conditions from: the dataset itself when it is indexable, else
+    (webdataset shards) the first n samples of its stream."""
+    return first_items(ds, n) if isinstance(ds, torch.utils.data.IterableDataset) else ds
 
 
 # ----------------------------------------------------------------------------- VAE

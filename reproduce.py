@@ -1,5 +1,5 @@
 """
-The paper's findings in miniature (issue 14): one subcommand per table, each a set of runs of the repo's own CLIs.
+The paper's findings in miniature: one subcommand per table, each a set of runs of the repo's own CLIs.
 
     python reproduce.py control     # Tab. 2a / Fig. 2: gamma_c uniform vs cosine (alpha 8): LPIPS-size, FID, judge
     python reproduce.py guidance    # Eq. 2: control guidance beta 1, 1.375, 2 at fixed lam: FID, judge
@@ -298,76 +298,87 @@ def replace_flag(flags, name, value):
     return flags[:i + 1] + [str(value)] + flags[i + 2:]
 
 
-def transfer(study):
-    """Fig. 8 / Tab. A3 right: pre-train at --low-res, transfer.py to 2x, fine-tune, evaluating along the way."""
+TRANSFER_VARIANTS = {  # name: (pre-training flags, transfer.py flags, fine-tune flag change)
+    "baseline": ([], [], None), "extrapolate": ([], ["--pe-grid", "extrapolate"], None),
+    "no-rescale": ([], [], ("--schedule-scale", 1.0)), "local": (["--crop", "local"], [], None)}
+TRANSFER_WHAT = {"baseline": "(resample PE, Eq. 3 rescale, global crops)",
+                 "extrapolate": "transfer.py --pe-grid extrapolate", "no-rescale": "fine-tune --schedule-scale 1",
+                 "local": "pre-train --crop local"}
+
+
+def transfer_seed(study, name, s, k_eval):
+    """One seed of one variant: pre-train at --low-res, transfer.py to 2x, fine-tune, evaluating at each step of
+    k_eval (0 = the transferred checkpoint); the baseline also sweeps λ at both resolutions (Eq. 4)."""
     a = study.args
     lo, hi = a.low_res, 2 * a.low_res
-    k_eval = sorted({round(a.steps * j / a.ft_evals) for j in range(a.ft_evals + 1)})  # fine-tune steps, from 0
-    variants = {  # name: (pre-training flags, transfer.py flags, fine-tune flag change)
-        "baseline": ([], [], None), "extrapolate": ([], ["--pe-grid", "extrapolate"], None),
-        "no-rescale": ([], [], ("--schedule-scale", 1.0)), "local": (["--crop", "local"], [], None)}
-    what = {"baseline": "(resample PE, Eq. 3 rescale, global crops)", "extrapolate": "transfer.py --pe-grid extrapolate",
-            "no-rescale": "fine-tune --schedule-scale 1", "local": "pre-train --crop local"}
-    curves, lam_rows = {}, {}
+    pre_flags, tr_flags, change = TRANSFER_VARIANTS[name]
+    pre = study.train(f"pre{lo}{'_local' if pre_flags else ''}", s, ["--resolution", lo, *pre_flags],
+                      steps=a.pre_steps or a.steps)
+    init = os.path.join(study.out, f"{name}_s{s}_init{hi}.pt")
+    printed = study.run("transfer", ["--ckpt", pre + "/ckpt.pt", "--resolution", hi, "--out", init, *tr_flags],
+                        capture=True) if not os.path.isfile(init) or a.dry_run else None
+    ft_file = init + ".flags.json"  # what transfer.py printed, kept for reruns
+    if printed is not None and not a.dry_run:
+        with data.atomic_write(ft_file, "w") as f:
+            json.dump(finetune_flags(printed, init), f)
+    ft = json.load(open(ft_file)) if not a.dry_run else ["--resolution", hi, "--schedule-scale", "(printed)"]
+    if change:
+        ft = replace_flag(ft, *change)
+    out = {}
+    for k in k_eval:
+        if k == 0:
+            ck = init
+        else:
+            d = study.train(f"ft{hi}_{name}", s, ft, steps=k, init=init)
+            ck = os.path.join(d, f"ckpt_{k:06d}.pt")
+            if not a.dry_run and not os.path.isfile(ck):
+                shutil.copyfile(os.path.join(d, "ckpt.pt"), ck)
+        m = study.evaluate(ck, "transfer")
+        for key in ("judge_acc", "fid"):
+            out[f"{key}@{k}"] = None if m is None else m.get(key)
+    if name == "baseline":  # λ sweep at both resolutions (Eq. 4)
+        for lam in a.lams:
+            for r, ck in ((lo, pre + "/ckpt.pt"), (hi, ck)):
+                m = study.evaluate(ck, f"lam{lam:g}", ["--lam", lam])
+                for key in ("judge_acc", "fid"):
+                    out[f"lam{lam:g}_{key}@{r}"] = None if m is None else m.get(key)
+    return out
 
-    def one_seed(name, s):
-        pre_flags, tr_flags, change = variants[name]
-        pre = study.train(f"pre{lo}{'_local' if pre_flags else ''}", s, ["--resolution", lo, *pre_flags],
-                          steps=a.pre_steps or a.steps)
-        init = os.path.join(study.out, f"{name}_s{s}_init{hi}.pt")
-        printed = study.run("transfer", ["--ckpt", pre + "/ckpt.pt", "--resolution", hi, "--out", init, *tr_flags],
-                            capture=True) if not os.path.isfile(init) or a.dry_run else None
-        ft_file = init + ".flags.json"  # what transfer.py printed, kept for reruns
-        if printed is not None and not a.dry_run:
-            with data.atomic_write(ft_file, "w") as f:
-                json.dump(finetune_flags(printed, init), f)
-        ft = json.load(open(ft_file)) if not a.dry_run else ["--resolution", hi, "--schedule-scale", "(printed)"]
-        if change:
-            ft = replace_flag(ft, *change)
-        out = {}
-        for k in k_eval:
-            if k == 0:
-                ck = init
-            else:
-                d = study.train(f"ft{hi}_{name}", s, ft, steps=k, init=init)
-                ck = os.path.join(d, f"ckpt_{k:06d}.pt")
-                if not a.dry_run and not os.path.isfile(ck):
-                    shutil.copyfile(os.path.join(d, "ckpt.pt"), ck)
-            m = study.evaluate(ck, "transfer")
-            for key in ("judge_acc", "fid"):
-                out[f"{key}@{k}"] = None if m is None else m.get(key)
-        if name == "baseline":  # λ sweep at both resolutions (Eq. 4)
-            for lam in a.lams:
-                for r, ck in ((lo, pre + "/ckpt.pt"), (hi, ck)):
-                    m = study.evaluate(ck, f"lam{lam:g}", ["--lam", lam])
-                    for key in ("judge_acc", "fid"):
-                        out[f"lam{lam:g}_{key}@{r}"] = None if m is None else m.get(key)
-        return out
 
-    rows = []
-    for name in variants:
-        m = study.seeds(lambda s: one_seed(name, s))
-        curves[name] = m
-        rows.append([name, what[name], *[fmt(m.get(f"judge_acc@{k}")) for k in k_eval],
-                     *[fmt(m.get(f"fid@{k}"), 1) for k in k_eval], PAPER["transfer"][name]])
-    base = curves["baseline"]
-    for lam in a.lams:
-        lam_rows[lam] = [f"{lam:g}", *[fmt(base.get(f"lam{lam:g}_{k}@{r}"), d) for r in (lo, hi)
-                                       for k, d in (("fid", 1), ("judge_acc", 3))]]
+def lam_sweep(a, base, lo, hi):
+    """The baseline's λ sweep as markdown, and the best λ at each resolution: lowest mean FID (the paper's
+    criterion), else the highest judge accuracy."""
+    rows = [[f"{lam:g}", *[fmt(base.get(f"lam{lam:g}_{k}@{r}"), d) for r in (lo, hi)
+                          for k, d in (("fid", 1), ("judge_acc", 3))]] for lam in a.lams]
 
-    def best(r):  # λ with the lowest mean FID (the paper's criterion), else the highest judge accuracy
+    def best(r):
         key, sign = ("fid", 1) if a.fid else ("judge_acc", -1)
         vals = {lam: sign * mean(base.get(f"lam{lam:g}_{key}@{r}")) for lam in a.lams}
         vals = {k: v for k, v in vals.items() if v == v}
         return min(vals, key=vals.get) if vals else float("nan")
 
     b_lo, b_hi = best(lo), best(hi)
-    lam_md = "\n".join(["", f"### Guidance law (Eq. 4): λ sweep of the baseline at {lo} px (pre-trained) and {hi} px "
-                        "(fine-tuned)", "", f"| λ | FID @{lo} | judge @{lo} | FID @{hi} | judge @{hi} |",
-                        "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in lam_rows.values()] +
-                       ["", f"- best λ at {lo} px: {b_lo:g}; Eq. 4 predicts {1 + 2 * (b_lo - 1):g} at {hi} px; "
-                        f"best λ measured at {hi} px: {b_hi:g} (by {'FID' if a.fid else 'judge accuracy'})",
-                        "- paper: λ* = 1.5 at 256 and 2.0 at 512 (Fig. 7 left/centre, App. D)"])
+    md = "\n".join(["", f"### Guidance law (Eq. 4): λ sweep of the baseline at {lo} px (pre-trained) and {hi} px "
+                    "(fine-tuned)", "", f"| λ | FID @{lo} | judge @{lo} | FID @{hi} | judge @{hi} |",
+                    "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows] +
+                   ["", f"- best λ at {lo} px: {b_lo:g}; Eq. 4 predicts {1 + 2 * (b_lo - 1):g} at {hi} px; "
+                    f"best λ measured at {hi} px: {b_hi:g} (by {'FID' if a.fid else 'judge accuracy'})",
+                    "- paper: λ* = 1.5 at 256 and 2.0 at 512 (Fig. 7 left/centre, App. D)"])
+    return md, b_lo, b_hi
+
+
+def transfer(study):
+    """Fig. 8 / Tab. A3 right: pre-train at --low-res, transfer.py to 2x, fine-tune, evaluating along the way."""
+    a = study.args
+    lo, hi = a.low_res, 2 * a.low_res
+    k_eval = sorted({round(a.steps * j / a.ft_evals) for j in range(a.ft_evals + 1)})  # fine-tune steps, from 0
+    curves, rows = {}, []
+    for name in TRANSFER_VARIANTS:
+        m = study.seeds(lambda s: transfer_seed(study, name, s, k_eval))
+        curves[name] = m
+        rows.append([name, TRANSFER_WHAT[name], *[fmt(m.get(f"judge_acc@{k}")) for k in k_eval],
+                     *[fmt(m.get(f"fid@{k}"), 1) for k in k_eval], PAPER["transfer"][name]])
+    lam_md, b_lo, b_hi = lam_sweep(a, curves["baseline"], lo, hi)
     write_table(study, f"Resolution transfer {lo} → {hi} px (Fig. 8, Tab. A3 right)",
                 ["variant", "differs from the baseline by", *[f"judge @{k}" for k in k_eval],
                  *[f"FID @{k}" for k in k_eval], "paper (IN1k-512 / CC12M)"], rows,

@@ -8,7 +8,7 @@ Sample image grids from a checkpoint (SPEC §7). The model is rebuilt from the c
 
 Each image's noise comes from its own seed and files are named by seed, so an image does not depend on the
 batch size or on which other images are drawn with it (EDM2). The model, its latent space, semantic condition and
-schedule come from the checkpoint's run spec (models.load_checkpoint; generation is conditioning.generate).
+schedule come from the checkpoint's run spec (models.load_checkpoint; generation is models.generate).
 """
 import argparse
 import os
@@ -29,47 +29,86 @@ def parse_seeds(s):
     return [int(v) for v in s.split(",")]
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # io
-    p.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py (default: out/ckpt.pt)")
-    p.add_argument("--out-dir", default=None, help="where PNGs go (default: <ckpt dir>/samples)")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clamp predicted x0 to "
+    g = p.add_argument_group("io")
+    g.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by train.py (default: out/ckpt.pt)")
+    g.add_argument("--out-dir", default=None, help="where PNGs go (default: <ckpt dir>/samples)")
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
+    g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clamp predicted x0 to "
                    "[-1, 1] while sampling, or not (default: the run's --clip-x0)")
-    p.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
-                   help="also write one <seed>.png per image (default: on)")
-    # semantic condition
-    p.add_argument("--classes", nargs="*", default=None, help="class ids or embedded class names (default: first 10)")
-    p.add_argument("--prompts", nargs="*", default=None, help="text prompts (text-mode checkpoints)")
-    p.add_argument("--prompt-file", default=None, help="file with one prompt per line")
-    p.add_argument("--n-per", type=int, default=4, help="images per class / prompt (default: 4)")
-    p.add_argument("--seeds", default=None, help="seed list '0-15' or '3,7'; one per image (default: 0..N-1)")
-    # sampler and guidance
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="DDIM (eta 0) or DDPM; an rf "
+    g.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write one PNG per image, named by its seed: 000007.png (default: on)")
+    g = p.add_argument_group("semantic condition")
+    g.add_argument("--classes", nargs="*", default=None, help="class ids or embedded class names (default: first 10)")
+    g.add_argument("--prompts", nargs="*", default=None, help="text prompts (text-mode checkpoints)")
+    g.add_argument("--prompt-file", default=None, help="file with one prompt per line")
+    g.add_argument("--n-per", type=int, default=4, help="images per class / prompt (default: 4)")
+    g.add_argument("--seeds", default=None, help="seed list '0-15' or '3,7'; one per image (default: 0..N-1)")
+    g = p.add_argument_group("sampler and guidance")
+    g.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="DDIM (eta 0) or DDPM; an rf "
                    "checkpoint samples with Euler, as 'ddim' (default: ddim)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50; paper: 250 for FID)")
-    p.add_argument("--cfg", type=float, default=4.0, help="semantic guidance lam of Eq. 2 (default: 4, DiT's "
+    g.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50; paper: 250 for FID)")
+    g.add_argument("--cfg", type=float, default=4.0, help="semantic guidance lam of Eq. 2 (default: 4, DiT's "
                    "choice for sample grids; the paper's FID setting is 1.5 at 256 px)")
-    p.add_argument("--control-cfg", type=float, default=1.0, help="control guidance beta of Eq. 2; 1 = plain CFG "
+    g.add_argument("--control-cfg", type=float, default=1.0, help="control guidance beta of Eq. 2; 1 = plain CFG "
                    "(default: 1; paper's best 1.375)")
-    p.add_argument("--schedule-scale", type=float, default=None, help="noise schedule scale (default: checkpoint's)")
-    # control conditioning at inference
-    p.add_argument("--orig-size", type=int, nargs=2, default=None,
+    g.add_argument("--schedule-scale", type=float, default=None, help="noise schedule scale (default: checkpoint's)")
+    g = p.add_argument_group("control conditioning at inference")
+    g.add_argument("--orig-size", type=int, nargs=2, default=None,
                    help="size condition H W in px (default: median original size of the training data)")
-    p.add_argument("--crop-tl", type=int, nargs=2, default=(0, 0), help="crop condition top left in px (default: 0 0)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="flip condition (default: off)")
-    # diagnostic
-    p.add_argument("--denoise-from", type=int, default=None, metavar="T",
+    g.add_argument("--crop-tl", type=int, nargs=2, default=(0, 0), help="crop condition top left in px (default: 0 0)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="flip condition (default: off)")
+    g = p.add_argument_group("diagnostic")
+    g.add_argument("--denoise-from", type=int, default=None, metavar="T",
                    help="instead of sampling from noise, noise training crops to step T (0..999) and denoise them "
                    "(SDEdit); --seeds picks the dataset items (default 0-9), each keeps its class/caption and φ; "
                    "the grid shows the crops above their denoised versions")
-    # system
-    p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (default: 16)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="autocast (default: "
+    g = p.add_argument_group("system")
+    g.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (default: 16)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="autocast (default: "
                    "auto = bf16 on CUDA)")
-    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: --n-per)")
+    g.add_argument("--nrow", type=int, default=None, help="images per grid row (default: --n-per)")
+    return p
+
+
+def denoise_training_crops(model, spec, args, out_dir, kw):
+    """--denoise-from T: dataset items (the run's own data, crop and flip settings) noised to step T and denoised
+    with their own class/caption and φ. Shows what the denoiser keeps and loses from a given noise level on."""
+    d = spec["data"]
+    if d["source"] in ("latents", "wds"):
+        raise SystemExit(f"--denoise-from needs an indexable image dataset; this checkpoint's data is {d['source']}")
+    ds = data.build_dataset(d["source"], d["path"], d["resolution"], d["crop"], d["flip"], d["seed"])
+    idx = parse_seeds(args.seeds) if args.seeds else list(range(10))
+    b = data.collate([ds[i] for i in idx])
+    if b["n_bad"]:
+        raise SystemExit(f"--denoise-from: {b['n_bad']} of the chosen dataset items are unreadable")
+    labels = b["y"].tolist() if spec["semantic"]["kind"] == "class" else list(b["caption"])
+    imgs = models.generate(model, spec, idx, labels, phi=b["phi"], images=b["image"], t_start=args.denoise_from,
+                           **kw)
+    grid = os.path.join(out_dir, f"denoise_from_{args.denoise_from}.png")
+    data.save_grid(torch.cat([b["image"], imgs]), grid, nrow=len(idx))
+    print(f"denoised {len(idx)} training crops from t = {args.denoise_from}: {grid} (top: crops, bottom: denoised)")
+
+
+def grid_labels(spec, args):
+    """The grid's labels, --n-per of each: class ids (--classes: ids or embedded class names; default the first 10)
+    or prompts (--prompts, --prompt-file; default two embedded-style captions)."""
+    if spec["semantic"]["kind"] == "class":
+        names = list(data.CLASSES) if spec["data"]["source"] == "embedded" else []
+        keys = args.classes if args.classes else list(range(min(spec["semantic"]["num_classes"], 10)))
+        base = [names.index(c) if isinstance(c, str) and not c.isdigit() else int(c) for c in keys]
+    else:
+        base = list(args.prompts or [])
+        if args.prompt_file:
+            base += [line.strip() for line in open(args.prompt_file) if line.strip()]
+        base = base or ["a red square on the left", "a blue circle on the right"]
+    return [lab for lab in base for _ in range(args.n_per)]
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
 
     if args.denoise_from is not None:
@@ -91,45 +130,17 @@ def main(argv=None):
               clip_x0=args.clip_x0)
     if args.denoise_from is not None:
         return denoise_training_crops(model, spec, args, out_dir, kw)
-    if spec["semantic"]["kind"] == "class":
-        names = list(data.CLASSES) if spec["data"]["source"] == "embedded" else []
-        keys = args.classes if args.classes else list(range(min(spec["semantic"]["num_classes"], 10)))
-        base = [names.index(c) if isinstance(c, str) and not c.isdigit() else int(c) for c in keys]
-    else:
-        base = list(args.prompts or [])
-        if args.prompt_file:
-            base += [line.strip() for line in open(args.prompt_file) if line.strip()]
-        base = base or ["a red square on the left", "a blue circle on the right"]
-    labels = [lab for lab in base for _ in range(args.n_per)]  # row-major: one row per class / prompt
+    labels = grid_labels(spec, args)  # row-major: one row per class / prompt
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(len(labels)))
     assert len(seeds) == len(labels), f"{len(seeds)} seeds for {len(labels)} images: give one seed per image"
     phi = conditioning.default_phi(spec, len(labels), args.orig_size, args.crop_tl, args.flip)
-    imgs = conditioning.generate(model, spec, seeds, labels, phi=phi, **kw)
+    imgs = models.generate(model, spec, seeds, labels, phi=phi, **kw)
     if args.save_images:
         for s, img in zip(seeds, imgs):
             data.to_pil(img).save(os.path.join(out_dir, f"{s:06d}.png"))
     grid = os.path.join(out_dir, "grid.png")
     data.save_grid(imgs, grid, nrow=args.nrow or args.n_per)
     print(f"wrote {len(imgs)} images and {grid}")
-
-
-def denoise_training_crops(model, spec, args, out_dir, kw):
-    """--denoise-from T: dataset items (the run's own data, crop and flip settings) noised to step T and denoised
-    with their own class/caption and φ. Shows what the denoiser keeps and loses from a given noise level on."""
-    d = spec["data"]
-    if d["source"] in ("latents", "wds"):
-        raise SystemExit(f"--denoise-from needs an indexable image dataset; this checkpoint's data is {d['source']}")
-    ds = data.build_dataset(d["source"], d["path"], d["resolution"], d["crop"], d["flip"], d["seed"])
-    idx = parse_seeds(args.seeds) if args.seeds else list(range(10))
-    b = data.collate([ds[i] for i in idx])
-    if b["n_bad"]:
-        raise SystemExit(f"--denoise-from: {b['n_bad']} of the chosen dataset items are unreadable")
-    labels = b["y"].tolist() if spec["semantic"]["kind"] == "class" else list(b["caption"])
-    imgs = conditioning.generate(model, spec, idx, labels, phi=b["phi"], images=b["image"],
-                                 t_start=args.denoise_from, **kw)
-    grid = os.path.join(out_dir, f"denoise_from_{args.denoise_from}.png")
-    data.save_grid(torch.cat([b["image"], imgs]), grid, nrow=len(idx))
-    print(f"denoised {len(idx)} training crops from t = {args.denoise_from}: {grid} (top: crops, bottom: denoised)")
 
 
 if __name__ == "__main__":

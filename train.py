@@ -19,6 +19,7 @@ import resource
 import sys
 import time
 import types
+import typing
 
 import numpy as np
 import torch
@@ -45,8 +46,8 @@ RECIPES = {
                 text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
                 objective="eps"),
 }
-# The tiny CPU default's deviations from Tab. A4, chosen by issue 13's study (README "What makes the tiny default
-# learn", every row measured with the judge): SD3's rectified flow instead of DDPM-eps, and the class embedding also
+# The tiny CPU default's deviations from Tab. A4, chosen by the tiny-default study (RESULTS.md "What makes the tiny
+# default learn", every row measured with the judge): SD3's rectified flow instead of DDPM-eps, and the class embedding also
 # in adaLN (the paper's class-in-attention alone is barely used by a 64-wide model in a few thousand steps). On only
 # for `--recipe ours --size tiny`; --no-tiny-recipe gives the paper's recipe at tiny size; explicit flags win.
 TINY_RECIPE = dict(objective="rf", class_in="adaln")
@@ -60,109 +61,109 @@ def get_parser():
                    "(mmDiT baseline, rectified flow) or dit (plain DiT); explicit flags override it (default: ours)")
     p.add_argument("--tiny-recipe", action=argparse.BooleanOptionalAction, default=True, help="with --recipe ours "
                    f"--size tiny, apply the CPU study's deviations {TINY_RECIPE} (default: on)")
-    # data
-    p.add_argument("--data", choices=data.SOURCES, default="embedded", help="dataset source; 'embedded' needs no files")
-    p.add_argument("--data-path", default=None, help="dataset root / shard pattern (unused for 'embedded')")
-    p.add_argument("--resolution", type=int, default=data.RESOLUTION, help="training resolution in pixels (default: "
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=data.SOURCES, default="embedded", help="dataset source; 'embedded' needs no files")
+    g.add_argument("--data-path", default=None, help="dataset root / shard pattern (unused for 'embedded')")
+    g.add_argument("--resolution", type=int, default=data.RESOLUTION, help="training resolution in pixels (default: "
                    f"{data.RESOLUTION}, the CPU run)")
-    p.add_argument("--crop", choices=["global", "local", "mix", "center"], default="global",
+    g.add_argument("--crop", choices=["global", "local", "mix", "center"], default="global",
                    help="crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2; default global)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random h-flip, p=0.5 (on)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank (default: 0)")
-    p.add_argument("--vae", default="none", help="'none' = pixel space; else a diffusers AutoencoderKL name/path, "
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random h-flip, p=0.5 (on)")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank (default: 0)")
+    g.add_argument("--vae", default="none", help="'none' = pixel space; else a diffusers AutoencoderKL name/path, "
                    f"e.g. {data.DEFAULT_VAE}, to train on its latents (default: none)")
-    p.add_argument("--semantic", choices=["class", "text"], default="class", help="semantic condition (default: class)")
-    p.add_argument("--num-classes", type=int, default=None, help="class count (default: taken from the dataset)")
-    # model
-    p.add_argument("--arch", choices=list(models.MODELS), default=None, help=f"denoiser {R}")
-    p.add_argument("--size", choices=list(models.SIZES), default="tiny", help="size preset (default: tiny)")
-    p.add_argument("--width", type=int, default=None, help="transformers: hidden width instead of the preset's, heads "
+    g.add_argument("--semantic", choices=["class", "text"], default="class", help="semantic condition (default: class)")
+    g.add_argument("--num-classes", type=int, default=None, help="class count (default: taken from the dataset)")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=list(models.MODELS), default=None, help=f"denoiser {R}")
+    g.add_argument("--size", choices=list(models.SIZES), default="tiny", help="size preset (default: tiny)")
+    g.add_argument("--width", type=int, default=None, help="transformers: hidden width instead of the preset's, heads "
                    "keep the preset's head width (default: the preset's; tiny 64)")
-    p.add_argument("--depth", type=int, default=None, help="transformers: blocks instead of the preset's (default: "
+    g.add_argument("--depth", type=int, default=None, help="transformers: blocks instead of the preset's (default: "
                    "the preset's; tiny 4)")
-    p.add_argument("--patch-size", type=int, default=2, help="transformer patch size (default: 2)")
-    p.add_argument("--class-in", choices=["adaln", "attn"], default=None, help=f"class via adaLN or attention {R}")
-    p.add_argument("--pe-grid", choices=["extrapolate", "resample"], default=None, help=f"2-D sin-cos PE grid {R}")
-    p.add_argument("--pe-base", type=int, default=None, help="PE grid size of pre-training (default: this grid)")
-    p.add_argument("--mask-ratio", type=float, default=0.3, help="mDT latent mask ratio (default: 0.3)")
-    p.add_argument("--class-tokens", type=int, default=None, help="context tokens made from the class embedding "
+    g.add_argument("--patch-size", type=int, default=2, help="transformer patch size (default: 2)")
+    g.add_argument("--class-in", choices=["adaln", "attn"], default=None, help=f"class via adaLN or attention {R}")
+    g.add_argument("--pe-grid", choices=["extrapolate", "resample"], default=None, help=f"2-D sin-cos PE grid {R}")
+    g.add_argument("--pe-base", type=int, default=None, help="PE grid size of pre-training (default: this grid)")
+    g.add_argument("--mask-ratio", type=float, default=0.3, help="mDT latent mask ratio (default: 0.3)")
+    g.add_argument("--class-tokens", type=int, default=None, help="context tokens made from the class embedding "
                    "(learned offsets tell them apart): more attention mass on the class (default: the arch's own, "
                    "1 for dit/mmdit, 4 for pixart/unet)")
-    p.add_argument("--stem", type=int, default=0, help="transformers: width of a two-layer 3x3 conv stem before "
+    g.add_argument("--stem", type=int, default=0, help="transformers: width of a two-layer 3x3 conv stem before "
                    "patchify (minRF), 0 = plain patchify as DiT/SD3 (default: 0)")
-    p.add_argument("--head", type=int, default=0, help="transformers: width of a two-layer 3x3 conv head after "
+    g.add_argument("--head", type=int, default=0, help="transformers: width of a two-layer 3x3 conv head after "
                    "unpatchify that also sees x_t (U-ViT's output conv), 0 = linear output as DiT/SD3 (default: 0)")
-    # diffusion
-    p.add_argument("--schedule-scale", type=float, default=1.0, help="noise schedule scale s'/s, Eq. 3; for rf it "
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--schedule-scale", type=float, default=1.0, help="noise schedule scale s'/s, Eq. 3; for rf it "
                    "multiplies --shift (the same operation) (default: 1)")
-    p.add_argument("--base-resolution", type=int, default=None, help="pre-training resolution in pixels of a "
+    g.add_argument("--base-resolution", type=int, default=None, help="pre-training resolution in pixels of a "
                    "fine-tuning run: evaluate.py's guidance default follows Eq. 4 from it (transfer.py sets it; "
                    "default: none = this resolution)")
-    p.add_argument("--objective", choices=diffusion.OBJECTIVES, default=None, help="model output: eps, v, x0 (DDPM "
+    g.add_argument("--objective", choices=diffusion.OBJECTIVES, default=None, help="model output: eps, v, x0 (DDPM "
                    f"schedule) or rf (rectified flow, v = eps - x0, Euler sampler) {R}: eps for ours/dit, rf for sd3")
-    p.add_argument("--t-density", choices=diffusion.T_DENSITIES, default=None, help="training density of t "
+    g.add_argument("--t-density", choices=diffusion.T_DENSITIES, default=None, help="training density of t "
                    "(logit-normal over t/T for the DDPM schedule) (default: logit-normal for rf, uniform otherwise)")
-    p.add_argument("--t-mean", type=float, default=0.0, help="m of the logit-normal pi(t; m, s) (default: 0)")
-    p.add_argument("--t-std", type=float, default=1.0, help="s of the logit-normal pi(t; m, s) (default: 1)")
-    p.add_argument("--shift", type=float, default=1.0, help="rf only: SD3's t' = shift t / (1 + (shift-1) t), in "
+    g.add_argument("--t-mean", type=float, default=0.0, help="m of the logit-normal pi(t; m, s) (default: 0)")
+    g.add_argument("--t-std", type=float, default=1.0, help="s of the logit-normal pi(t; m, s) (default: 1)")
+    g.add_argument("--shift", type=float, default=1.0, help="rf only: SD3's t' = shift t / (1 + (shift-1) t), in "
                    "training and sampling (default: 1 = none)")
-    p.add_argument("--loss-weight", choices=diffusion.LOSS_WEIGHTS, default="none", help="none, or min-snr: "
+    g.add_argument("--loss-weight", choices=diffusion.LOSS_WEIGHTS, default="none", help="none, or min-snr: "
                    "min(SNR, gamma) in x0 space, expressed for the objective (Hang et al. 2023) (default: none)")
-    p.add_argument("--min-snr-gamma", type=float, default=diffusion.MIN_SNR_GAMMA,
+    g.add_argument("--min-snr-gamma", type=float, default=diffusion.MIN_SNR_GAMMA,
                    help=f"gamma of min-snr (default: {diffusion.MIN_SNR_GAMMA:g})")
-    p.add_argument("--zero-snr", action=argparse.BooleanOptionalAction, default=False, help="rescale betas to zero "
+    g.add_argument("--zero-snr", action=argparse.BooleanOptionalAction, default=False, help="rescale betas to zero "
                    "terminal SNR (Lin et al. 2024); needs --objective v or x0 (default: off)")
-    p.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=False, help="clamp predicted x0 to "
+    g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=False, help="clamp predicted x0 to "
                    "[-1, 1] while sampling; pixel space only (default: off)")
-    # conditioning
-    p.add_argument("--control", nargs="*", choices=conditioning.CONTROL_SIGNALS, default=None,
+    g = p.add_argument_group("conditioning")
+    g.add_argument("--control", nargs="*", choices=conditioning.CONTROL_SIGNALS, default=None,
                    help=f"control signals in adaLN; give none for no control {R}")
-    p.add_argument("--gamma", choices=conditioning.GAMMA_SCHEDULES, default=None, help=f"gamma_c(t) of Eq. 1 {R}")
-    p.add_argument("--gamma-alpha", type=float, default=None, help=f"alpha of the cosine gamma_c {R}")
-    p.add_argument("--gamma-step-sigma", type=float, default=1.0, help="threshold of the 'step' gamma_c (default: 1)")
-    p.add_argument("--p-drop-sem", type=float, default=0.1, help="semantic dropout prob. for CFG (default: 0.1)")
-    p.add_argument("--p-drop-ctrl", type=float, default=0.1, help="control dropout prob. for Eq. 2 (default: 0.1)")
-    p.add_argument("--text-encoder", default="ViT-L-14", help="open_clip text tower, or 'tiny' (default: ViT-L-14)")
-    p.add_argument("--text-encoder-path", default="openai", help="open_clip pretrained tag or weights file "
+    g.add_argument("--gamma", choices=conditioning.GAMMA_SCHEDULES, default=None, help=f"gamma_c(t) of Eq. 1 {R}")
+    g.add_argument("--gamma-alpha", type=float, default=None, help=f"alpha of the cosine gamma_c {R}")
+    g.add_argument("--gamma-step-sigma", type=float, default=1.0, help="threshold of the 'step' gamma_c (default: 1)")
+    g.add_argument("--p-drop-sem", type=float, default=0.1, help="semantic dropout prob. for CFG (default: 0.1)")
+    g.add_argument("--p-drop-ctrl", type=float, default=0.1, help="control dropout prob. for Eq. 2 (default: 0.1)")
+    g.add_argument("--text-encoder", default="ViT-L-14", help="open_clip text tower, or 'tiny' (default: ViT-L-14)")
+    g.add_argument("--text-encoder-path", default="openai", help="open_clip pretrained tag or weights file "
                    "(default: openai)")
-    p.add_argument("--text-pad", choices=conditioning.TEXT_PADDINGS, default=None, help=f"text padding §2.1 {R}")
-    p.add_argument("--beta-txt", type=float, default=None, help=f"noise of noisy replicate padding, Eq. 7 {R}")
-    # optim
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, constant after warm-up "
+    g.add_argument("--text-pad", choices=conditioning.TEXT_PADDINGS, default=None, help=f"text padding §2.1 {R}")
+    g.add_argument("--beta-txt", type=float, default=None, help=f"noise of noisy replicate padding, Eq. 7 {R}")
+    g = p.add_argument_group("optim")
+    g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, constant after warm-up "
                    "(default 2e-3 suits the tiny CPU run; the paper uses 1e-4)")
-    p.add_argument("--adam-betas", type=float, nargs=2, default=None, help=f"AdamW betas {R}")
-    p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay {R}")
-    p.add_argument("--global-batch", type=int, default=32, help="images per optimiser step, all ranks (default: 32)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step (default: 1)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(d, (1+n)/(10+n)) "
+    g.add_argument("--adam-betas", type=float, nargs=2, default=None, help=f"AdamW betas {R}")
+    g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay {R}")
+    g.add_argument("--global-batch", type=int, default=32, help="images per optimiser step, all ranks (default: 32)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step (default: 1)")
+    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(d, (1+n)/(10+n)) "
                    "(default: 0.999; 0.9999 at full scale)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip grad norm; 0 = off (default: 1)")
-    p.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (default: 100)")
-    p.add_argument("--lr-decay", type=int, default=0, help="linear lr decay to 0 over the last N steps before "
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip grad norm; 0 = off (default: 1)")
+    g.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (default: 100)")
+    g.add_argument("--lr-decay", type=int, default=0, help="linear lr decay to 0 over the last N steps before "
                    "--max-steps; 0 = constant lr, as the paper (default: 0)")
-    p.add_argument("--max-steps", type=int, default=2400, help="optimiser steps to train (default: 2400, which "
-                   "with sample.py fits issue 13's 10 minutes on a 2-core Zen 1 CPU; bench.py --suite cpu-default)")
-    # system
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    g.add_argument("--max-steps", type=int, default=2400, help="optimiser steps to train (default: 2400, which "
+                   "with sample.py fits the 10-minute CPU budget on a 2-core Zen 1; bench.py --suite cpu-default)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="autocast dtype; master weights stay fp32 (default: auto = bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model "
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model "
                    "(default: off; on 2 idle CPU cores it buys the tiny default 1.2x for ~70 s of compiling)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (default: 0)")
-    # io
-    p.add_argument("--out-dir", default="out", help="checkpoints, config.json, log.jsonl, grids (default: out)")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (default: 0)")
+    g = p.add_argument_group("io")
+    g.add_argument("--out-dir", default="out", help="checkpoints, config.json, log.jsonl, grids (default: out)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="resume from <out-dir>/ckpt.pt when it exists (default: on)")
-    p.add_argument("--init-from", default=None, help="initialise weights from a checkpoint (e.g. transfer.py "
+    g.add_argument("--init-from", default=None, help="initialise weights from a checkpoint (e.g. transfer.py "
                    "output), strict=False with a report of missing/unexpected keys")
-    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps (default: 500)")
-    p.add_argument("--sample-every", type=int, default=1000, help="sample grid interval in steps, and one at the "
+    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps (default: 500)")
+    g.add_argument("--sample-every", type=int, default=1000, help="sample grid interval in steps, and one at the "
                    "end; 0 = no grids (default: 1000)")
-    p.add_argument("--log-every", type=int, default=50, help="log interval in steps (default: 50)")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the periodic grids (default: 50)")
-    p.add_argument("--sample-cfg", type=float, default=4.0,
+    g.add_argument("--log-every", type=int, default=50, help="log interval in steps (default: 50)")
+    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the periodic grids (default: 50)")
+    g.add_argument("--sample-cfg", type=float, default=4.0,
                    help="guidance lam of the periodic grids (default: 4, as DiT's sample grids; FID uses 1.5)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar (default: on)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar (default: on)")
     return p
 
 
@@ -418,37 +419,13 @@ def set_rng_state(s, device):
         torch.cuda.set_rng_state(s["cuda"], device)
 
 
-def plot_curve(steps, losses, path, w=480, h=300, pad=40):
-    """Loss curve (log y) drawn with PIL, so matplotlib is not a dependency."""
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    ly = [math.log10(max(v, 1e-8)) for v in losses]
-    x0, x1, y0, y1 = min(steps), max(steps), min(ly), max(ly)
-    sx = lambda s: pad + (s - x0) / max(x1 - x0, 1) * (w - 2 * pad)
-    sy = lambda v: h - pad - (v - y0) / max(y1 - y0, 1e-8) * (h - 2 * pad)
-    d.rectangle([pad, pad, w - pad, h - pad], outline="black")
-    d.line([(sx(s), sy(v)) for s, v in zip(steps, ly)], fill="blue", width=2)
-    d.text((pad, 8), "training loss (log scale)", fill="black")
-    d.text((pad, h - pad + 6), str(x0), fill="black")
-    d.text((w - pad - 30, h - pad + 6), str(x1), fill="black")
-    d.text((2, pad - 12), f"{10 ** y1:.3g}", fill="black")
-    d.text((2, h - pad), f"{10 ** y0:.3g}", fill="black")
-    img.save(path)
-
-
 # ----------------------------------------------------------------------------- main, in steps
 def setup(args):
-    """DDP the nanoGPT way (torchrun sets RANK), the same code path for one process; device, precision, out dir."""
-    run = types.SimpleNamespace(ddp=int(os.environ.get("RANK", -1)) != -1, rank=0, world=1, bar=None)
-    device = models.get_device(args.device)
-    if run.ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        run.rank, run.world = dist.get_rank(), dist.get_world_size()
-        if device.type == "cuda":
-            device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
-            torch.cuda.set_device(device)
-    run.device, run.master = device, run.rank == 0
+    """DDP (models.init_distributed: torchrun sets RANK, one process takes the same path), print0, micro-batch,
+    seed, precision, out dir."""
+    run = types.SimpleNamespace(bar=None)
+    run.ddp, run.rank, run.world, run.device = models.init_distributed(args.device)
+    run.master = run.rank == 0
 
     def print0(*a):
         if run.master:
@@ -460,11 +437,11 @@ def setup(args):
         f"pick a global batch that is a multiple of {run.world * args.grad_accum}")
     run.micro = args.global_batch // (run.world * args.grad_accum)
     torch.manual_seed(args.seed)  # the same model init on every rank; per-rank seeds follow in build()
-    if device.type == "cuda":
+    if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    run.dtype = models.get_dtype(args.precision, device)
-    run.autocast = models.autocast(device, run.dtype)
+    run.dtype = models.get_dtype(args.precision, run.device)
+    run.autocast = models.autocast(run.device, run.dtype)
     os.makedirs(args.out_dir, exist_ok=True)
     run.ckpt_path, run.log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     return run
@@ -530,6 +507,210 @@ def grid_labels(spec, ds):
     return [c for _ in range(4) for c in caps], len(caps)
 
 
+# ----------------------------------------------------------------------------- the loop's parts
+class Nets(typing.NamedTuple):
+    """What the loop trains and what it runs frozen: the model, its EMA, the optimiser, the VAE and text encoder."""
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    vae: object = None
+    encoder: object = None
+
+
+def make_batches(args, run, ds, ck, step):
+    """(endless micro-batch iterator, position(step) -> data position for the checkpoint). Map-style datasets: exact,
+    a function of the step (StepSampler); shard streams: the samples of this rank's stream consumed so far."""
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        pos = dict(ck["data"]) if ck else {"epoch": 0, "index": 0}
+        return stream_batches(ds, run.micro, args.num_workers, pos), lambda step: dict(pos)
+    sampler = StepSampler(len(ds), args.seed, step, run.micro, run.world, run.rank, args.grad_accum)
+    loader = torch.utils.data.DataLoader(  # the generator keeps DataLoader from drawing on the global RNG
+        EpochIndexed(ds), batch_sampler=sampler, num_workers=args.num_workers, collate_fn=data.collate,
+        pin_memory=run.device.type == "cuda", persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))
+    return iter(loader), sampler.position
+
+
+def get_micro_batch(batches, meter, args, run, spec, nets, null_sem, g):
+    """Next micro-batch -> (x0, cond) on the device: VAE encoding, text features, padding and condition dropout
+    happen here. Unreadable samples are counted in meter.n_bad; a batch that lost all of them is skipped."""
+    b = next(batches)
+    meter.n_bad += b["n_bad"]
+    while "phi" not in b:  # every sample of the batch was unreadable (data.collate dropped them)
+        b = next(batches)
+        meter.n_bad += b["n_bad"]
+    sem, device = spec["semantic"], run.device
+    x0 = (b["latent"] if "latent" in b else b["image"]).to(device, non_blocking=True)
+    with torch.no_grad():
+        if nets.vae is not None:
+            x0 = data.encode(nets.vae, x0, spec["latent"]["scale"])
+        cond = conditioning.semantic_cond(sem, b.get("y") if sem["kind"] == "class" else b["caption"], nets.encoder,
+                                          device, training=True, generator=g)
+    if spec["model"].get("control"):
+        cond["phi"] = b["phi"].to(device).float()
+    return x0.float(), conditioning.drop_conditions(cond, args.p_drop_sem, args.p_drop_ctrl, null_sem, g)
+
+
+def flops_per_image(run, spec, nets, sched):
+    """Training FLOPs of one image, counted once by torch's FlopCounterMode on a synthetic batch (for MFU; GPU
+    only: None where the device's peak is unknown)."""
+    if models.device_peak(run.device)[1] is None:
+        return None
+    sem, device = spec["semantic"], run.device
+    x0 = torch.randn(1, *data.latent_shape(spec["latent"], spec["data"]["resolution"]), device=device)
+    cond = conditioning.semantic_cond(sem, [0] if sem["kind"] == "class" else ["a photo"], nets.encoder, device)
+    cond.update(phi=conditioning.default_phi(spec, 1).to(device), keep_ctrl=torch.ones(1, device=device))
+    with run.autocast:
+        flops = models.count_flops(lambda: diffusion.loss_fn(nets.model, sched, x0, cond)[0])[1]
+    nets.model.zero_grad(set_to_none=True)
+    return flops
+
+
+def checkpoint_state(args, run, spec, nets, step, data_pos):
+    """What a checkpoint holds: the unwrapped model, EMA, optimiser, step, run spec, args, every rank's RNG state
+    (so a resumed rank continues its own stream) and the data position."""
+    rngs = [rng_state(run.device)]
+    if run.ddp:
+        rngs = [None] * run.world
+        dist.all_gather_object(rngs, rng_state(run.device))
+    return {"model": nets.model.state_dict(), "ema": nets.ema.state_dict(), "optimizer": nets.optimizer.state_dict(),
+            "step": step, "spec": spec, "args": vars(args), "rng": rngs, "data": data_pos}
+
+
+def check_finite(meter, run, step):
+    """NaN/inf anywhere since the last check stops the run before a bad checkpoint can be written."""
+    bad = meter.nonfinite.clone()
+    if run.ddp:
+        dist.all_reduce(bad)
+    if bad.item() > 0:
+        run.print0(f"ERROR: non-finite loss before step {step}; stopping. The last good checkpoint "
+                   f"{run.ckpt_path} is left untouched (try a lower --lr or --precision fp32).")
+        if run.ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+
+
+def write_grid(args, run, spec, ema, grid, tag):
+    """EMA samples of the grid's labels (grid_labels) to <out-dir>/grid_<tag>.png, and the loss curve so far."""
+    labels, cols = grid
+    imgs = models.generate(ema, spec, seeds=list(range(len(labels))), labels=labels, steps=args.sample_steps,
+                           cfg=args.sample_cfg, device=run.device, precision=run.dtype)
+    data.save_grid(imgs, os.path.join(args.out_dir, f"grid_{tag}.png"), nrow=cols)
+    recs = [json.loads(line) for line in open(run.log_path)] if os.path.exists(run.log_path) else []
+    if len(recs) > 1:
+        data.plot_lines({"loss": ([r["step"] for r in recs], [math.log10(max(r["loss"], 1e-8)) for r in recs])},
+                        os.path.join(args.out_dir, "loss.png"), title="training loss (log10)")
+
+
+class Meter:
+    """Sums between two log lines, kept on the device: no .item() (a host sync) inside gradient accumulation."""
+
+    def __init__(self, device):
+        self.nonfinite = torch.zeros((), device=device)  # non-finite losses since the start (check_finite)
+        self.loss = torch.zeros((), device=device)
+        self.bin_sum, self.bin_cnt = torch.zeros(LOSS_BINS, device=device), torch.zeros(LOSS_BINS, device=device)
+        self.n_bad = 0  # unreadable samples skipped so far
+        self.reset()
+
+    def reset(self):
+        self.loss.zero_(), self.bin_sum.zero_(), self.bin_cnt.zero_()
+        self.steps, self.imgs, self.t0 = 0, 0, time.time()
+
+    def add(self, loss, t, per_sample, grad_accum):
+        """One micro-step's loss (B,) per sample, for the mean, the t bins and the finite check."""
+        self.loss += loss.detach() / grad_accum
+        self.nonfinite += (~torch.isfinite(loss.detach())).float()
+        add_to_bins(self.bin_sum, self.bin_cnt, t, per_sample.detach())
+
+
+def log_record(meter, run, step, lr, gnorm, flops_img):
+    """One log record over all ranks (mean loss, loss by t, img/s, memory, MFU), printed as one fixed-format line;
+    the master appends it to log.jsonl."""
+    stats = torch.cat([meter.loss.view(1) / meter.steps, meter.bin_sum, meter.bin_cnt])
+    if run.ddp:
+        dist.all_reduce(stats)
+        stats[0] /= run.world
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    ips = meter.imgs / (time.time() - meter.t0)
+    mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    bins = loss_by_t(stats[1:1 + LOSS_BINS], stats[1 + LOSS_BINS:])
+    peak = models.device_peak(run.device)[1]
+    rec = dict(step=step, loss=stats[0].item(), lr=lr, grad_norm=gnorm.item(), img_per_s=ips, mem_gb=mem,
+               n_bad=meter.n_bad, mfu=flops_img * ips / run.world / peak if flops_img else None, loss_by_t=bins)
+    mfu = f" | mfu {100 * rec['mfu']:5.1f}%" if rec["mfu"] is not None else ""
+    run.print0(f"step {step:7d} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:7.3f} | "
+               f"{ips:8.1f} img/s | mem {mem:6.2f} GB{mfu} | loss@t " + " ".join(f"{v:.3f}" for v in bins))
+    if run.master:
+        with open(run.log_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_loop(args, run, spec, ds, nets, ck, step):
+    """lr -> periodic grid / checkpoint -> grad accumulation -> clip -> step -> EMA -> log."""
+    batches, data_position = make_batches(args, run, ds, ck, step)
+    sched = diffusion.make_schedule(**spec["schedule"], device=run.device)
+    null_sem = conditioning.semantic_null(spec["semantic"], nets.encoder, run.device)
+    flops_img = flops_per_image(run, spec, nets, sched)
+    model = torch.compile(nets.model) if args.compile else nets.model  # checkpoints hold the unwrapped model
+    if run.ddp:
+        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    grid, meter, start_step = grid_labels(spec, ds), Meter(run.device), step
+    run.bar = tqdm(total=args.max_steps, initial=step, disable=not (run.master and args.progress), dynamic_ncols=True)
+    while True:
+        # --- lr: linear warm-up, then constant (the paper trains at a constant lr)
+        lr = lr_at(step, args.lr, args.warmup, args.lr_decay, args.max_steps)
+        for group in nets.optimizer.param_groups:
+            group["lr"] = lr
+        # --- periodic sample grid / checkpoint (not at the step we just resumed from: it is on disk already)
+        last, t_io = step == args.max_steps, time.time()
+        if step != start_step or (last and ck is None):
+            if run.master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
+                write_grid(args, run, spec, nets.ema, grid, f"{step:07d}")
+            if step % args.ckpt_every == 0 or last:
+                check_finite(meter, run, step)
+                state = checkpoint_state(args, run, spec, nets, step, data_position(step))
+                if run.master:
+                    models.save_checkpoint(state, run.ckpt_path)
+                    run.print0(f"step {step}: checkpoint saved to {run.ckpt_path}")
+        meter.t0 += time.time() - t_io  # img/s counts training time only
+        if last:
+            break
+        # --- gradient accumulation: DDP syncs gradients only on the last micro-step
+        model.train()
+        for k in range(args.grad_accum):
+            chunk = k * run.world + run.rank  # this micro-batch's place in the global batch
+            g = chunk_generator(args.seed, step, chunk, run.device)
+            x0, cond = get_micro_batch(batches, meter, args, run, spec, nets, null_sem, g)
+            cond["mask_generator"] = chunk_generator(args.seed, step, chunk, "cpu", stream=1)  # mDT's token mask
+            t = sched.sample_t(x0.shape[0], generator=g, device=run.device)  # model times
+            eps = torch.randn(x0.shape, generator=g, device=run.device)
+            skip_sync = run.ddp and k < args.grad_accum - 1
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                with run.autocast:
+                    loss, per_sample, t = diffusion.loss_fn(model, sched, x0, cond, t, eps)
+                (loss / args.grad_accum).backward()
+            meter.add(loss, t, per_sample, args.grad_accum)
+        # --- clip (the norm is computed even without clipping, for the log)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
+        # --- optimiser step
+        nets.optimizer.step()
+        nets.optimizer.zero_grad(set_to_none=True)
+        # --- EMA (decay warmed up so that short runs get a useful average)
+        ema_update(nets.ema, nets.model, ema_decay_at(step, args.ema_decay))
+        step += 1
+        meter.steps, meter.imgs = meter.steps + 1, meter.imgs + args.global_batch
+        run.bar.update(1)
+        # --- log: one fixed-format line + the same as JSON
+        if step % args.log_every == 0 or step == args.max_steps:
+            check_finite(meter, run, step)
+            log_record(meter, run, step, lr, gnorm, flops_img)
+            meter.reset()
+    run.bar.close()
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = setup(args)
@@ -544,176 +725,9 @@ def main(argv=None):
     if run.master:
         with data.atomic_write(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump({"spec": spec, "args": vars(args)}, f, indent=2)
-    train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, step)
+    train_loop(args, run, spec, ds, Nets(model, ema, optimizer, vae, encoder), ck, step)
     if run.ddp:
         dist.destroy_process_group()
-
-
-def train_loop(args, run, spec, ds, vae, encoder, model, ema, optimizer, ck, step):
-    """The loop: lr -> periodic grid / checkpoint -> grad accumulation -> clip -> step -> EMA -> log."""
-    device, rank, world, ddp, master, micro, print0 = (run.device, run.rank, run.world, run.ddp, run.master,
-                                                       run.micro, run.print0)
-    sem, control, ckpt_path, log_path = spec["semantic"], spec["model"].get("control"), run.ckpt_path, run.log_path
-    null_sem = conditioning.semantic_null(sem, encoder, device)
-    # --- data order: exact position for map-style datasets (a function of the step), counted for shard streams
-    if isinstance(ds, torch.utils.data.IterableDataset):
-        sampler, data_pos = None, dict(ck["data"]) if ck else {"epoch": 0, "index": 0}
-        batches = stream_batches(ds, micro, args.num_workers, data_pos)
-    else:
-        sampler = StepSampler(len(ds), args.seed, step, micro, world, rank, args.grad_accum)
-        loader = torch.utils.data.DataLoader(  # the generator keeps DataLoader from drawing on the global RNG
-            EpochIndexed(ds), batch_sampler=sampler, num_workers=args.num_workers, collate_fn=data.collate,
-            pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-            generator=torch.Generator().manual_seed(args.seed))
-        batches = iter(loader)
-    sched = diffusion.make_schedule(**spec["schedule"], device=device)
-    raw_model = model  # checkpoints hold the unwrapped, uncompiled model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def get_micro_batch(g):
-        """Next micro-batch -> (x0, cond) on device; text features, padding and dropout happen here."""
-        nonlocal n_bad
-        b = next(batches)
-        n_bad += b["n_bad"]
-        while "phi" not in b:  # every sample of the batch was unreadable (data.collate dropped them)
-            b = next(batches)
-            n_bad += b["n_bad"]
-        x0 = b["latent"] if "latent" in b else b["image"]
-        x0 = x0.to(device, non_blocking=True)
-        with torch.no_grad():
-            if vae is not None:
-                x0 = data.encode(vae, x0, spec["latent"]["scale"])
-            cond = conditioning.semantic_cond(sem, b.get("y") if sem["kind"] == "class" else b["caption"], encoder,
-                                              device, training=True, generator=g)
-        if control:
-            cond["phi"] = b["phi"].to(device).float()
-        return x0.float(), conditioning.drop_conditions(cond, args.p_drop_sem, args.p_drop_ctrl, null_sem, g)
-
-    flops_per_img = None  # training FLOPs per image for MFU, counted once by torch's FlopCounterMode (GPU only)
-    _, peak = models.device_peak(device)
-    n_bad = 0  # unreadable samples skipped so far (logged)
-    if peak:  # one image of a synthetic batch is enough to count FLOPs
-        x0 = torch.randn(1, *data.latent_shape(spec["latent"], spec["data"]["resolution"]), device=device)
-        cond = conditioning.semantic_cond(sem, [0] if sem["kind"] == "class" else ["a photo"], encoder, device)
-        cond.update(phi=conditioning.default_phi(spec, 1).to(device), keep_ctrl=torch.ones(1, device=device))
-        with run.autocast:
-            flops_per_img = models.count_flops(lambda: diffusion.loss_fn(raw_model, sched, x0, cond)[0])[1]
-        raw_model.zero_grad(set_to_none=True)
-
-    def make_checkpoint():
-        rngs = [rng_state(device)]
-        if ddp:  # every rank's RNG state, so a resumed rank continues its own stream
-            rngs = [None] * world
-            dist.all_gather_object(rngs, rng_state(device))
-        return {"model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "spec": spec, "args": vars(args), "rng": rngs,
-                "data": sampler.position(step) if sampler else dict(data_pos)}
-
-    def check_finite():
-        """NaN/inf anywhere since the last check stops the run before a bad checkpoint can be written."""
-        bad = nonfinite.clone()
-        if ddp:
-            dist.all_reduce(bad)
-        if bad.item() > 0:
-            print0(f"ERROR: non-finite loss before step {step}; stopping. The last good checkpoint "
-                   f"{ckpt_path} is left untouched (try a lower --lr or --precision fp32).")
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(1)
-
-    def write_grid(tag):
-        imgs = conditioning.generate(ema, spec, seeds=list(range(len(grid_sem))), labels=grid_sem,
-                                     steps=args.sample_steps, cfg=args.sample_cfg, device=device, precision=run.dtype)
-        data.save_grid(imgs, os.path.join(args.out_dir, f"grid_{tag}.png"), nrow=grid_cols)
-
-    def plot_log():
-        recs = [json.loads(line) for line in open(log_path)] if os.path.exists(log_path) else []
-        if len(recs) > 1:
-            plot_curve([r["step"] for r in recs], [r["loss"] for r in recs], os.path.join(args.out_dir, "loss.png"))
-
-    grid_sem, grid_cols = grid_labels(spec, ds)
-    nonfinite = torch.zeros((), device=device)
-    loss_acc = torch.zeros((), device=device)
-    bin_sum, bin_cnt = torch.zeros(LOSS_BINS, device=device), torch.zeros(LOSS_BINS, device=device)
-    start_step, t_last, imgs_since, n_acc = step, time.time(), 0, 0
-    bar = run.bar = tqdm(total=args.max_steps, initial=step, disable=not (master and args.progress), dynamic_ncols=True)
-    while True:
-        # --- lr: linear warm-up, then constant (the paper trains at a constant lr)
-        lr = lr_at(step, args.lr, args.warmup, args.lr_decay, args.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # --- periodic sample grid / checkpoint (not at the step we just resumed from: it is on disk already)
-        last = step == args.max_steps
-        t0 = time.time()
-        if step != start_step or (last and ck is None):
-            if master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
-                write_grid(f"{step:07d}")
-                plot_log()
-            if step % args.ckpt_every == 0 or last:
-                check_finite()
-                state = make_checkpoint()
-                if master:
-                    models.save_checkpoint(state, ckpt_path)
-                    print0(f"step {step}: checkpoint saved to {ckpt_path}")
-        t_last += time.time() - t0  # img/s counts training time only
-        if last:
-            break
-        # --- gradient accumulation: DDP syncs gradients only on the last micro-step
-        model.train()
-        for k in range(args.grad_accum):
-            g = chunk_generator(args.seed, step, k * world + rank, device)
-            x0, cond = get_micro_batch(g)
-            cond["mask_generator"] = chunk_generator(args.seed, step, k * world + rank, "cpu", stream=1)  # mDT
-            t = sched.sample_t(x0.shape[0], generator=g, device=device)  # model times
-            eps = torch.randn(x0.shape, generator=g, device=device)
-            skip_sync = ddp and k < args.grad_accum - 1
-            with model.no_sync() if skip_sync else contextlib.nullcontext():
-                with run.autocast:
-                    loss, per_sample, t = diffusion.loss_fn(model, sched, x0, cond, t, eps)
-                (loss / args.grad_accum).backward()
-            loss_acc += loss.detach() / args.grad_accum  # no .item() here: it would sync every micro-step
-            nonfinite += (~torch.isfinite(loss.detach())).float()
-            add_to_bins(bin_sum, bin_cnt, t, per_sample.detach())
-        # --- clip (the norm is computed even without clipping, for the log)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else math.inf)
-        # --- optimiser step
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # --- EMA (decay warmed up so that short runs get a useful average)
-        ema_update(ema, raw_model, ema_decay_at(step, args.ema_decay))
-        step += 1
-        n_acc += 1
-        imgs_since += args.global_batch
-        bar.update(1)
-        # --- log: one fixed-format line + the same as JSON
-        if step % args.log_every == 0 or step == args.max_steps:
-            stats = torch.cat([loss_acc.view(1) / n_acc, bin_sum, bin_cnt])
-            if ddp:
-                dist.all_reduce(stats)
-                stats[0] /= world
-            check_finite()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.time() - t_last
-            ips = imgs_since / dt
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            s = stats.tolist()
-            bins = loss_by_t(stats[1:1 + LOSS_BINS], stats[1 + LOSS_BINS:])
-            rec = dict(step=step, loss=s[0], lr=lr, grad_norm=gnorm.item(), img_per_s=ips, mem_gb=mem, n_bad=n_bad,
-                       mfu=flops_per_img * ips / world / peak if flops_per_img else None, loss_by_t=bins)
-            mfu = f" | mfu {100 * rec['mfu']:5.1f}%" if rec["mfu"] is not None else ""
-            print0(f"step {step:7d} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:7.3f} | "
-                   f"{ips:8.1f} img/s | mem {mem:6.2f} GB{mfu} | loss@t " + " ".join(f"{v:.3f}" for v in bins))
-            if master:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            loss_acc.zero_(), bin_sum.zero_(), bin_cnt.zero_()
-            n_acc, imgs_since, t_last = 0, 0, time.time()
-    bar.close()
 
 
 if __name__ == "__main__":
