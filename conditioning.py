@@ -351,7 +351,17 @@ def default_phi(spec, n, orig_size=None, crop_tl=(0, 0), flip=False):
     return torch.tensor([float(vals[k]) for k in PHI_KEYS]).repeat(n, 1)
 
 
-EVAL_LAM = 1.5  # App. A: guidance lam 1.5 at the pre-training resolution (Eq. 4 -> 2.0 at 2x)
+EVAL_LAM = 1.5  # App. C: guidance lam 1.5 at the pre-training resolution (Eq. 4 -> 2.0 at 2x)
+PAPER_BETA = 1.375  # Tab. A3 / Fig. 7 right: the control guidance beta the paper's model is evaluated at
+
+
+def default_beta(run_args):
+    """Control guidance beta of Eq. 2 for a checkpoint, by one rule: PAPER_BETA for a --recipe ours run at
+    S/B/L/XL (the paper's model), 1 (plain CFG) otherwise, tiny CPU runs included. run_args: the checkpoint's
+    "args". Returns (beta, the rule's words, for the log)."""
+    if run_args.get("recipe") == "ours" and run_args.get("size", "tiny") != "tiny":
+        return PAPER_BETA, f"beta {PAPER_BETA:g}: a --recipe ours checkpoint at --size {run_args['size']} (Tab. A3)"
+    return 1.0, "beta 1 (plain CFG): not a full-size --recipe ours checkpoint"
 
 
 def default_lam(spec):

@@ -439,8 +439,8 @@ def get_parser():
     g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clamp predicted x0 to "
                    "[-1, 1] while sampling (pixel space), or not (default: the run's --clip-x0)")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
-    g.add_argument("--beta", type=float, default=1.0, help="control guidance beta of Eq. 2 (default: 1 = plain CFG; "
-                   "the paper's best is 1.375)")
+    g.add_argument("--beta", type=float, default=None, help="control guidance beta of Eq. 2 (default: 1.375 for a "
+                   "--recipe ours checkpoint at S/B/L/XL, Tab. A3; 1 = plain CFG otherwise)")
     g.add_argument("--size-cond", choices=["train", "fixed", "center"], default="train", help="size conditioning: "
                    "drawn from the training distribution (Tab. 2b), orig size = resolution, or 'center': the training "
                    "distribution's size with the crop at the centre-crop position, the view whose caption agreement "
@@ -647,6 +647,9 @@ def main(argv=None):
         spec = ck["spec"]
         d = spec["data"]
         lam = args.lam if args.lam is not None else conditioning.default_lam(spec)
+        if args.beta is None:
+            args.beta, rule = conditioning.default_beta(ck.get("args", {}))
+            print(f"control guidance {rule} (--beta overrides)")
         if args.prompts != "train" and spec["semantic"]["kind"] != "text":
             die("--prompts needs a text-conditional checkpoint")
         images = f"{os.path.splitext(args.ckpt)[0]}_samples_{sample_tag(args, lam)}"

@@ -51,8 +51,8 @@ def get_parser():
     g.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50; paper: 250 for FID)")
     g.add_argument("--cfg", type=float, default=4.0, help="semantic guidance lam of Eq. 2 (default: 4, DiT's "
                    "choice for sample grids; the paper's FID setting is 1.5 at 256 px)")
-    g.add_argument("--control-cfg", type=float, default=1.0, help="control guidance beta of Eq. 2; 1 = plain CFG "
-                   "(default: 1; paper's best 1.375)")
+    g.add_argument("--control-cfg", type=float, default=None, help="control guidance beta of Eq. 2 (default: 1.375 "
+                   "for a --recipe ours checkpoint at S/B/L/XL, Tab. A3; 1 = plain CFG otherwise)")
     g.add_argument("--schedule-scale", type=float, default=None, help="noise schedule scale (default: checkpoint's)")
     g = p.add_argument_group("control conditioning at inference")
     g.add_argument("--orig-size", type=int, nargs=2, default=None,
@@ -125,6 +125,9 @@ def main(argv=None):
         p.error("--sampler ddpm: this checkpoint is rectified flow (--objective rf), sampled with Euler: use ddim")
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     os.makedirs(out_dir, exist_ok=True)
+    if args.control_cfg is None:
+        args.control_cfg, rule = conditioning.default_beta(ck.get("args", {}))
+        print(f"control guidance {rule} (--control-cfg overrides)")
     kw = dict(steps=args.steps, cfg=args.cfg, control_cfg=args.control_cfg, sampler=args.sampler, device=device,
               batch_size=args.batch_size, precision=precision, schedule_scale=args.schedule_scale, progress=True,
               clip_x0=args.clip_x0)

@@ -51,6 +51,18 @@ RECIPES = {
 # in adaLN (the paper's class-in-attention alone is barely used by a 64-wide model in a few thousand steps). On only
 # for `--recipe ours --size tiny`; --no-tiny-recipe gives the paper's recipe at tiny size; explicit flags win.
 TINY_RECIPE = dict(objective="rf", class_in="adaln")
+# Defaults by scale. --size tiny keeps the CPU job (the parser's own defaults: embedded data, 16 px pixels, lr 2e-3,
+# batch 32, 2400 steps). At S/B/L/XL every default is the paper's run (§4, Tab. A2, Tab. A4); explicit flags win.
+PAPER_SCALE = dict(
+    resolution=256,  # §4: pre-training at 256 x 256 (512 is fine-tuned from it, transfer.py)
+    vae=data.DEFAULT_VAE,  # §3.1 / SPEC §5: latent diffusion on the SD VAE's latents (sd-vae-ft-ema)
+    lr=1e-3,  # §4: "a constant learning rate of 10 x 10^-4" at batch 2048; Tab. A2: the largest that does not diverge
+    max_steps=600_000,  # §4: 500k-1M iterations on ImageNet-1k (300k-500k on CC12M); 600k = Tab. 4a's IN1k run
+    ema_decay=0.9999,  # deviation: the paper states no EMA; DiT's 0.9999
+    warmup=1000,  # deviation: the paper's lr is constant from step 0; 1000 linear warm-up steps guard the first updates
+)
+PAPER_BATCH = {256: 2048, 512: 384}  # §4: global batch 2048 at 256 px (2 x 8 A100), 384 at 512 px (16 A100)
+PAPER_CROP = {"ours": "local", "sd3": "global", "dit": "global"}  # Tab. A4 "low res. pretrain. crop scale"
 LOSS_BINS = 4  # loss logged in 4 bins of t (minRF-style diagnostic)
 
 
@@ -65,13 +77,15 @@ def get_parser():
     g.add_argument("--data", choices=data.SOURCES, default="embedded", help="dataset source; 'embedded' needs no files")
     g.add_argument("--data-path", default=None, help="dataset root / shard pattern (unused for 'embedded')")
     g.add_argument("--resolution", type=int, default=data.RESOLUTION, help="training resolution in pixels (default: "
-                   f"{data.RESOLUTION}, the CPU run)")
+                   f"{data.RESOLUTION} at --size tiny, the CPU run; 256 at S/B/L/XL, §4)")
     g.add_argument("--crop", choices=["global", "local", "mix", "center"], default="global",
-                   help="crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2; default global)")
+                   help="crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2) (default: global; at "
+                   "S/B/L/XL local for --recipe ours, Tab. A4)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random h-flip, p=0.5 (on)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank (default: 0)")
     g.add_argument("--vae", default="none", help="'none' = pixel space; else a diffusers AutoencoderKL name/path, "
-                   f"e.g. {data.DEFAULT_VAE}, to train on its latents (default: none)")
+                   f"e.g. {data.DEFAULT_VAE}, to train on its latents (default: none at --size tiny; "
+                   f"{data.DEFAULT_VAE} at S/B/L/XL)")
     g.add_argument("--semantic", choices=["class", "text"], default="class", help="semantic condition (default: class)")
     g.add_argument("--num-classes", type=int, default=None, help="class count (default: taken from the dataset)")
     g = p.add_argument_group("model")
@@ -130,19 +144,22 @@ def get_parser():
     g.add_argument("--beta-txt", type=float, default=None, help=f"noise of noisy replicate padding, Eq. 7 {R}")
     g = p.add_argument_group("optim")
     g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, constant after warm-up "
-                   "(default 2e-3 suits the tiny CPU run; the paper uses 1e-4)")
+                   "(default: 2e-3 at --size tiny, the CPU run; 1e-3 at S/B/L/XL, §4 at batch 2048)")
     g.add_argument("--adam-betas", type=float, nargs=2, default=None, help=f"AdamW betas {R}")
     g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay {R}")
-    g.add_argument("--global-batch", type=int, default=32, help="images per optimiser step, all ranks (default: 32)")
+    g.add_argument("--global-batch", type=int, default=32, help="images per optimiser step, all ranks "
+                   "(default: 32 at --size tiny; at S/B/L/XL 2048 at 256 px and 384 at 512 px, §4)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step (default: 1)")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(d, (1+n)/(10+n)) "
-                   "(default: 0.999; 0.9999 at full scale)")
+                   "(default: 0.999 at --size tiny; 0.9999 at S/B/L/XL)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip grad norm; 0 = off (default: 1)")
-    g.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (default: 100)")
+    g.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (default: 100 at "
+                   "--size tiny; 1000 at S/B/L/XL)")
     g.add_argument("--lr-decay", type=int, default=0, help="linear lr decay to 0 over the last N steps before "
                    "--max-steps; 0 = constant lr, as the paper (default: 0)")
-    g.add_argument("--max-steps", type=int, default=2400, help="optimiser steps to train (default: 2400, which "
-                   "with sample.py fits the 10-minute CPU budget on a 2-core Zen 1; bench.py --suite cpu-default)")
+    g.add_argument("--max-steps", type=int, default=2400, help="optimiser steps to train (default: 2400 at "
+                   "--size tiny, which with sample.py fits the 10-minute CPU budget on a 2-core Zen 1; 600000 at "
+                   "S/B/L/XL, §4)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -164,6 +181,8 @@ def get_parser():
     g.add_argument("--sample-cfg", type=float, default=4.0,
                    help="guidance lam of the periodic grids (default: 4, as DiT's sample grids; FID uses 1.5)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar (default: on)")
+    g.add_argument("--print-config", action="store_true", help="print {\"spec\": run spec, \"args\": ...} (what "
+                   "config.json would hold; spec entries that need the data or the VAE are null) and exit")
     return p
 
 
@@ -174,6 +193,10 @@ def parse_args(argv=None):
     p.set_defaults(**RECIPES[first.recipe])
     if first.recipe == "ours" and first.size == "tiny" and first.tiny_recipe:
         p.set_defaults(**TINY_RECIPE)
+    if first.size != "tiny":  # the paper's run; the global batch follows the resolution (§4)
+        p.set_defaults(**PAPER_SCALE, crop=PAPER_CROP[first.recipe])
+        res = p.parse_known_args(argv)[0].resolution
+        p.set_defaults(global_batch=PAPER_BATCH.get(res, PAPER_BATCH[256]))
     args = p.parse_args(argv)
     args.t_density = args.t_density or diffusion.default_t_density(args.objective)  # stored resolved
     try:  # refuse combinations the schedule cannot sample (eps + zero-snr, shift without rf) before any work
@@ -215,7 +238,15 @@ def _flag(dest):
 def resolve_latent(args, ds, vae, explicit):
     """Pixels, the --vae's latents, or for --data latents the VAE the shards were encoded with (meta.json)."""
     if args.data != "latents":
-        return dict(data.PIXELS) if vae is None else data.vae_latent(args.vae, vae)
+        if args.vae == "none":
+            return dict(data.PIXELS)
+        if vae is not None:
+            return data.vae_latent(args.vae, vae)
+        sd = args.vae == data.DEFAULT_VAE  # --print-config: no VAE loaded; the SD VAE's constants are known
+        return dict(vae=args.vae, scale=data.VAE_SCALE if sd else None, channels=data.LATENT_CH if sd else None,
+                    down=data.VAE_DOWN if sd else None)
+    if ds is None:  # --print-config: the shards' meta.json is not read
+        return dict(vae=None, scale=None, channels=None, down=None)
     lat = dict(ds.latent)
     if "vae" in explicit and args.vae != (lat["vae"] or "none"):
         refuse(f"--vae {args.vae}: these latent shards were encoded with {lat['vae']!r} (meta.json); drop --vae")
@@ -227,13 +258,13 @@ def resolve_latent(args, ds, vae, explicit):
 def resolve_semantic(args, ds, encoder):
     """Class count and null id (the dataset's own count unless --num-classes), or the text encoder set-up."""
     if args.semantic == "text":
-        if "caption" not in (data.first_items(ds, 1) or [{}])[0]:
+        if ds is not None and "caption" not in (data.first_items(ds, 1) or [{}])[0]:
             refuse(f"--semantic text: --data {args.data} has no captions (embedded, captions, wds and latent shards of "
                    "captioned data have)")
         return dict(kind="text", encoder=args.text_encoder, pretrained=args.text_encoder_path, pad=args.text_pad,
-                    beta_txt=args.beta_txt, dim=encoder.dim, pooled_dim=encoder.pooled_dim)
+                    beta_txt=args.beta_txt, dim=encoder and encoder.dim, pooled_dim=encoder and encoder.pooled_dim)
     n = args.num_classes or getattr(ds, "num_classes", None)
-    if not n:
+    if not n and ds is not None:
         refuse(f"--semantic class: --data {args.data} has no class labels; pass --num-classes or --semantic text")
     return dict(kind="class", num_classes=n, null_id=n)  # null = the last row of the label table
 
@@ -246,7 +277,7 @@ def resolve_model(args, latent, semantic, explicit):
     takes = models.arch_kwargs(arch)
     if semantic["kind"] == "text" and not cls.supports_text:
         refuse(f"--semantic text: --arch {arch} is class-conditional only (paper Tab. 1)")
-    C, R, _ = data.latent_shape(latent, args.resolution)
+    C, R, _ = data.latent_shape(latent, args.resolution) if latent["down"] else (None, None, None)
     kw = {k: v for k, v in dict(input_size=R, in_channels=C).items() if k in takes}
     kw.update(dict(num_classes=semantic["num_classes"]) if semantic["kind"] == "class" else
               dict(text_dim=semantic["dim"], pooled_dim=semantic["pooled_dim"]))
@@ -288,13 +319,14 @@ def resolve_size(args):
 def resolve_spec(args, ds, vae=None, encoder=None, explicit=frozenset()):
     """The run spec of parsed args over dataset ds (+ the loaded VAE / text encoder whose widths it records)."""
     latent = resolve_latent(args, ds, vae, explicit)
-    if args.data == "latents" and ds.resolution:
+    if args.data == "latents" and ds is not None and ds.resolution:
         args.resolution = ds.resolution
     semantic = resolve_semantic(args, ds, encoder)
     d = dict(source=args.data, path=args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
-             seed=args.seed, orig_size=data.typical_orig_size(ds), base_resolution=args.base_resolution)
+             seed=args.seed, orig_size=data.typical_orig_size(ds) if ds is not None else None,
+             base_resolution=args.base_resolution)
     if args.data == "latents":  # the images the shards came from (evaluate.py --ref train)
-        d["images"] = ds.meta.get("source")
+        d["images"] = ds.meta.get("source") if ds is not None else None
     return dict(model=resolve_model(args, latent, semantic, explicit), latent=latent, semantic=semantic,
                 schedule=diffusion.schedule_spec(vars(args)), data=d)
 
@@ -521,7 +553,7 @@ def make_batches(args, run, ds, ck, step):
     """(endless micro-batch iterator, position(step) -> data position for the checkpoint). Map-style datasets: exact,
     a function of the step (StepSampler); shard streams: the samples of this rank's stream consumed so far."""
     if isinstance(ds, torch.utils.data.IterableDataset):
-        pos = dict(ck["data"]) if ck else {"epoch": 0, "index": 0}
+        pos = stream_position(ck, run) if ck else {"epoch": 0, "index": 0}
         return stream_batches(ds, run.micro, args.num_workers, pos), lambda step: dict(pos)
     sampler = StepSampler(len(ds), args.seed, step, run.micro, run.world, run.rank, args.grad_accum)
     loader = torch.utils.data.DataLoader(  # the generator keeps DataLoader from drawing on the global RNG
@@ -529,6 +561,18 @@ def make_batches(args, run, ds, ck, step):
         pin_memory=run.device.type == "cuda", persistent_workers=args.num_workers > 0,
         generator=torch.Generator().manual_seed(args.seed))
     return iter(loader), sampler.position
+
+
+def stream_position(ck, run):
+    """This rank's position in its shard stream, from a checkpoint that stores every rank's (a list, one per rank:
+    ranks that skipped different numbers of bad samples stand at different places) or one for all (one process)."""
+    pos = ck["data"]
+    if isinstance(pos, dict):
+        return dict(pos)
+    if len(pos) != run.world:
+        refuse(f"{run.ckpt_path} holds the shard-stream positions of {len(pos)} ranks; resume with "
+               f"--nproc_per_node {len(pos)} (a stream position does not carry over to another world size)")
+    return dict(pos[run.rank])
 
 
 def get_micro_batch(batches, meter, args, run, spec, nets, null_sem, g):
@@ -566,13 +610,17 @@ def flops_per_image(run, spec, nets, sched):
     return flops
 
 
-def checkpoint_state(args, run, spec, nets, step, data_pos):
+def checkpoint_state(args, run, spec, nets, step, data_pos, stream=False):
     """What a checkpoint holds: the unwrapped model, EMA, optimiser, step, run spec, args, every rank's RNG state
     (so a resumed rank continues its own stream) and the data position."""
     rngs = [rng_state(run.device)]
     if run.ddp:
         rngs = [None] * run.world
         dist.all_gather_object(rngs, rng_state(run.device))
+        if stream:  # shard streams: every rank's own position
+            ranks = [None] * run.world
+            dist.all_gather_object(ranks, data_pos)
+            data_pos = ranks
     return {"model": nets.model.state_dict(), "ema": nets.ema.state_dict(), "optimizer": nets.optimizer.state_dict(),
             "step": step, "spec": spec, "args": vars(args), "rng": rngs, "data": data_pos}
 
@@ -651,6 +699,7 @@ def log_record(meter, run, step, lr, gnorm, flops_img):
 def train_loop(args, run, spec, ds, nets, ck, step):
     """lr -> periodic grid / checkpoint -> grad accumulation -> clip -> step -> EMA -> log."""
     batches, data_position = make_batches(args, run, ds, ck, step)
+    stream = isinstance(ds, torch.utils.data.IterableDataset)  # its position is per rank
     sched = diffusion.make_schedule(**spec["schedule"], device=run.device)
     null_sem = conditioning.semantic_null(spec["semantic"], nets.encoder, run.device)
     flops_img = flops_per_image(run, spec, nets, sched)
@@ -671,7 +720,7 @@ def train_loop(args, run, spec, ds, nets, ck, step):
                 write_grid(args, run, spec, nets.ema, grid, f"{step:07d}")
             if step % args.ckpt_every == 0 or last:
                 check_finite(meter, run, step)
-                state = checkpoint_state(args, run, spec, nets, step, data_position(step))
+                state = checkpoint_state(args, run, spec, nets, step, data_position(step), stream)
                 if run.master:
                     models.save_checkpoint(state, run.ckpt_path)
                     run.print0(f"step {step}: checkpoint saved to {run.ckpt_path}")
@@ -711,17 +760,35 @@ def train_loop(args, run, spec, ds, nets, ck, step):
     run.bar.close()
 
 
+def settings_table(args, run, spec, n_params):
+    """The resolved settings, one per line, so that a user sees what will run (the full set is config.json)."""
+    m, lat, sch = spec["model"], spec["latent"], spec["schedule"]
+    rows = [("recipe", f"{args.recipe} ({'the CPU job' if args.size == 'tiny' else 'the paper run, §4 / Tab. A4'})"),
+            ("model", f"{m['arch']}-{args.size}, {n_params / 1e6:.2f} M params"),
+            ("data", f"{args.data} {args.data_path or ''} at {args.resolution} px, crop {args.crop}, "
+                     f"flip {args.flip}"),
+            ("latent", lat["vae"] or "pixels"),
+            ("batch", f"{args.global_batch} = {run.world} rank(s) x micro-batch {run.micro} x accum {args.grad_accum}"),
+            ("optim", f"lr {args.lr:g} (warm-up {args.warmup}), betas {tuple(args.adam_betas)}, wd "
+                      f"{args.weight_decay:g}, clip {args.grad_clip:g}, EMA {args.ema_decay:g}"),
+            ("steps", f"{args.max_steps}"),
+            ("diffusion", f"{sch['objective']}, t ~ {sch['t_density']}, schedule scale {sch['scale']:g}"),
+            ("control", f"{m.get('control') or 'none'}, gamma {m.get('gamma', '-')}"),
+            ("system", f"{run.device}, {str(run.dtype).split('.')[-1]}, compile {args.compile}")]
+    return "\n".join(f"  {k:<10} {v}" for k, v in rows)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.print_config:  # before any data, VAE, text encoder or model is loaded
+        print(json.dumps({"spec": resolve_spec(args, None, explicit=explicit_flags(argv)), "args": vars(args)}))
+        return
     run = setup(args)
     ds, vae, encoder = load_data(args, run)
     spec = resolve_spec(args, ds, vae, encoder, explicit_flags(argv))
     model, ema, optimizer = build(args, run, spec)
     ck, step = resume(args, run, spec, model, ema, optimizer)
-    n_params = sum(p.numel() for p in model.parameters())
-    run.print0(f"{args.recipe}: {args.arch}-{args.size}, {n_params / 1e6:.2f} M params, {run.world} rank(s) x "
-               f"micro-batch {run.micro} x accum {args.grad_accum} = {args.global_batch}, {run.device}, "
-               f"{str(run.dtype).split('.')[-1]}")
+    run.print0(settings_table(args, run, spec, sum(p.numel() for p in model.parameters())))
     if run.master:
         with data.atomic_write(os.path.join(args.out_dir, "config.json"), "w") as f:
             json.dump({"spec": spec, "args": vars(args)}, f, indent=2)
