@@ -368,35 +368,49 @@ def expand_shards(path):
     return sorted(p for pat in path.split(",") for p in glob.glob(pat))
 
 
+_PHI_COL = {k: c for c, k in enumerate(PHI_KEYS)}  # φ column of each key
+
+
 class WdsDataset(_Augmented, torch.utils.data.IterableDataset):
     """img2dataset / webdataset tar shards (key.jpg|png + key.txt [+ key.json]), streamed with tarfile.
 
     Iterable: each epoch shuffles the shard order with (seed, epoch); shards are split over DDP ranks and DataLoader
     workers (by sample index instead when there are fewer shards than readers). Augmentation of member j of shard s
     depends on (seed, epoch, s, j) only, so an epoch is reproducible; resume skips `skip` samples of this reader's
-    stream (set_epoch(epoch, skip)); with workers, exact resume holds at epoch boundaries (DataLoader interleaving)."""
+    stream (set_epoch(epoch, skip)); with workers, exact resume holds at epoch boundaries (DataLoader interleaving).
+
+    φ is in original-image pixels: img2dataset stores the resized image and the original size in key.json
+    (original_height / original_width); crop top/left/size are scaled from the decoded image to it. A sample without
+    that size (no json, no such keys, malformed json) uses the decoded size and is counted ("no_orig_size" ->
+    collate's n_noorig). `select` (extract_latents): read only these shard indices, whole, split over DataLoader
+    workers but not over ranks."""
 
     def __init__(self, path, **kw):
         super().__init__(**kw)
-        self.shards, self.skip = expand_shards(path), 0
+        self.shards, self.skip, self.select = expand_shards(path), 0, None
         assert self.shards, f"no .tar shards found at {path}"
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip
 
     def _reader(self):
+        wi = torch.utils.data.get_worker_info()
+        nw, w = (wi.num_workers, wi.id) if wi else (1, 0)
+        if self.select is not None:  # extract_latents splits over ranks itself
+            return w, nw
         dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if dist else int(os.environ.get("RANK", 0))
         world = torch.distributed.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", 1))
-        wi = torch.utils.data.get_worker_info()
-        nw, w = (wi.num_workers, wi.id) if wi else (1, 0)
         return rank * nw + w, world * nw
 
     def __iter__(self):
         rid, nread = self._reader()
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-        by_shard = len(self.shards) >= nread
-        mine = order[rid::nread] if by_shard else order
+        if self.select is not None:
+            mine, by_shard = list(self.select), False
+        else:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+            by_shard = len(self.shards) >= nread
+            mine = order[rid::nread] if by_shard else order
         n = 0  # position in this reader's stream
         for s in mine:
             for j, group in enumerate(tar_groups(self.shards[s])):
@@ -417,8 +431,35 @@ class WdsDataset(_Augmented, torch.utils.data.IterableDataset):
             return None
         caption = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
         extra = {"missing_caption": 1} if caption is None else {}
-        return self.augment(img, (s, j), caption=caption or "", key=f"{os.path.basename(self.shards[s])}/{key}",
-                            **extra)
+        orig = original_size(files.get("json"))
+        if orig is None:
+            extra["no_orig_size"] = 1
+        out = self.augment(img, (s, j), caption=caption or "", key=f"{os.path.basename(self.shards[s])}/{key}",
+                           **extra)
+        if orig is not None:  # decoded-image pixels -> original-image pixels (SDXL: φ is in original pixels)
+            (oh, ow), (w, h) = orig, img.size
+            phi = out["phi"]
+            top, left = _PHI_COL["crop_top"], _PHI_COL["crop_left"]
+            phi[top], phi[left] = round(phi[top].item() * oh / h), round(phi[left].item() * ow / w)
+            phi[_PHI_COL["orig_h"]], phi[_PHI_COL["orig_w"]] = oh, ow
+            out["crop_size"] = max(1, round(out["crop_size"] * min(oh, ow) / min(h, w)))
+        return out
+
+
+def original_size(raw):
+    """img2dataset key.json bytes -> (original_height, original_width), or None when absent or malformed."""
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+        oh, ow = meta["original_height"], meta["original_width"]
+        if isinstance(oh, bool) or isinstance(ow, bool):
+            return None
+        oh, ow = int(oh), int(ow)  # ints, or strings / floats holding them
+        return (oh, ow) if oh > 0 and ow > 0 and oh == float(meta["original_height"]) \
+            and ow == float(meta["original_width"]) else None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, UnicodeDecodeError):
+        return None
 
 
 def tar_groups(path):
@@ -444,26 +485,130 @@ def tar_groups(path):
 
 
 # ----------------------------------------------------------------------------- latent shards (map-style)
+# A latents folder (extract_latents): meta.json + shard_NNNNN/ folders, each renamed into place once complete:
+#   latent.npy (N, C, h, w) fp16|fp32, phi.npy (N, 5) float32, crop_size.npy (N,) int64, [y.npy (N,) int64],
+#   info.json {"rows", "keys", ["captions"], "n_bad", "n_noorig", "plan"}.
+# LatentDataset memory-maps the .npy files (np.load(mmap_mode="r")): a process holds in RAM only what it reads.
+# Folders of the previous format (shard_*.pt, torch.save'd columns) are still read, fully into RAM.
+SHARD_ARRAYS = ("latent", "phi", "crop_size", "y")
+SHARD_INFO = "info.json"
+
+
+def latent_shard_dirs(root):
+    """The complete shard folders of a latents folder (in-progress shard_NNNNN.tmp folders excluded), sorted."""
+    return sorted(d for d in glob.glob(os.path.join(root, "shard_*"))
+                  if os.path.isdir(d) and os.path.basename(d)[6:].isdigit())
+
+
+def _open_shard(d, mmap=True):
+    """One shard folder -> ({array name: np.memmap}, info dict); a damaged file -> one-line SystemExit naming it."""
+    path = os.path.join(d, SHARD_INFO)
+    try:
+        info = json.load(open(path))
+        arrays = {}
+        for c in SHARD_ARRAYS:
+            path = os.path.join(d, f"{c}.npy")
+            if c != "y" or os.path.exists(path):
+                arrays[c] = np.load(path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"{path}: unreadable latent shard file ({type(e).__name__}: {e}); re-run extraction "
+                         f"(python data.py --out ...) after deleting {d}") from None
+    return arrays, info
+
+
+def _legacy_shard(f):
+    """A shard_*.pt of the previous format -> (arrays, info), in RAM."""
+    try:
+        cols = torch.load(f, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: one line naming it
+        raise SystemExit(f"{f}: unreadable latent shard ({type(e).__name__})") from None
+    arrays = {c: cols[c].numpy() for c in SHARD_ARRAYS if c in cols}
+    info = dict(rows=len(cols["key"]), keys=list(cols["key"]))
+    if "caption" in cols:
+        info["captions"] = list(cols["caption"])
+    return arrays, info
+
+
+def check_latent_shard(meta, arrays, info, where):
+    """The arrays of one shard against meta.json and its own info: any disagreement -> one-line SystemExit naming
+    the file (a shard from another extraction, a different VAE, resolution or dtype, a truncated write)."""
+    def bad(what, name="latent"):
+        raise SystemExit(f"{where if where.endswith('.pt') else os.path.join(where, name + '.npy')}: {what} "
+                         f"disagrees with meta.json ({os.path.join(os.path.dirname(where), 'meta.json')}); "
+                         f"the folder mixes extractions - re-extract into a new --out")
+    z, n = arrays.get("latent"), info.get("rows")
+    if z is None or z.ndim != 4:
+        bad(f"latent array of shape {None if z is None else z.shape} (want N, C, h, w)")
+    ch, down, res = meta.get("channels", LATENT_CH), meta.get("down", VAE_DOWN), meta.get("resolution")
+    if z.shape[1] != ch:
+        bad(f"{z.shape[1]} latent channels vs channels={ch}")
+    if res is not None and tuple(z.shape[2:]) != (res // down, res // down):
+        bad(f"latent size {z.shape[2]}x{z.shape[3]} vs resolution={res} / down={down}")
+    if meta.get("dtype") and str(z.dtype) != meta["dtype"]:
+        bad(f"latent dtype {z.dtype} vs dtype={meta['dtype']}")
+    for c, v in arrays.items():
+        if len(v) != n or (c == "phi" and v.shape[1:] != (len(PHI_KEYS),)):
+            bad(f"{c} of shape {v.shape} vs {n} rows of {SHARD_INFO}", c)
+    if len(info.get("keys", ())) != n or ("captions" in info and len(info["captions"]) != n):
+        bad(f"{n} rows vs its keys/captions", SHARD_INFO)
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Shards written by extract_latents: K augmented crops per image with their φ; epoch e uses crop
-    rng(seed, e, i) of image i, so control conditioning still works from cached latents."""
+    rng(seed, e, i) of image i, so control conditioning still works from cached latents. The arrays are
+    memory-mapped (self.arrays[shard][name] are np.memmap), opened again in each DataLoader worker."""
 
     def __init__(self, root, seed=0, **_):
-        self.meta = json.load(open(os.path.join(root, "meta.json")))
-        cols = {}
-        for f in sorted(glob.glob(os.path.join(root, "shard_*.pt"))):
-            for k, v in torch.load(f, weights_only=True).items():
-                cols.setdefault(k, []).append(v)
-        self.cols = {k: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for k, v in cols.items()}
+        self.root = root
+        try:
+            self.meta = json.load(open(os.path.join(root, "meta.json")))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{os.path.join(root, 'meta.json')}: {type(e).__name__}; not a finished latents folder "
+                             f"(python data.py --out {root} writes it after the last shard)") from None
+        dirs, legacy = latent_shard_dirs(root), sorted(glob.glob(os.path.join(root, "shard_*.pt")))
+        if dirs and legacy:
+            raise SystemExit(f"{root}: holds both shard_*.pt (old format) and shard_NNNNN/ folders; keep one")
+        m = self.meta
+        if dirs and m.get("shards") is not None and len(dirs) != m["shards"]:
+            raise SystemExit(f"{os.path.join(root, 'meta.json')}: {m['shards']} shards vs {len(dirs)} shard folders "
+                             f"in {root} (an unfinished or mixed extraction)")
+        self.shards, self.legacy = dirs or legacy, not dirs
+        self.arrays, keys, self.captions, counts, has_caps = [], [], [], [], set()
+        for d in self.shards:
+            arrays, info = _open_shard(d) if dirs else _legacy_shard(d)
+            check_latent_shard(m, arrays, info, d)
+            if info["rows"]:  # (an empty shard has no columns to disagree with)
+                has_caps.add("captions" in info)
+            if len(has_caps) > 1:
+                raise SystemExit(f"{d}: captions in some shards of {root} but not in others (mixed extractions)")
+            self.arrays.append(arrays)
+            keys += info["keys"]
+            self.captions += info.get("captions", [])
+            counts.append(info["rows"])
+        if m.get("rows") is not None and sum(counts) != m["rows"]:
+            raise SystemExit(f"{os.path.join(root, 'meta.json')}: rows={m['rows']} vs {sum(counts)} rows in the "
+                             f"shards of {root}")
+        self.keys, self.offsets = keys, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         groups = {}
-        for row, key in enumerate(self.cols["key"]):
+        for row, key in enumerate(keys):
             groups.setdefault(key, []).append(row)
-        self.rows = list(groups.values())  # image -> its K rows
+        self.rows = list(groups.values())  # image -> its K (global) rows
         self.seed, self.epoch, self.n_bad = seed, 0, 0
-        self.num_classes, self.resolution = self.meta.get("num_classes"), self.meta.get("resolution")
-        m = self.meta  # the run spec's "latent" section (shards written before it was recorded: the SD VAE)
+        self.num_classes, self.resolution = m.get("num_classes"), m.get("resolution")
+        # the run spec's "latent" section (shards written before it was recorded: the SD VAE)
         self.latent = dict(vae=m.get("vae") or None, scale=m.get("scale", VAE_SCALE), channels=m.get("channels", LATENT_CH),
                            down=m.get("down", VAE_DOWN))
+
+    def __getstate__(self):  # to a spawned worker: paths, not the mapped (or legacy in-RAM) arrays
+        st = dict(self.__dict__)
+        if not self.legacy:
+            st["arrays"] = None
+        return st
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+        if self.arrays is None:
+            self.arrays = [_open_shard(d)[0] for d in self.shards]
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -474,11 +619,15 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         rows = self.rows[i]
         r = rows[int(np.random.default_rng([self.seed, self.epoch, i]).integers(len(rows)))]
-        out = {"latent": self.cols["latent"][r].float(), "phi": self.cols["phi"][r],
-               "crop_size": int(self.cols["crop_size"][r]), "key": self.cols["key"][r]}
-        for k in ("y", "caption"):
-            if k in self.cols:
-                out[k] = self.cols[k][r] if k == "caption" else int(self.cols[k][r])
+        s = int(np.searchsorted(self.offsets, r, side="right")) - 1
+        a, q = self.arrays[s], r - int(self.offsets[s])
+        out = {"latent": torch.from_numpy(np.array(a["latent"][q], dtype=np.float32)),
+               "phi": torch.from_numpy(np.array(a["phi"][q], dtype=np.float32)),
+               "crop_size": int(a["crop_size"][q]), "key": self.keys[r]}
+        if "y" in a:
+            out["y"] = int(a["y"][q])
+        if self.captions:
+            out["caption"] = self.captions[r]
         return out
 
 
@@ -499,9 +648,11 @@ def build_dataset(source="embedded", path=None, resolution=32, crop="global", fl
 
 
 def collate(samples):
-    """Drop bad samples (None), stack the rest. Adds n_bad (dropped) and n_nocap (missing captions) counts."""
+    """Drop bad samples (None), stack the rest. Adds n_bad (dropped), n_nocap (missing captions) and n_noorig
+    (webdataset samples without an original size in their key.json) counts."""
     good = [s for s in samples if s is not None]
-    out = {"n_bad": len(samples) - len(good), "n_nocap": sum(s.pop("missing_caption", 0) for s in good)}
+    out = {"n_bad": len(samples) - len(good), "n_nocap": sum(s.pop("missing_caption", 0) for s in good),
+           "n_noorig": sum(s.pop("no_orig_size", 0) for s in good)}
     if not good:
         return out  # every sample was bad: caller skips this batch
     for k in good[0]:
@@ -634,43 +785,125 @@ def decode(vae, latents, scale=VAE_SCALE):
 
 
 # ----------------------------------------------------------------------------- pre-extraction
+def _write_latent_shard(out, n, arrays, info):
+    """Write shard_NNNNN.tmp/ (each file fsync'd), then rename it to shard_NNNNN/: a killed run never leaves a shard
+    folder that looks complete; a rerun deletes the stale .tmp and writes the shard again."""
+    final = os.path.join(out, f"shard_{n:05d}")
+    import shutil
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for c, v in arrays.items():
+        with open(os.path.join(tmp, f"{c}.npy"), "wb") as f:
+            np.save(f, v)
+            f.flush()
+            os.fsync(f.fileno())
+    with open(os.path.join(tmp, SHARD_INFO), "w") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def _latent_units(ds, k, shard_size):
+    """Output shard n -> its inputs, fixed by the inputs alone (so any rank can write any shard, and a rerun
+    writes the same one): map-style, rows g = j * len(ds) + i of the k passes in blocks of shard_size, as
+    [(pass j, first i, end i), ...]; webdataset, one shard per (pass j, tar s), n = j * n_tars + s."""
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        S = len(ds.shards)
+        return [[(j, s)] for j in range(k) for s in range(S)]
+    N, units = len(ds), []
+    for g0 in range(0, k * N, shard_size):
+        g1, segs = min(g0 + shard_size, k * N), []
+        for j in range(g0 // N, (g1 - 1) // N + 1):
+            segs.append((j, max(g0 - j * N, 0), min(g1 - j * N, N)))
+        units.append(segs)
+    return units
+
+
+def _unit_batches(ds, segs, batch_size, num_workers):
+    """The collated batches of one output shard's inputs, pass by pass."""
+    import copy
+    for seg in segs:
+        if isinstance(ds, torch.utils.data.IterableDataset):
+            j, s = seg
+            sub = copy.copy(ds)
+            sub.set_epoch(j)
+            sub.select = [s]  # this tar, whole, split over workers only
+        else:
+            j, a, b = seg
+            ds.set_epoch(j)  # pass j = augmentation epoch j (workers copy the dataset with it)
+            sub = torch.utils.data.Subset(ds, range(a, b))
+        yield from torch.utils.data.DataLoader(sub, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+
+
 def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=torch.float16, device="cpu",
-                    num_workers=0, vae_name="", source=None):
-    """Encode k augmented passes (epochs 0..k-1) over ds into out/shard_*.pt with φ, crop size, key, y/caption.
-    meta.json records the VAE (what train.py's run spec takes its "latent" section from) and `source`, the
-    build_dataset arguments of the images (evaluate.py --ref train computes FID against them)."""
+                    num_workers=0, vae_name="", source=None, rank=None, world=None):
+    """Encode k augmented passes (epochs 0..k-1) over ds into out/shard_NNNNN/ (.npy arrays, memory-mapped by
+    LatentDataset) with φ, crop size, key, y/caption. meta.json records the VAE (what train.py's run spec takes its
+    "latent" section from) and `source`, the build_dataset arguments of the images (evaluate.py --ref train computes
+    FID against them).
+
+    Resumable: a shard is renamed into place only once complete, and a rerun skips the finished ones (refusing,
+    in one line, shards written with other settings). Shardable: rank r of world w (RANK / WORLD_SIZE, as torchrun
+    sets them) writes shards r::w; whichever rank finds every shard finished writes meta.json (the same content
+    from any rank). Returns meta, or {"complete": False, ...} from a rank that finished before the others."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     os.makedirs(out, exist_ok=True)
+    if glob.glob(os.path.join(out, "shard_*.pt")):
+        raise SystemExit(f"{out}: holds old-format shard_*.pt latents; extract into a new --out")
     latent = vae_latent(vae_name, vae)
-    buf, n_shard, n_bad, n_rows = {}, 0, 0, 0
-
-    def flush(final=False):  # write full shards of exactly shard_size rows (the last one may be shorter)
-        nonlocal buf, n_shard
-        cols = {c: torch.cat(v) if torch.is_tensor(v[0]) else sum(v, []) for c, v in buf.items()}
-        while cols and (len(cols["key"]) >= shard_size or (final and cols["key"])):
-            name = os.path.join(out, f"shard_{n_shard:05d}.pt")
-            with atomic_write(name) as f:  # a killed run never leaves half a shard
-                torch.save({c: v[:shard_size] for c, v in cols.items()}, f)
-            cols, n_shard = {c: v[shard_size:] for c, v in cols.items()}, n_shard + 1
-        buf = {c: [v] for c, v in cols.items()}
-
-    for j in range(k):
-        ds.set_epoch(j)  # pass j = augmentation epoch j
-        for b in torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate):
-            n_bad += b["n_bad"]
+    np_dtype = str(torch.empty(0, dtype=dtype).numpy().dtype)
+    iterable = isinstance(ds, torch.utils.data.IterableDataset)
+    plan = json.loads(json.dumps(dict(  # what a shard's content depends on: a rerun must match it
+        **latent, k=k, shard_size=None if iterable else shard_size, dtype=np_dtype, resolution=ds.resolution,
+        crop=ds.crop, flip=ds.flip, seed=ds.seed, inputs=len(ds.shards) if iterable else len(ds), source=source)))
+    units = _latent_units(ds, k, shard_size)
+    ch, h, w = latent_shape(latent, ds.resolution)
+    for n in range(rank, len(units), world):
+        d = os.path.join(out, f"shard_{n:05d}")
+        if os.path.isdir(d):  # finished by an earlier run
+            info = _open_shard(d)[1]
+            if info.get("plan") != plan:
+                diff = sorted(c for c in plan if plan[c] != (info.get("plan") or {}).get(c))
+                raise SystemExit(f"{d}: written with other settings ({', '.join(diff)} differ); extract into a new "
+                                 f"--out or delete the folder's shards")
+            continue
+        cols, info = {}, dict(rows=0, keys=[], n_bad=0, n_noorig=0, plan=plan)
+        for b in _unit_batches(ds, units[n], batch_size, num_workers):
+            info["n_bad"] += b["n_bad"]
+            info["n_noorig"] += b.get("n_noorig", 0)
             if "image" not in b:
                 continue
             z = encode(vae, b["image"].to(device), latent["scale"]).to(dtype).cpu()  # (B, 4, R/8, R/8)
-            cols = {"latent": z, "phi": b["phi"], "crop_size": b["crop_size"], "key": b["key"]}
-            cols.update({c: b[c] for c in ("y", "caption") if c in b})
-            for c, v in cols.items():
-                buf.setdefault(c, []).append(v)
-            n_rows += len(z)
-            flush()
-    flush(final=True)
-    meta = dict(**latent, k=k, rows=n_rows, num_classes=ds.num_classes, bad_per_pass=n_bad // max(k, 1),
-                resolution=ds.resolution, crop=ds.crop, source=source)
-    with atomic_write(os.path.join(out, "meta.json"), "w") as f:
+            for c, v in (("latent", z), ("phi", b["phi"].float()), ("crop_size", b["crop_size"]), ("y", b.get("y"))):
+                if v is not None:
+                    cols.setdefault(c, []).append(v.numpy())
+            info["keys"] += b["key"]
+            if "caption" in b:
+                info.setdefault("captions", []).extend(b["caption"])
+            info["rows"] += len(z)
+        arrays = {c: np.concatenate(v) for c, v in cols.items()}
+        if not info["rows"]:  # every input unreadable: an empty shard, still finished
+            arrays = dict(latent=np.zeros((0, ch, h, w), np_dtype), phi=np.zeros((0, len(PHI_KEYS)), np.float32),
+                          crop_size=np.zeros(0, np.int64))
+        _write_latent_shard(out, n, arrays, info)
+    done = [os.path.join(out, f"shard_{n:05d}") for n in range(len(units))]
+    if not all(os.path.isdir(d) for d in done):
+        return dict(complete=False, shards=len(units), finished=sum(os.path.isdir(d) for d in done))
+    infos = [_open_shard(d)[1] for d in done]
+    n_bad = sum(i["n_bad"] for i in infos)
+    meta = dict(**latent, k=k, rows=sum(i["rows"] for i in infos), num_classes=ds.num_classes,
+                bad_per_pass=n_bad // max(k, 1),
+                no_orig_size_per_pass=sum(i.get("n_noorig", 0) for i in infos) // max(k, 1),
+                resolution=ds.resolution, crop=ds.crop, source=source, format="npy", shards=len(units), dtype=np_dtype)
+    tmp = os.path.join(out, f"meta.json.{os.getpid()}.tmp")  # per-process tmp: two last ranks may both write
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(out, "meta.json"))
     return meta
 
 
@@ -716,10 +949,11 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored latent dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="encoding device")
     # io
-    p.add_argument("--out", default=None, help="output folder for shard_*.pt + meta.json")
+    p.add_argument("--out", default=None, help="output folder for shard_NNNNN/ (.npy) + meta.json; a rerun "
+                   "resumes (finished shards are skipped); under torchrun rank r writes shards r::w")
     p.add_argument("--k", type=int, default=1, help="augmented crops stored per image")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call")
-    p.add_argument("--shard-size", type=int, default=4096, help="rows per shard file")
+    p.add_argument("--shard-size", type=int, default=4096, help="input samples per shard (wds: one per tar, pass)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for decoding")
     p.add_argument("--preview", default=None, help="write a PNG grid of embedded examples here and exit")
     args = p.parse_args()
@@ -727,6 +961,8 @@ if __name__ == "__main__":
         preview(args.preview, seed=args.seed)
     else:
         assert args.out, "--out is required for extraction"
+        if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         ds = build_dataset(args.source, args.path, args.resolution, args.crop, args.flip, args.seed, args.length)
         src = dict(source=args.source, path=args.path, seed=args.seed, length=args.length)
         meta = extract_latents(ds, load_vae(args.vae, args.device), args.out, args.k, args.batch_size,

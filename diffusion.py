@@ -246,11 +246,6 @@ def schedule_from_args(a, device="cpu", **override):
     return make_schedule(**spec, device=device)
 
 
-def rescale_abar(abar, s, s_new):
-    """Eq. 3 written out, for the test and for readers: abar at scale s -> scale s_new."""
-    return s ** 2 * abar / (s_new ** 2 + abar * (s ** 2 - s_new ** 2))
-
-
 def loss_fn(model, sched, x0, cond, t=None, eps=None):
     """MSE between the model output and the schedule's target, times its loss weight (if any).
 

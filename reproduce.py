@@ -53,7 +53,7 @@ TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embe
 EVAL_STEPS = 50
 # time model of --dry-run: bench.py's reference rate of the default job (mmDiT-tiny, 24 px, batch 32, fp32); a
 # guided sampling step of one image (3 branches, forward only) costs about one training image (forward + backward);
-# cost grows with the token count (resolution / 24)^2; TF-Inception on 2 CPU cores: 0.32 s per image (README: 5000
+# cost grows with the token count (resolution / 24)^2; TF-Inception on 2 CPU cores: 0.32 s per image (RESULTS.md: 5000
 # reference images in ~27 min)
 REF_STEPS_PER_S, REF_RES, REF_BATCH, INCEPTION_S, JUDGE_S, BUDGET_S = 2.5, 24, 32, 0.32, 60, 1800
 
@@ -363,7 +363,7 @@ def lam_sweep(a, base, lo, hi):
                     "|---|---|---|---|---|"] + ["| " + " | ".join(r) + " |" for r in rows] +
                    ["", f"- best λ at {lo} px: {b_lo:g}; Eq. 4 predicts {1 + 2 * (b_lo - 1):g} at {hi} px; "
                     f"best λ measured at {hi} px: {b_hi:g} (by {'FID' if a.fid else 'judge accuracy'})",
-                    "- paper: λ* = 1.5 at 256 and 2.0 at 512 (Fig. 7 left/centre, App. D)"])
+                    "- paper: λ* = 1.5 at 256 and 2.0 at 512 (Fig. 7 left/centre, App. C)"])
     return md, b_lo, b_hi
 
 

@@ -3,10 +3,12 @@ Train a diffusion denoiser (SPEC §6): one process or torchrun DDP, bf16 on GPU,
 
     python train.py                                   # tiny "ours" mmDiT, embedded data, 16 px pixels, CPU, < 10 min
     torchrun --nproc_per_node=8 train.py --recipe ours --size XL --data imagefolder --data-path /imagenet/train \
-        --resolution 256 --vae stabilityai/sd-vae-ft-ema --global-batch 2048 --lr 1e-4 --out-dir out/in1k256
+        --out-dir runs/in1k256                    # the paper's run: 256 px SD-VAE latents, batch 2048, lr 1e-3
+    python train.py --size XL --resolution 512 --print-config    # what a run resolves to, without running it
 
 Rerunning the same command resumes from <out-dir>/ckpt.pt. `--recipe` sets the defaults of a whole
-recipe (Tab. A4); any flag given explicitly overrides them.
+recipe (Tab. A4) and `--size` those of the scale (tiny: the CPU job; S/B/L/XL: the paper's run, §4);
+any flag given explicitly overrides them.
 """
 import argparse
 import contextlib
@@ -62,7 +64,8 @@ PAPER_SCALE = dict(
     warmup=1000,  # deviation: the paper's lr is constant from step 0; 1000 linear warm-up steps guard the first updates
 )
 PAPER_BATCH = {256: 2048, 512: 384}  # §4: global batch 2048 at 256 px (2 x 8 A100), 384 at 512 px (16 A100)
-PAPER_CROP = {"ours": "local", "sd3": "global", "dit": "global"}  # Tab. A4 "low res. pretrain. crop scale"
+PAPER_CROP = {"ours": "local", "sd3": "global", "dit": "global"}  # Tab. A4 "low res. pretrain. crop scale": at 256
+
 LOSS_BINS = 4  # loss logged in 4 bins of t (minRF-style diagnostic)
 
 
@@ -177,7 +180,7 @@ def get_parser():
     g.add_argument("--sample-every", type=int, default=1000, help="sample grid interval in steps, and one at the "
                    "end; 0 = no grids (default: 1000)")
     g.add_argument("--log-every", type=int, default=50, help="log interval in steps (default: 50)")
-    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the periodic grids (default: 50)")
+    g.add_argument("--sample-steps", type=int, default=50, help="sampling steps of the periodic grids (default: 50)")
     g.add_argument("--sample-cfg", type=float, default=4.0,
                    help="guidance lam of the periodic grids (default: 4, as DiT's sample grids; FID uses 1.5)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar (default: on)")
@@ -194,9 +197,10 @@ def parse_args(argv=None):
     if first.recipe == "ours" and first.size == "tiny" and first.tiny_recipe:
         p.set_defaults(**TINY_RECIPE)
     if first.size != "tiny":  # the paper's run; the global batch follows the resolution (§4)
-        p.set_defaults(**PAPER_SCALE, crop=PAPER_CROP[first.recipe])
+        p.set_defaults(**PAPER_SCALE)
         res = p.parse_known_args(argv)[0].resolution
-        p.set_defaults(global_batch=PAPER_BATCH.get(res, PAPER_BATCH[256]))
+        p.set_defaults(global_batch=PAPER_BATCH.get(res, PAPER_BATCH[256]),  # fine-tuning above 256: global crops
+                       crop=PAPER_CROP[first.recipe] if res <= PAPER_SCALE["resolution"] else "global")
     args = p.parse_args(argv)
     args.t_density = args.t_density or diffusion.default_t_density(args.objective)  # stored resolved
     try:  # refuse combinations the schedule cannot sample (eps + zero-snr, shift without rf) before any work
@@ -579,10 +583,10 @@ def get_micro_batch(batches, meter, args, run, spec, nets, null_sem, g):
     """Next micro-batch -> (x0, cond) on the device: VAE encoding, text features, padding and condition dropout
     happen here. Unreadable samples are counted in meter.n_bad; a batch that lost all of them is skipped."""
     b = next(batches)
-    meter.n_bad += b["n_bad"]
+    meter.count(b)
     while "phi" not in b:  # every sample of the batch was unreadable (data.collate dropped them)
         b = next(batches)
-        meter.n_bad += b["n_bad"]
+        meter.count(b)
     sem, device = spec["semantic"], run.device
     x0 = (b["latent"] if "latent" in b else b["image"]).to(device, non_blocking=True)
     with torch.no_grad():
@@ -658,7 +662,13 @@ class Meter:
         self.loss = torch.zeros((), device=device)
         self.bin_sum, self.bin_cnt = torch.zeros(LOSS_BINS, device=device), torch.zeros(LOSS_BINS, device=device)
         self.n_bad = 0  # unreadable samples skipped so far
+        self.n_noorig = 0  # shard samples whose key.json gave no original size: their φ size is the decoded one
         self.reset()
+
+    def count(self, batch):
+        """What data.collate counted in a batch: unreadable samples, and samples without an original size."""
+        self.n_bad += batch["n_bad"]
+        self.n_noorig += batch.get("n_noorig", 0)
 
     def reset(self):
         self.loss.zero_(), self.bin_sum.zero_(), self.bin_cnt.zero_()
@@ -686,10 +696,11 @@ def log_record(meter, run, step, lr, gnorm, flops_img):
     bins = loss_by_t(stats[1:1 + LOSS_BINS], stats[1 + LOSS_BINS:])
     peak = models.device_peak(run.device)[1]
     rec = dict(step=step, loss=stats[0].item(), lr=lr, grad_norm=gnorm.item(), img_per_s=ips, mem_gb=mem,
-               n_bad=meter.n_bad, mfu=flops_img * ips / run.world / peak if flops_img else None, loss_by_t=bins)
+               n_bad=meter.n_bad, n_noorig=meter.n_noorig, mfu=flops_img * ips / run.world / peak if flops_img else None, loss_by_t=bins)
     mfu = f" | mfu {100 * rec['mfu']:5.1f}%" if rec["mfu"] is not None else ""
+    noorig = f" | no original size {meter.n_noorig}" if meter.n_noorig else ""  # size conditioning without signal
     run.print0(f"step {step:7d} | loss {rec['loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:7.3f} | "
-               f"{ips:8.1f} img/s | mem {mem:6.2f} GB{mfu} | loss@t " + " ".join(f"{v:.3f}" for v in bins))
+               f"{ips:8.1f} img/s | mem {mem:6.2f} GB{mfu} | loss@t " + " ".join(f"{v:.3f}" for v in bins) + noorig)
     if run.master:
         with open(run.log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
