@@ -2,6 +2,16 @@
 
 Exact answers where the math gives one, equivalence with diffusers' reference models on
 tiny random weights, behaviour rather than shapes. Sections follow the files they test.
+Tolerances hold on every CPU: a comparison runs in float64, or its tolerance is derived from fp32
+rounding of the compared values (_fp32_tol: ulps of their magnitude), as the comment beside it says.
+
+Covered: every denoiser against diffusers (tiny random weights), samplers and schedules against
+diffusers and closed forms, every data source x {class, text} x {pixels, tiny VAE} through train
+(with a bit-identical resumed twin), sample, evaluate and transfer; 2-rank gloo runs equal one
+process, and a killed 2-rank shard-stream run resumes bit-identically; every README command at
+tiny scale; the paper's run as --size XL resolves to it (test_paper_recipe_table).
+Not covered here: real weights (SD VAE, CLIP ViT-L/14, Inception is the real file), real ImageNet /
+CC12M, real-size models in a training step, and anything on a GPU (bench.py --suite gpu).
 """
 import contextlib
 import glob
@@ -51,13 +61,22 @@ def test_schedule_matches_diffusers():
     from diffusers import DDPMScheduler
     ref = DDPMScheduler(**_diffusers_schedule_kwargs())
     ours = Schedule()
-    assert torch.allclose(ours.betas.double(), ref.betas.double(), atol=1e-7, rtol=0)
-    assert torch.allclose(ours.abar.double(), ref.alphas_cumprod.double(), atol=1e-7, rtol=0)
+    # fp32 schedules (values <= 1) compared in float64 to fp32 rounding: a few ulps of 1
+    assert torch.allclose(ours.betas.double(), ref.betas.double(), atol=_fp32_tol(ref.betas, 4), rtol=0)
+    assert torch.allclose(ours.abar.double(), ref.alphas_cumprod.double(), atol=_fp32_tol(ref.alphas_cumprod, 4), rtol=0)
     # EDM form and DDPM form of the forward process are the same thing
     x0, eps = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     t = torch.tensor([0, 10, 500, 999])
     a = ours.abar[t].view(-1, 1, 1, 1)
-    assert torch.allclose(ours.q_sample(x0, t, eps), a.sqrt() * x0 + (1 - a).sqrt() * eps, atol=1e-6)
+    want = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    assert torch.allclose(ours.q_sample(x0, t, eps), want, atol=_fp32_tol(want, 8))  # fp32 rounding
+
+
+def _fp32_tol(values, ulps=64):
+    """A tolerance from fp32 rounding of the compared values: `ulps` units in the last place of their largest
+    magnitude (at least of 1). fp32 results of two codes that order their sums differently agree to a few ulps per
+    operation; 64 covers a two-layer forward or a 10-step sampler, while a wrong formula differs by >= 1e-3."""
+    return ulps * torch.finfo(torch.float32).eps * max(1.0, float(values.abs().max()))
 
 
 def _analytic_eps(x, t):
@@ -83,7 +102,8 @@ def test_ddim_matches_diffusers(steps):
     for i, t in enumerate(ref.timesteps):
         eps = _analytic_eps(x, torch.full((2,), int(t)))
         x = ref.step(eps, t, x, eta=0.0).prev_sample
-        assert (ours[i] - x).abs().max() <= 1e-5, f"step {i} (t={int(t)}) differs"
+        tol = 8 * (i + 1) * torch.finfo(torch.float32).eps  # fp32 rounding: ~8 ulp per step, relative to |x|
+        torch.testing.assert_close(ours[i], x, rtol=tol, atol=tol, msg=lambda m: f"step {i} (t={int(t)}): {m}")
 
 
 def test_partial_denoising_from_t():
@@ -105,11 +125,12 @@ def test_partial_denoising_from_t():
     x_t = sched.q_sample(x0, torch.full((2,), t0), torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
     out = diffusion.ddim_sample(eps_exact, x_t, sched, 50, t_start=500, callback=lambda i, t, x, xh: seen.append(t))
     assert seen[0] == 499 and len(seen) == 25 and max(seen) <= 500
-    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, x0, atol=_fp32_tol(x0, 512), rtol=0)  # fp32 rounding over 25 steps of 1/sqrt(abar)
     # with eps = 0 every DDIM step rescales x by sqrt(a_prev / a), so the result is x_t / sqrt(abar[first step]):
     # this pins the step the sampler starts from
     out = diffusion.ddim_sample(lambda x, t: torch.zeros_like(x), x_t, sched, 50, t_start=500)
-    torch.testing.assert_close(out, x_t / sched.abar[t0].sqrt(), atol=1e-5, rtol=0)
+    want = x_t / sched.abar[t0].sqrt()
+    torch.testing.assert_close(out, want, atol=_fp32_tol(want, 64), rtol=0)  # fp32 rounding of 25 rescalings
 
 
 def test_sampler_gaussian_exact():
@@ -163,8 +184,8 @@ def test_rf_matches_diffusers(steps, shift, scale):
     ref.set_timesteps(steps)
     rf = diffusion.make_schedule("rf", shift=shift, scale=scale)
     assert rf.sigmas(steps)[-1] == 0 and rf.sigmas(steps)[0] == 1
-    torch.testing.assert_close(rf.sigmas(steps), ref.sigmas, atol=1e-6, rtol=0)
-    torch.testing.assert_close(rf.timesteps(steps), ref.timesteps, atol=1e-3, rtol=0)
+    torch.testing.assert_close(rf.sigmas(steps), ref.sigmas, atol=_fp32_tol(ref.sigmas, 8), rtol=0)  # fp32, <= 1
+    torch.testing.assert_close(rf.timesteps(steps), ref.timesteps, atol=_fp32_tol(ref.timesteps, 8), rtol=0)  # x1000
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     ours, seen = [], []
     diffusion.ddim_sample(lambda x, t: seen.append(t.clone()) or _analytic_eps(x, t), x_T.clone(), rf, steps,
@@ -174,9 +195,10 @@ def test_rf_matches_diffusers(steps, shift, scale):
     for i, t in enumerate(ref.timesteps):
         v = _analytic_eps(x, torch.full((2,), float(t)))
         x = ref.step(v, t, x).prev_sample
-        assert (ours[i] - x).abs().max() <= 1e-5, f"step {i} (t={float(t)}) differs"
+        tol = 8 * (i + 1) * torch.finfo(torch.float32).eps  # fp32 rounding: ~8 ulp per step, relative to |x|
+        torch.testing.assert_close(ours[i], x, rtol=tol, atol=tol, msg=lambda m: f"step {i} (t={float(t)}): {m}")
     # the shift itself, and training draws shifted times: logit(t') = logit(t) + log(shift)
-    assert abs(rf.shift_t(torch.tensor(0.5)).item() - shift * scale / (1 + shift * scale)) < 1e-7
+    assert abs(rf.shift_t(torch.tensor(0.5)).item() - shift * scale / (1 + shift * scale)) < _fp32_tol(torch.ones(1), 2)
     with pytest.raises(ValueError, match="Euler"):
         diffusion.ddpm_sample(_analytic_eps, x_T, rf, steps)
 
@@ -224,7 +246,7 @@ def test_objectives_match_diffusers_ddim(kw):
                         rescale_betas_zero_snr=kw.get("zero_snr", False))
     ref.set_timesteps(10)
     sched = diffusion.make_schedule(**kw)
-    assert torch.allclose(sched.abar.double(), ref.alphas_cumprod.double(), atol=1e-7, rtol=0)
+    assert torch.allclose(sched.abar.double(), ref.alphas_cumprod.double(), atol=_fp32_tol(ref.alphas_cumprod, 4), rtol=0)
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     ours = []
     diffusion.ddim_sample(_analytic_eps, x_T.clone(), sched, 10, callback=lambda i, t, x, x0: ours.append(x.clone()))
@@ -245,10 +267,11 @@ def test_zero_snr_matches_diffusers():
     # x_{T-1} is pure noise (the EDM form's limit at sigma = inf). eps cannot be sampled there: refused.
     from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
     base = Schedule()
-    torch.testing.assert_close(diffusion.rescale_zero_terminal_snr(base.betas), rescale_zero_terminal_snr(base.betas),
-                               atol=1e-7, rtol=0)
+    ref_betas = rescale_zero_terminal_snr(base.betas)  # fp32 both: a tolerance of a few ulps of their values
+    torch.testing.assert_close(diffusion.rescale_zero_terminal_snr(base.betas), ref_betas,
+                               atol=_fp32_tol(ref_betas, 8), rtol=0)
     z = Schedule(objective="v", zero_snr=True)
-    assert z.abar[-1] == 0 and torch.isinf(z.sigma[-1]) and abs(z.abar[0] - base.abar[0]) < 1e-6
+    assert z.abar[-1] == 0 and torch.isinf(z.sigma[-1]) and abs(z.abar[0] - base.abar[0]) < _fp32_tol(base.abar, 8)
     assert not torch.equal(z.abar, base.abar)
     x0, eps = torch.randn(3, 2), torch.randn(3, 2)
     t = torch.tensor([0, 500, T - 1])
@@ -290,13 +313,13 @@ def test_objectives_one_image(kw):
     assert loss < 1e-8
     x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     out = diffusion.ddim_sample(lambda x, t: exact(x, t), x_T, sched, 20)
-    torch.testing.assert_close(out, img, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, img, atol=_fp32_tol(img, 512), rtol=0)  # fp32 rounding over 20 steps
     # SDEdit start (sample.py --denoise-from): the grid is cut to model times <= about t_start, the image comes back
     ts = sched.timesteps(20, 500)
     assert 0 < len(ts) < 20 and 400 < ts[0] <= 501 and (len(ts) == 10 or kw.get("shift"))
     x_t = sched.q_sample(img, torch.full((3,), ts[0].item()), x_T)
     out = diffusion.ddim_sample(lambda x, t: exact(x, t), x_t, sched, 20, t_start=500)
-    torch.testing.assert_close(out, img, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out, img, atol=_fp32_tol(img, 512), rtol=0)  # fp32 rounding over 20 steps
 
 
 def _bcast(v, x):
@@ -323,17 +346,18 @@ def test_min_snr_weight(kw):
     out = sched.target(x0_hat, (xt - al * x0_hat) / si, t)  # the output that means "x0 = x0_hat" at x_t
     per_sample = diffusion.loss_fn(lambda *_: out, sched, x0, None, t, eps)[1]
     want = snr.clamp(max=5.0) * (x0_hat - x0).pow(2).flatten(1).mean(1)
+    # fp32: x0 recovered through 1/sigma and 1/alpha (up to 1/0.068) loses ~3 digits near t = T
     torch.testing.assert_close(per_sample, want, rtol=2e-4, atol=1e-6)
     if kw == dict(objective="eps") or kw == dict(objective="v"):
         from diffusers import DDPMScheduler
         from diffusers.training_utils import compute_snr
         snr_ref = compute_snr(DDPMScheduler(**_diffusers_schedule_kwargs()), t)
         w_ref = snr_ref.clamp(max=5.0) / (snr_ref if kw["objective"] == "eps" else snr_ref + 1)
-        torch.testing.assert_close(sched.weight(t), w_ref, rtol=1e-4, atol=0)
+        torch.testing.assert_close(sched.weight(t), w_ref, rtol=1e-4, atol=0)  # fp32 SNRs up to 1e3: relative
         # by hand: t = 0 has SNR = (1 - beta_0) / beta_0 = 1175.5 > 5, t = 999 has SNR = 0.0047 < 5
         snr0 = (1 - diffusion.BETA_START) / diffusion.BETA_START
         w0 = 5.0 / snr0 if kw["objective"] == "eps" else 5.0 / (snr0 + 1)
-        assert abs(sched.weight(torch.tensor([0])).item() - w0) < 1e-6
+        assert abs(sched.weight(torch.tensor([0])).item() - w0) < _fp32_tol(torch.ones(1), 8)  # fp32 weight <= 1
     assert diffusion.make_schedule(kw["objective"], **{k: v for k, v in kw.items() if k != "objective"}).weight(t) \
         is None  # default: unit weight
 
@@ -409,7 +433,7 @@ def test_guidance_eq2():
     # three branches: Eq. 2 by hand
     got = diffusion.guided_eps_fn(model, full, sem, null, lam, beta)(x, t)
     want = lam * (beta * e_cs + (1 - beta) * e_s) + (1 - lam) * e_0
-    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got, want, atol=_fp32_tol(want, 8))  # fp32 rounding of Eq. 2's few products
     # one model call per sampling step, whatever the number of branches
     model.calls = 0
     diffusion.ddim_sample(diffusion.guided_eps_fn(model, full, sem, null, lam, beta), x, Schedule(), 7)
@@ -423,8 +447,8 @@ def test_rescale_eq3():
     for s, s_new in [(1.0, 2.0), (256.0, 512.0), (2.0, 1.0)]:
         eq3 = s ** 2 * abar / (s_new ** 2 + abar * (s ** 2 - s_new ** 2))  # Eq. 3 written out
         sigma_new = (s_new / s) * ((1 - abar) / abar).sqrt()
-        assert torch.allclose(eq3, 1 / (1 + sigma_new ** 2), atol=1e-12, rtol=0)
-        assert torch.allclose(Schedule(scale=s_new / s).abar.double(), eq3, atol=1e-6, rtol=1e-5)
+        assert torch.allclose(eq3, 1 / (1 + sigma_new ** 2), atol=1e-12, rtol=0)  # both float64
+        assert torch.allclose(Schedule(scale=s_new / s).abar.double(), eq3, atol=_fp32_tol(eq3, 8), rtol=1e-5)  # fp32
     # a larger scale means more noise at every t (lower SNR), as Prop. 1 wants at higher resolution
     assert (Schedule(scale=2.0).abar < base.abar).all()
 
@@ -459,10 +483,11 @@ def test_gamma_schedules():
     assert (g[1:] <= g[:-1]).all()  # monotone non-increasing in t
     # exact values of Eq. 1 (float64 reference)
     ref = [(1 - math.cos(math.pi * (1 - k / T) ** 8)) / 2 for k in range(T + 1)]
-    assert torch.allclose(g.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(g.double(), torch.tensor(ref, dtype=torch.float64), atol=_fp32_tol(g, 8))  # fp32 g
     assert (g[t >= 0.4 * T] < 0.01).all()  # alpha = 8: off until t/T < 0.4 ...
     assert g[int(0.2 * T)] > 0.05  # ... and on well before clean data
-    assert torch.isclose(g[int(0.4 * T)], torch.tensor((1 - math.cos(math.pi * 0.6 ** 8)) / 2), atol=1e-7)
+    assert torch.isclose(g[int(0.4 * T)].double(), torch.tensor((1 - math.cos(math.pi * 0.6 ** 8)) / 2,
+                                                                dtype=torch.float64), atol=_fp32_tol(g, 1))
     assert (conditioning.gamma_c(t, "uniform") == 1).all()
     assert torch.allclose(conditioning.gamma_c(t, "linear"), 1 - t / T)
     step = conditioning.gamma_c(t[:T], "step", step_sigma=1.0)
@@ -514,7 +539,8 @@ def test_control_zero_init():
     out = emb(phi, torch.tensor([0, 0]), keep=torch.tensor([1.0, 0.0]))
     assert out[0].abs().sum() > 0 and torch.equal(out[1], torch.zeros(32))
     # gamma_c gates the low-level (size) branch: at t = T-1 only E_h contributes
-    assert torch.allclose(emb(phi, torch.tensor([999, 999])), emb.E_h(phi[:, emb.hi_cols]), atol=1e-6)
+    want = emb.E_h(phi[:, emb.hi_cols])
+    assert torch.allclose(emb(phi, torch.tensor([999, 999])), want, atol=_fp32_tol(want, 8))  # fp32 rounding
 
 
 def test_text_padding_modes():
@@ -550,7 +576,7 @@ def test_text_padding_modes():
     assert eot2.tolist() == [7, 1]
     cond = conditioning.encode_text(enc, ["a red circle on the left"], "replicate")
     assert torch.equal(cond["text"][0, 8:16], cond["text"][0, :8])  # copies start right after EOT
-    assert torch.allclose(cond["text"][0, :8], tok[0, :8], atol=1e-5)
+    assert torch.allclose(cond["text"][0, :8], tok[0, :8], atol=_fp32_tol(tok[0, :8], 64))  # fp32 tower, 2 calls
     with pytest.raises(SystemExit, match="--text-weights"):  # missing weights: one line naming the flag
         conditioning.TextEncoder("ViT-L-14", "/nonexistent/open_clip.bin", flag="--text-weights")
 
@@ -672,7 +698,7 @@ def test_latent_shards_roundtrip(tmp_path):
         for i in range(6):
             s = lds[i]
             z, y, cap = expected[(s["key"], tuple(s["phi"].tolist()))]  # same φ as written
-            assert torch.allclose(s["latent"], z, atol=1e-6) and s["y"] == y and s["caption"] == cap
+            assert torch.allclose(s["latent"], z, atol=_fp32_tol(z, 8)) and s["y"] == y and s["caption"] == cap  # fp32
             seen.add((s["key"], tuple(s["phi"].tolist())))
     assert len(seen) == 12  # both stored crops of every image are served across epochs
     with pytest.raises(SystemExit, match="--vae"):  # missing weights: one line naming the flag
@@ -751,7 +777,7 @@ def test_equivalence_dit():
     err = (got - want).abs().max().item()
     print(f"DiT max abs err {err:.2e}")
     assert transfer._size(1152, 28, 16) == "XL"  # a public DiT-XL/2 travels as size XL
-    assert err <= 1e-5, err
+    assert err <= _fp32_tol(want), err  # fp32 rounding of the outputs (_fp32_tol)
 
 
 def test_equivalence_pixart():
@@ -771,7 +797,7 @@ def test_equivalence_pixart():
         assert torch.equal(_mdl_rebuilt(ref, ours)(x, t, cond), got)
     err = (got - want).abs().max().item()
     print(f"PixArt max abs err {err:.2e}")
-    assert err <= 1e-5, err
+    assert err <= _fp32_tol(want), err  # fp32 rounding of the outputs (_fp32_tol)
 
 
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
@@ -797,7 +823,7 @@ def test_equivalence_sd3_mmdit(qk_norm):
         assert torch.equal(rebuilt(x, t, cond), got) and torch.equal(rebuilt(x2, t, cond), got2)
     err = max((got - want).abs().max().item(), (got2 - want2).abs().max().item())
     print(f"SD3 (qk_norm={qk_norm}) max abs err {err:.2e}")
-    assert err <= 1e-5, err
+    assert err <= _fp32_tol(want), err  # fp32 rounding of the outputs (_fp32_tol)
 
 
 def _mdl_build(arch, **kw):
@@ -968,13 +994,13 @@ def test_equivalence_sdxl_unet():
                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         got = ours(x, t, {"text": text, "pooled": pooled, "time_ids": time_ids})
     err = (got - want).abs().max().item()
-    assert want.abs().max() > 0.1 and err <= 1e-5, f"max abs diff {err:.3g}"
+    assert want.abs().max() > 0.1 and err <= _fp32_tol(want), f"max abs diff {err:.3g}"  # fp32 rounding
     # importing into a model with our control: the (zero-init) control embedder is the only new module
     ours_c = import_diffusers_unet(UNet(**unet_kwargs_from_diffusers(ref.config), control=("crop", "size")), ref)
     phi = torch.tensor([[16.0, 32, 0, 512, 640], [0, 0, 1, 1024, 768]])
     with torch.no_grad():
         got = ours_c.eval()(x, t, {"text": text, "pooled": pooled, "time_ids": time_ids, "phi": phi})
-    assert (got - want).abs().max() <= 1e-5
+    assert (got - want).abs().max() <= _fp32_tol(want)  # fp32 rounding of the outputs
     # the phi route builds the same time ids: (orig_h, orig_w, crop_top, crop_left, target = 8 x latent size)
     x = torch.randn(B, 4, 16, 16)
     ids = torch.tensor([[512.0, 640, 16, 32, 128, 128], [1024, 768, 0, 0, 128, 128]])
@@ -1235,7 +1261,10 @@ def test_ddp_matches_single(tmp_path, arch):
     assert a["step"] == b["step"] == 3
     for part in ("model", "ema"):
         for k, v in a[part].items():
-            assert (v - b[part][k]).abs().max().item() <= 1e-6, f"{part}.{k} differs between DDP and one process"
+            # fp32: gloo sums gradients in another order; AdamW's 1/sqrt(v) keeps the update ~lr, so the weights
+            # agree to rounding of their own magnitude after 3 steps
+            tol = _fp32_tol(v, 16)
+            assert (v - b[part][k]).abs().max().item() <= tol, f"{part}.{k} differs between DDP and one process"
     fresh = models.build_model(**a["spec"]["model"]).state_dict()
     moved = max((a["model"][k] - fresh[k]).abs().max().item() for k in fresh if "final" in k)
     assert moved > 1e-5, "training did not change the weights: the comparison would be vacuous"
@@ -1280,8 +1309,9 @@ def test_sample_seed_invariance():
         one = models.generate(model, a, seeds, labels, batch_size=1, **kw)
         alone = models.generate(model, a, [seeds[3]], [labels[3]], batch_size=1, **kw)  # drawn on its own
     assert big.shape == (8, 3, 16, 16)
-    torch.testing.assert_close(one, big, atol=1e-5, rtol=0)
-    torch.testing.assert_close(alone[0], big[3], atol=1e-5, rtol=0)
+    tol = _fp32_tol(big, ulps=256)  # fp32 rounding: batch size changes how matmuls block, over 4 guided steps
+    torch.testing.assert_close(one, big, atol=tol, rtol=0)
+    torch.testing.assert_close(alone[0], big[3], atol=tol, rtol=0)
     assert (big[0] - big[1]).abs().max() > 1e-2, "different seeds must give different images"
 
 
@@ -1364,7 +1394,7 @@ def test_sample_denoise_from(tmp_path):
     t0 = int(diffusion.sampling_timesteps(50, 60)[0])
     noise = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
     want = (b["image"] + Schedule().sigma[t0] * noise).clamp(-1, 1)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, want, atol=_fp32_tol(want, 84), rtol=0)  # fp32 rounding of x_t and its decode
     # the CLI on a 1-step checkpoint: a 2-row grid (crops over results), and a clear error for a bad T
     _trn_run(["train.py", *_TRN_FAST, "--max-steps", "1", "--out-dir", str(tmp_path)])
     _trn_run(["sample.py", "--ckpt", str(tmp_path / "ckpt.pt"), "--denoise-from", "300", "--seeds", "0-3",
@@ -1413,14 +1443,14 @@ def test_frechet_distance_closed_form():
         # diagonal covariances: Tr(S1 + S2 - 2 sqrt(S1 S2)) = sum (sqrt(v1) - sqrt(v2))^2
         want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
         got = evaluate.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2))
-        assert abs(got - want) < 1e-6 * max(1.0, want), (d, got, want)
-        assert abs(evaluate.frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1))) < 1e-6
+        assert abs(got - want) < 1e-6 * max(1.0, want), (d, got, want)  # float64 (numpy / scipy)
+        assert abs(evaluate.frechet_distance(mu1, np.diag(v1), mu1, np.diag(v1))) < 1e-6  # float64
     # identical full-rank and singular statistics give 0; the eps fallback keeps singular products finite
     a = rng.normal(size=(50, 16))
     sig = np.cov(a, rowvar=False)
-    assert abs(evaluate.frechet_distance(a.mean(0), sig, a.mean(0), sig)) < 1e-6
+    assert abs(evaluate.frechet_distance(a.mean(0), sig, a.mean(0), sig)) < 1e-6  # float64
     low = np.cov(a[:5], rowvar=False)  # rank 4 of 16
-    assert abs(evaluate.frechet_distance(a[:5].mean(0), low, a[:5].mean(0), low)) < 1e-4
+    assert abs(evaluate.frechet_distance(a[:5].mean(0), low, a[:5].mean(0), low)) < 1e-4  # float64, singular sqrtm
     # a mean shift adds exactly its squared norm
     assert abs(evaluate.frechet_distance(a.mean(0) + 1, sig, a.mean(0), sig) - 16) < 1e-6
 
@@ -1433,7 +1463,7 @@ def test_fid_of_few_features():
     for n in (5, 12, 40):  # 40 > 16 takes frechet_distance itself
         f = rng.normal(0.3, 1.2, size=(n, 16))
         want = evaluate.frechet_distance(*evaluate.stats(f), mu_r, sig_r)
-        assert abs(evaluate.fid_of_features(f, mu_r, sig_r) - want) < 1e-6 * max(1, want), n
+        assert abs(evaluate.fid_of_features(f, mu_r, sig_r) - want) < 1e-6 * max(1, want), n  # float64
 
 
 def test_fid_network_offline(tmp_path):
@@ -1453,7 +1483,7 @@ def test_fid_network_offline(tmp_path):
     assert len(os.listdir(tmp_path / "cache")) == 1
     feats = evaluate.features(net, data.iter_images(folder))
     assert feats.shape == (6, 2048) and np.array_equal(feats.mean(0), mu_r)
-    assert abs(evaluate.frechet_distance(*evaluate.stats(feats), mu_r, sig_r)) < 1e-2
+    assert abs(evaluate.frechet_distance(*evaluate.stats(feats), mu_r, sig_r)) < 1e-2  # float64; sqrtm of rank-deficient
     # a missing file is a one-line error naming the flag
     with pytest.raises(SystemExit, match="--inception-path"):
         evaluate.find_inception(str(tmp_path / "nope.pt"))
@@ -1478,7 +1508,7 @@ def test_clipscore_mechanics():
         cos = torch.cosine_similarity(model.encode_image((x - mean[:, None, None]) / std[:, None, None]),
                                       model.encode_text(tok(prompts)), dim=-1)
     assert s.shape == (4,) and torch.isfinite(s).all()
-    torch.testing.assert_close(s, 100 * cos.clamp(min=0), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(s, 100 * cos.clamp(min=0), atol=1e-3, rtol=1e-4)  # fp32 cosines x 100: ~1e-5 each
     # flipping the text projection flips every cosine: exactly one of the two scores is clamped to 0
     with torch.no_grad():
         model.text_projection.neg_()
@@ -1538,8 +1568,9 @@ def test_lpips_size_protocol(tmp_path):
     assert la.shape == lh.shape == (2,) and np.isfinite(la).all() and np.isfinite(lh).all() and (la > 0).all()
     # /HR keeps only sizes >= the target resolution: recompute it by hand
     imgs = torch.nn.functional.interpolate(gen([11] * 5, [3] * 5, sizes), size=(64, 64), mode="bilinear")
-    assert abs(evaluate.mean_pairwise_lpips(lp, imgs[2:]) - lh[0]) < 1e-5
-    assert abs(evaluate.mean_pairwise_lpips(lp, imgs) - la[0]) < 1e-5
+    # fp32 LPIPS of the same images in another batch: rounding of values < 1
+    assert abs(evaluate.mean_pairwise_lpips(lp, imgs[2:]) - lh[0]) < _fp32_tol(torch.ones(1), 84)
+    assert abs(evaluate.mean_pairwise_lpips(lp, imgs) - la[0]) < _fp32_tol(torch.ones(1), 84)
     # same noise + same label: when the control embedder is silenced, every size gives the same image (LPIPS 0)
     with torch.no_grad():
         for p in inner.c_embedder.parameters():
