@@ -11,18 +11,34 @@ The sampling step is one denoiser call with the three guidance branches of Eq. 2
     python bench.py --suite gpu              # DiT-XL/2 and mmDiT-XL/2 at 256 px, bf16, eager and compiled
     python bench.py --suite flops            # params and forward GFLOPs of every arch at XL/2 (paper Tab. A1)
     python bench.py --suite cpu-default --threads 2   # the reference CPU step: this machine's share of the CPU budget
+    python bench.py --suite scale --threads 2   # real-size SD VAE + CLIP-L (random weights): mmDiT-B steps, XL fwds
+    python bench.py --suite memory           # the paper's run on 8 cards: micro-batch and --grad-accum per card
+    python bench.py --suite gpu-train        # ours-XL, 200 compiled steps on synthetic latents at the planned batch
 """
 import argparse
+import contextlib
 import gc
+import io
 import json
+import math
+import os
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 
+import numpy as np
 import torch
+from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import conditioning
+import data
 import diffusion
 import models
 from conditioning import CONTROL_SIGNALS
@@ -304,6 +320,344 @@ def gpu_suite(args, device):
     return rows
 
 
+# ----------------------------------------------------------------------------- scale suite
+# The real conditioning parts at their real sizes with seeded random weights (nothing is downloaded): the SD VAE's
+# architecture (data.SD_VAE_CONFIG, `--vae sd-random`) and open_clip's ViT-L-14 text tower (`--text-encoder-path
+# random`). The B step runs train.py itself as a command line (a script never imports another script).
+SCALE_VAE, SCALE_TEXT = "sd-random", ("ViT-L-14", conditioning.RANDOM_TEXT)
+SCALE_R = 256  # pixels: the paper's pre-training resolution (§4) -> 32 x 32 x 4 SD latents
+# (w, h) of the toy ImageNet-style JPEGs: landscape, portrait, square, 4:3, all cropped and resized to 256
+SCALE_SIZES = ((300, 200), (180, 420), (512, 512), (640, 480))
+SCALE_CLASSES = ("n01440764", "n01443537")  # ImageNet synset folder names (tench, goldfish)
+SCALE_CAPTIONS = ("a red fox standing in fresh snow", "two wooden boats on a calm lake at dusk")
+SCALE_COLS = ["part", "arch", "cond", "params_M", "gflops", "paper_gflops", "wall_s"]
+STEP_COLS = ["path", "ranks", "loss", "wall_s", "params_M", "max_diff_vs_1"]
+
+
+def toy_jpeg(w, h, seed):
+    """JPEG bytes of a smooth random w x h image (gradients + blobs, so the JPEG is small and decodes like a photo)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    img = sum(np.sin(2 * np.pi * (rng.uniform(0.5, 3) * xx + rng.uniform(0.5, 3) * yy + rng.uniform()))[..., None]
+              * rng.uniform(-1, 1, 3) for _ in range(3))  # (h, w, 3)
+    buf = io.BytesIO()
+    Image.fromarray(((img / 3 + 1) * 127.5).clip(0, 255).astype("uint8")).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_imagefolder(root):
+    """root/<synset>/<name>.JPEG, the ImageNet train layout, one image of every SCALE_SIZES, classes alternating."""
+    for i, (w, h) in enumerate(SCALE_SIZES):
+        folder = os.path.join(root, SCALE_CLASSES[i % len(SCALE_CLASSES)])
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{os.path.basename(folder)}_{i}.JPEG"), "wb") as f:
+            f.write(toy_jpeg(w, h, i))
+    return root
+
+
+def write_wds_shards(root):
+    """img2dataset output: root/NNNNN.tar holding key.jpg + key.txt + key.json (original_width / original_height of
+    the image before img2dataset resized it: here twice the stored size). One sample per shard, so one process
+    and 2 ranks read the same samples (ranks split the stream by shard)."""
+    os.makedirs(root, exist_ok=True)
+    for i, ((w, h), caption) in enumerate(zip(SCALE_SIZES, SCALE_CAPTIONS)):
+        key = f"{i:05d}{0:04d}"  # img2dataset: shard id + index in the shard
+        meta = dict(key=key, status="success", caption=caption, width=w, height=h, original_width=2 * w,
+                    original_height=2 * h)
+        members = {f"{key}.jpg": toy_jpeg(w, h, 10 + i), f"{key}.txt": caption.encode(),
+                   f"{key}.json": json.dumps(meta).encode()}
+        with tarfile.open(os.path.join(root, f"{i:05d}.tar"), "w") as tar:
+            for name, b in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(b)
+                tar.addfile(info, io.BytesIO(b))
+    return root
+
+
+def scale_argv(path, data_path, out_dir, ranks=1):
+    """train.py's argv for one `--recipe ours --size B` step at 256 px over the real-size parts; path: "image"
+    (ImageNet-style folder, class-conditional) or "text" (img2dataset shards, CLIP-L, the recipe's noisy padding).
+    Global batch 2 either way: one process takes it as 2 micro-steps of 1, so that 2 ranks x 1 see the same chunks
+    (train.chunk_generator: the noise of a chunk depends on its place in the global batch, not on the rank)."""
+    argv = ["--recipe", "ours", "--size", "B", "--resolution", str(SCALE_R), "--vae", SCALE_VAE,
+            "--global-batch", "2", "--grad-accum", str(2 // ranks), "--max-steps", "1", "--warmup", "0",
+            "--log-every", "1", "--sample-every", "0", "--ckpt-every", "1", "--no-progress", "--device", "cpu",
+            "--out-dir", out_dir]  # warm-up 0: the step moves the weights by ~lr, far above fp32 rounding
+    if path == "image":
+        return argv + ["--data", "imagefolder", "--data-path", data_path]
+    return argv + ["--data", "wds", "--data-path", data_path, "--semantic", "text",
+                   "--text-encoder", SCALE_TEXT[0], "--text-encoder-path", SCALE_TEXT[1]]
+
+
+def run_train(argv, ranks=1, threads=2, timeout=1200):
+    """`python train.py argv` (ranks > 1: torchrun --standalone, gloo on the CPU); the threads are shared out over
+    the ranks. Returns wall seconds; a failed run raises with the tail of its output."""
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                   f"--nproc_per_node={ranks}"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(max(1, threads // ranks)))
+    t0 = time.perf_counter()
+    r = subprocess.run(launch + [os.path.join(here, "train.py"), *argv], cwd=here, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"train.py failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def weights_diff(ckpt_a, ckpt_b, part="model"):
+    """Largest |a - b| over the weights of two checkpoints (the model, or the EMA)."""
+    a, b = (torch.load(c, map_location="cpu", weights_only=False, mmap=True)[part] for c in (ckpt_a, ckpt_b))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def scale_steps(root, paths=("image", "text"), threads=2):
+    """One B training step per path through train.py, as one process and as 2 gloo ranks; rows with the logged
+    loss, wall time (process start to checkpoint) and the largest weight difference of 2 ranks vs one process."""
+    data_paths = {"image": write_imagefolder(os.path.join(root, "imagefolder")),
+                  "text": write_wds_shards(os.path.join(root, "shards"))}
+    rows = []
+    for path in paths:
+        ckpts = {}
+        for ranks in (1, 2):
+            out = os.path.join(root, f"{path}_{ranks}")
+            wall = run_train(scale_argv(path, data_paths[path], out, ranks), ranks, threads)
+            ckpts[ranks] = os.path.join(out, "ckpt.pt")
+            with open(os.path.join(out, "log.jsonl")) as f:
+                loss = json.loads(f.readlines()[-1])["loss"]
+            ck = torch.load(ckpts[ranks], map_location="cpu", weights_only=False, mmap=True)  # ~4 GB: mapped
+            rows.append(dict(path=path, ranks=ranks, loss=loss, wall_s=wall, ckpt=ckpts[ranks],
+                             params_M=sum(v.numel() for v in ck["model"].values()) / 1e6,
+                             max_diff_vs_1=None if ranks == 1 else weights_diff(ckpts[1], ckpts[2])))
+            del ck
+            print_table(rows[-1:], STEP_COLS)
+    return rows
+
+
+def xl_forward(arch, size, text, vae, encoder, x_img):
+    """One batch-1 forward of arch at size on the SD latent of x_img: (params M, forward GFLOPs counted by
+    FlopCounterMode, wall s of the counted forward). Text: CLIP-L features of a tokenized caption, replicate-padded
+    (noisy padding is the same at inference, §2.1); class: a label. Control φ of an uncropped 256 px original."""
+    torch.manual_seed(0)
+    model = build_ours(arch, size, SCALE_R, control=True, text=text).eval()
+    with torch.no_grad():
+        x0 = data.encode(vae, x_img)  # (1, 4, 32, 32)
+        cond = (conditioning.encode_text(encoder, SCALE_CAPTIONS[:1], "replicate") if text
+                else {"y": torch.zeros(1, dtype=torch.long)})
+        cond.update(phi=conditioning.default_phi({"data": {"resolution": SCALE_R}}, 1), keep_ctrl=torch.ones(1))
+        t0 = time.perf_counter()
+        with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
+            eps = model(x0, torch.full((1,), 500, dtype=torch.long), cond)
+        wall = time.perf_counter() - t0
+    assert eps.shape == x0.shape and torch.isfinite(eps).all(), f"{arch}-{size}: bad forward output"
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    del model
+    gc.collect()
+    return params, fc.get_total_flops() / 1e9, wall
+
+
+def scale_forwards(archs, size="XL"):
+    """The real-size parts (SD VAE, CLIP ViT-L/14 text tower) and every arch at size, one at a time, batch 1 at
+    256 px: rows of params, forward GFLOPs beside paper Tab. A1 (class-conditional; the text row is ambiguous) and
+    wall time. Text archs run both class- and text-conditional."""
+    rows, x_img = [], torch.rand(1, 3, SCALE_R, SCALE_R, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vae = data.load_vae(SCALE_VAE)
+    with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
+        wall = timed(lambda: data.encode(vae, x_img), torch.device("cpu"))[0]
+    rows.append(dict(part="SD VAE encode", arch="AutoencoderKL", cond="-", wall_s=wall, gflops=fc.get_total_flops() / 1e9,
+                     params_M=sum(p.numel() for p in vae.parameters()) / 1e6))
+    encoder = conditioning.TextEncoder(*SCALE_TEXT)
+    with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
+        wall = timed(lambda: encoder(SCALE_CAPTIONS[:1]), torch.device("cpu"))[0]
+    rows.append(dict(part="CLIP-L text", arch=SCALE_TEXT[0], cond="77 tokens", wall_s=wall,
+                     gflops=fc.get_total_flops() / 1e9, params_M=sum(p.numel() for p in encoder.parameters()) / 1e6))
+    print_table(rows, SCALE_COLS)
+    for arch in archs:
+        for text in (False, True) if arch in TEXT_ARCHS else (False,):
+            params, gflops, wall = xl_forward(arch, size, text, vae, encoder, x_img)
+            rows.append(dict(part="denoiser", arch=f"{arch}-{size}", cond="text" if text else "class",
+                             params_M=params, gflops=gflops, paper_gflops=PAPER_A1.get((arch, text)), wall_s=wall))
+            print_table(rows[-1:], SCALE_COLS)
+    return rows
+
+
+def scale_suite(args):
+    """--suite scale: the B steps (cheap part) then the forwards at --size (XL unless given); tables as they finish."""
+    rows = []
+    if "step" in args.scale_parts:
+        with tempfile.TemporaryDirectory(dir=args.scale_dir) as root:
+            steps = scale_steps(root, args.scale_paths, args.threads or torch.get_num_threads())
+        print_table(steps, STEP_COLS)
+        rows += [{k: v for k, v in r.items() if k != "ckpt"} for r in steps]  # the checkpoints are gone
+    if "forward" in args.scale_parts:
+        fwd = scale_forwards(args.scale_archs, args.size or "XL")
+        print_table(fwd, SCALE_COLS)
+        rows += fwd
+    return rows
+
+
+# ----------------------------------------------------------------------------- memory plan
+# The paper's run on one node of 8 cards. Per card: fixed memory + micro-batch x activation memory per image.
+#   fixed = fp32 weights, grads (views of DDP's all-reduce buckets: train.py sets gradient_as_bucket_view), AdamW's
+#           two moments and the EMA copy: 20 bytes per trainable parameter, plus
+#           autocast's bf16 weight copies and the frozen encoders (measured);
+#   activations = the bytes autograd saves for backward, measured on fake tensors (shapes and dtypes, no compute)
+#           under bf16 autocast at two batch sizes: the slope is per image, the intercept autocast's weight copies.
+# The cards' memory as CUDA reports it (GiB); a card keeps PLAN_RESERVE GiB for the CUDA context, NCCL and the
+# allocator's fragmentation, and the plan fills PLAN_FILL of the rest.
+CARDS = {"A100-40GB": 40.0, "A100-80GB": 80.0, "H100-80GB": 79.6, "H200": 140.4}
+PLAN_RESERVE, PLAN_FILL, PLAN_GPUS = 2.0, 0.9, 8
+PAPER_BATCH_256 = 2048  # §4: the global batch at 256 px (train.PAPER_BATCH; a script is not imported)
+BYTES_PER_PARAM = 20  # fp32: weights 4 + grads 4 (the DDP buckets) + AdamW moments 8 + EMA 4
+PLAN_RUNS = {  # name -> train.py flags of the paper's run (the recipe's own defaults otherwise)
+    "ImageNet-1k 256 (class)": ["--num-classes", "1000"],
+    "ImageNet-1k 512 (class)": ["--num-classes", "1000", "--resolution", "512"],
+    "CC12M 256 (text)": ["--semantic", "text"],
+}
+CLIP_L_TEXT_PARAMS = 123.65e6  # open_clip ViT-L-14 text tower (token embedding, 12 layers of 768, projection)
+SD_VAE_PARAMS = 83.65e6  # sd-vae-ft-ema AutoencoderKL (encoder + decoder, both kept by train.py)
+
+
+def print_config(flags):
+    """{"spec", "args"} of `python train.py flags --print-config`: the run exactly as train.py resolves it."""
+    out = subprocess.run([sys.executable, "train.py", *flags, "--print-config"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def saved_bytes(model_kw, B, R, text, fake=True):
+    """Bytes autograd saves for backward in one bf16-autocast training forward of B images (parameters excluded).
+    fake: on fake tensors (shapes and dtypes; nothing is computed or allocated, so an XL model costs seconds on a
+    CPU); fake=False runs the same forward for real, which is how the test checks the fake count."""
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        torch.manual_seed(0)
+        model = models.build_model(**model_kw)
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        x0, cond = make_batch(model_kw["arch"], B, R, torch.device("cpu"), text=text,
+                              classes=model_kw.get("num_classes") or NUM_CLASSES)
+        saved = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s._cdata not in params:
+                saved[s._cdata] = (s.nbytes(), t)  # keep t: an id is unique only while its storage lives
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), torch.bfloat16):
+            diffusion.loss_fn(model, diffusion.Schedule(), x0, cond)
+        n_params = sum(p.numel() for p in model.parameters())
+    return sum(b for b, _ in saved.values()), n_params
+
+
+def measure_memory(run_flags):
+    """The run's model (train.py --print-config) -> dict(params, fixed_gib, act_gib per image, global_batch)."""
+    cfg = print_config(["--size", "XL", *run_flags])
+    kw, args = dict(cfg["spec"]["model"]), cfg["args"]
+    text = args["semantic"] == "text"
+    if text:  # the tower's widths are read from the loaded encoder at run time; CLIP ViT-L/14: 768 and 768
+        kw.update(text_dim=TEXT_DIM, pooled_dim=POOLED_DIM)
+    R = args["resolution"]
+    (b1, P), (b3, _) = saved_bytes(kw, 1, R, text), saved_bytes(kw, 3, R, text)
+    act = (b3 - b1) / 2
+    frozen = SD_VAE_PARAMS * 4 + (CLIP_L_TEXT_PARAMS * 4 if text else 0)  # fp32 frozen encoders, on the card
+    fixed = BYTES_PER_PARAM * P + (b1 - act) + frozen
+    return dict(params=P, fixed_gib=fixed / 2**30, act_gib=act / 2**30, global_batch=args["global_batch"],
+                bf16_gib=(b1 - act) / 2**30)
+
+
+def bench_peak_gib(m, batch):
+    """The plan's prediction for bench.py's own training step (no EMA, no DDP buckets, no frozen encoders: weights,
+    grads and AdamW's moments, 16 bytes per parameter, + autocast's bf16 copies + batch x activations), to hold
+    against the peak the GPU suite measured."""
+    return 16 * m["params"] / 2**30 + m["bf16_gib"] + batch * m["act_gib"]
+
+
+def plan_card(m, card_gib, gpus=PLAN_GPUS):
+    """(micro-batch, --grad-accum, planned GiB) for one card: the largest divisor of the per-card batch whose memory
+    fits PLAN_FILL of the card less PLAN_RESERVE; None when not even one image fits."""
+    per_card = m["global_batch"] // gpus
+    room = PLAN_FILL * (card_gib - PLAN_RESERVE) - m["fixed_gib"]
+    fits = [b for b in range(1, per_card + 1) if per_card % b == 0 and b * m["act_gib"] <= room]
+    if not fits:
+        return None
+    micro = max(fits)
+    return micro, per_card // micro, m["fixed_gib"] + micro * m["act_gib"]
+
+
+PLAN_COLS = ["run", "card", "params_M", "fixed_GiB", "act_GiB_per_img", "per_card_batch", "micro_batch",
+             "grad_accum", "planned_GiB"]
+
+
+def memory_plan(runs=PLAN_RUNS, cards=CARDS, gpus=PLAN_GPUS):
+    """Rows of the plan: every PLAN_RUNS run on `gpus` of every CARDS card (None where one image does not fit)."""
+    rows = []
+    for name, flags in runs.items():
+        m = measure_memory(flags)
+        for card, gib in cards.items():
+            p = plan_card(m, gib, gpus)
+            rows.append(dict(run=name, card=f"{gpus} x {card}", params_M=m["params"] / 1e6, fixed_GiB=m["fixed_gib"],
+                             act_GiB_per_img=m["act_gib"], per_card_batch=m["global_batch"] // gpus,
+                             micro_batch=p and p[0], grad_accum=p and p[1], planned_GiB=p and p[2]))
+    return rows
+
+
+# ----------------------------------------------------------------------------- gpu-train suite
+def card_of(total_gib):
+    """The CARDS entry nearest a device's memory (GiB)."""
+    return min(CARDS, key=lambda c: abs(CARDS[c] - total_gib))
+
+
+def gpu_train_argv(data_path, out_dir, per_card, accum, steps, cuda=True):
+    """train.py's flags for the GPU run: the paper's recipe at XL on the given latents, this card's share of the
+    8-card batch as --global-batch per_card in `accum` micro-steps; compiled on CUDA (as the paper's run would be)."""
+    return ["--recipe", "ours", "--size", "XL", "--data", "latents", "--data-path", data_path,
+            "--global-batch", str(per_card), "--grad-accum", str(accum), "--max-steps", str(steps),
+            "--log-every", str(max(1, steps // 10)), "--sample-every", "0", "--ckpt-every", str(steps),
+            "--no-progress", "--out-dir", out_dir] + (["--compile"] if cuda else ["--device", "cpu"])
+
+
+def gpu_train_report(log_path, card, planned, global_batch=PAPER_BATCH_256):
+    """One row from a run's log.jsonl: img/s and MFU of the last log window, peak memory (GiB) against the plan,
+    the first and last loss, whether every logged loss was finite, and the hours per 100k steps that img/s gives
+    on PLAN_GPUS cards of this kind at the recipe's global batch (ideal scaling: no communication cost)."""
+    with open(log_path) as f:
+        recs = [json.loads(line) for line in f]
+    last = recs[-1]
+    return dict(card=card, steps=last["step"], img_per_s=last["img_per_s"], mfu=last["mfu"], peak_GiB=last["mem_gb"],
+                planned_GiB=planned, loss_first=recs[0]["loss"], loss_last=last["loss"],
+                finite=all(math.isfinite(r["loss"]) for r in recs),
+                hours_per_100k=100_000 * global_batch / (PLAN_GPUS * last["img_per_s"]) / 3600)
+
+
+def gpu_train(args, device):
+    """--suite gpu-train: `--recipe ours --size XL` for args.train_steps steps on one GPU at the memory plan's
+    per-card batch (the 8-card run's 256 images, as micro-batch x --grad-accum for this card), on synthetic latents
+    (data.synthetic_latents: no dataset, no VAE weights), through train.py itself under torchrun. Off CUDA it only
+    prints the plan and the command (as --dry-run does), for the H200."""
+    cuda = device.type == "cuda"
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else CARDS["H200"]
+    run = "ImageNet-1k 256 (class)"
+    m = measure_memory(PLAN_RUNS[run])
+    micro, accum, planned = plan_card(m, total)
+    per_card = m["global_batch"] // PLAN_GPUS
+    dry = args.dry_run or not cuda
+    root = args.out_dir or ("TMP" if dry else tempfile.mkdtemp(prefix="gpu_train_"))
+    argv = gpu_train_argv(os.path.join(root, "latents"), os.path.join(root, "run"), per_card, accum,
+                          args.train_steps)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py", *argv]
+    print(f"{card_of(total)} ({total:.1f} GiB): {run}, per-card batch {per_card} = micro {micro} x grad-accum "
+          f"{accum}, planned {planned:.1f} GiB\n  torchrun --standalone --nproc_per_node 1 train.py {' '.join(argv)}",
+          flush=True)
+    if dry:
+        return []
+    data.synthetic_latents(os.path.join(root, "latents"), n=8 * per_card, num_classes=NUM_CLASSES)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    row = gpu_train_report(os.path.join(root, "run", "log.jsonl"), card_of(total), planned, m["global_batch"])
+    row.update(per_card_batch=per_card, micro_batch=micro, grad_accum=accum, wall_s=time.time() - t0)
+    if not args.out_dir:
+        shutil.rmtree(root, ignore_errors=True)  # the XL checkpoint: 21 GB
+    return [row]
+
+
 # ----------------------------------------------------------------------------- report
 TRAIN_COLS = ["arch", "size", "resolution", "batch", "dtype", "compile", "params_M", "fwd_gflops_per_img",
               "train_gflops_per_img", "step_ms", "img_per_s", "peak_mem_mb", "mfu", "sample_step_ms"]
@@ -323,7 +677,8 @@ def print_table(rows, cols):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to run
-    p.add_argument("--suite", choices=["cpu-compare", "cpu-default", "gpu", "flops"], default=None,
+    p.add_argument("--suite", default=None,
+                   choices=["cpu-compare", "cpu-default", "gpu", "flops", "scale", "memory", "gpu-train"],
                    help="preset suite; default: one configuration given by the model flags")
     # model
     p.add_argument("--arch", choices=list(models.MODELS), default="dit", help="denoiser (models.MODELS)")
@@ -350,6 +705,21 @@ def main():
     p.add_argument("--compare-dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
                    help="cpu-compare: fp32 and/or bf16 autocast")
     p.add_argument("--budget-s", type=float, default=180, help="gpu suite: start no new configuration after this")
+    p.add_argument("--scale-parts", nargs="+", choices=["step", "forward"], default=["step", "forward"],
+                   help="scale suite: the B training steps (image and text path, 1 process vs 2 gloo ranks) and/or "
+                        "one batch-1 forward per arch at --size (default XL) through the real-size VAE and CLIP-L")
+    p.add_argument("--scale-paths", nargs="+", choices=["image", "text"], default=["image", "text"],
+                   help="scale suite: which B steps (ImageNet-style JPEG folder / img2dataset shards)")
+    p.add_argument("--scale-archs", nargs="+", choices=list(models.MODELS), default=list(models.MODELS),
+                   help="scale suite: archs of the forward part (default: all)")
+    p.add_argument("--scale-dir", default=None, help="scale suite: folder for the toy data and the ~2 GB checkpoints "
+                   "of each B step (default: a temporary folder, deleted afterwards)")
+    p.add_argument("--gpus", type=int, default=PLAN_GPUS, help="memory suite: cards the global batch is split over "
+                   "(default 8, one node; the paper's runs use 16, two nodes of 8)")
+    p.add_argument("--train-steps", type=int, default=200, help="gpu-train suite: training steps")
+    p.add_argument("--dry-run", action="store_true", help="gpu-train suite: print the plan and the command, run nothing")
+    p.add_argument("--out-dir", default=None, help="gpu-train suite: folder for the synthetic latents and the run "
+                   "(default: a temporary folder; deleted afterwards)")
     # io
     p.add_argument("--out", default="bench.json", help="JSON file with the config, the device and every row")
     args = p.parse_args()
@@ -370,6 +740,15 @@ def main():
     elif args.suite == "flops":
         rows = flops_table(args.size or "XL")
         print_table(rows, FLOPS_COLS)
+    elif args.suite == "scale":
+        rows = scale_suite(args)
+    elif args.suite == "memory":
+        rows = memory_plan(gpus=args.gpus)
+        print_table(rows, PLAN_COLS)
+    elif args.suite == "gpu-train":
+        rows = gpu_train(args, device)
+        if rows:
+            print_table(rows, list(rows[0]))
     elif args.suite == "gpu":
         assert device.type == "cuda" or args.batch, "--suite gpu off CUDA (a dry run) needs --batch"
         rows = gpu_suite(args, device)

@@ -10,7 +10,7 @@ Embedders that live INSIDE the models (the models own these modules):
                                                                        Eq. 1 E_h(phi_h) + gamma_c(t) E_l(phi_l), zero-init
 
 Helpers used OUTSIDE the models (train.py / sample.py):
-    TextEncoder(name="ViT-L-14", pretrained="openai" | path | None, flag="--text-encoder-path")
+    TextEncoder(name="ViT-L-14", pretrained="openai" | path | "random" | None, flag="--text-encoder-path")
         frozen open_clip text tower, 77 tokens; missing weights offline -> one-line SystemExit naming `flag`;
         TextEncoder("tiny") is a random 2-layer config for tests and CPU runs.
         enc(captions) -> (tokens (B,77,D), pooled (B,Dp), eot (B,) long)
@@ -162,13 +162,15 @@ class ControlEmbedder(nn.Module):
 EOT_ID = 49407  # CLIP tokenizer end-of-text id (SOT 49406, pad 0)
 # tiny random text tower for tests / CPU runs: CLIP tokenizer + 2 layers of width 64 (REFERENCES.md)
 TINY_TEXT = dict(context_length=TEXT_LEN, vocab_size=49408, width=64, heads=2, layers=2, output_dim=64)
+RANDOM_TEXT = "random"  # --text-encoder-path of a seeded random tower of the named config (the scale harness)
 
 
 class TextEncoder(nn.Module):
     """Frozen open_clip text tower (§3: ViT-L-14 `openai`, 77 tokens): token features after ln_final + pooled EOT.
 
     name="tiny" builds a random 2-layer tower (seeded, so train and sample get the same one) that needs no download.
-    pretrained: "openai" (hub tag), a local checkpoint path, or None (random weights, any open_clip config)."""
+    pretrained: "openai" (hub tag), a local checkpoint path, RANDOM_TEXT (seeded random weights of the config) or
+    None (unseeded random weights, any open_clip config)."""
 
     def __init__(self, name="ViT-L-14", pretrained="openai", flag="--text-encoder-path"):
         super().__init__()
@@ -180,7 +182,11 @@ class TextEncoder(nn.Module):
                 torch.manual_seed(0)  # deterministic random weights: a tiny checkpoint needs no text weights file
                 tower = open_clip.transformer.TextTransformer(**TINY_TEXT, output_tokens=True)
         else:
-            tower = load_open_clip(name, pretrained, flag)
+            seeded = pretrained == RANDOM_TEXT  # the real architecture, no download; train, sample and ranks agree
+            with torch.random.fork_rng(devices=[], enabled=seeded):
+                if seeded:
+                    torch.manual_seed(0)
+                tower = load_open_clip(name, None if seeded else pretrained, flag)
             tower.visual = None  # text only: drop the image tower (saves ~300 M params of memory)
         self.tower = tower.eval().requires_grad_(False)  # frozen (§3)
         self.dim = self.tower.ln_final.weight.shape[0]  # token feature width (768 for ViT-L-14)

@@ -44,6 +44,14 @@ from conditioning import ORIG_H, ORIG_W, PHI_KEYS
 VAE_SCALE = 0.18215  # SD / LDM latent scale factor (diffusers AutoencoderKL config "scaling_factor")
 VAE_DOWN, LATENT_CH = 8, 4  # SD VAE (DEFAULT_VAE): 8x spatial downsampling, 4 latent channels
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT / SPEC §5
+# The SD VAE's architecture: stabilityai/sd-vae-ft-ema's config.json (diffusers AutoencoderKL), 83.65 M params.
+# "sd-random" builds it with seeded random weights: the real sizes and costs without the download.
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                     layers_per_block=2, latent_channels=LATENT_CH, norm_num_groups=32, act_fn="silu",
+                     sample_size=256, scaling_factor=VAE_SCALE)
+TINY_VAE_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=32)
+RANDOM_VAES = {"tiny": TINY_VAE_CONFIG, "sd-random": SD_VAE_CONFIG}  # --vae names built with seeded random weights
 SOURCES = ("embedded", "imagefolder", "captions", "wds", "latents")
 SOURCE_PATHS = {"imagefolder": "a root/<class>/<image> folder", "captions": "a folder of images with .txt captions",
                 "wds": "tar shards: a folder, a glob or dir/{00000..00099}.tar",
@@ -732,18 +740,16 @@ def condition_pool(ds, n=1000):
 
 # ----------------------------------------------------------------------------- VAE
 def load_vae(name=DEFAULT_VAE, device="cpu", flag="--vae"):
-    """diffusers AutoencoderKL from the hub or a local folder; None / "none" -> pixel space; "tiny" -> random
-    1 M-param VAE (seeded; tests and CPU runs). Missing weights offline -> one-line SystemExit naming the flag."""
+    """diffusers AutoencoderKL from the hub or a local folder; None / "none" -> pixel space; RANDOM_VAES names ->
+    seeded random weights ("tiny": 1 M params, tests and CPU runs; "sd-random": the SD VAE's architecture, the scale
+    harness). Missing weights offline -> one-line SystemExit naming the flag."""
     if name is None or name == "none":
         return None
     from diffusers import AutoencoderKL
-    if name == "tiny":
-        with torch.random.fork_rng(devices=[]):
+    if name in RANDOM_VAES:
+        with torch.random.fork_rng(devices=[]):  # seeded, so train / sample / every rank build the same VAE
             torch.manual_seed(0)
-            vae = AutoencoderKL.from_config(dict(
-                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
-                latent_channels=4, norm_num_groups=32, sample_size=32))
+            vae = AutoencoderKL.from_config(RANDOM_VAES[name])
     else:
         import warnings
         try:
@@ -907,6 +913,28 @@ def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=tor
     return meta
 
 
+def synthetic_latents(out, n=4096, resolution=256, num_classes=1000, shard_size=4096, seed=0, vae_name=DEFAULT_VAE):
+    """A latents folder of random N(0, 1) latents in the format extract_latents writes (meta.json + shards, fp16,
+    memory-mapped): uncropped, unflipped R x R originals and random classes. For timing the full-size model without
+    a dataset or a VAE (bench.py --suite gpu-train); the numbers it learns are meaningless."""
+    rng = np.random.default_rng(seed)
+    h = resolution // VAE_DOWN
+    phi = np.zeros((n, len(PHI_KEYS)), np.float32)
+    phi[:, [ORIG_H, ORIG_W]] = resolution
+    for s, a in enumerate(range(0, n, shard_size)):
+        b = min(a + shard_size, n)
+        arrays = dict(latent=rng.standard_normal((b - a, LATENT_CH, h, h), np.float32).astype(np.float16),
+                      phi=phi[a:b], crop_size=np.full(b - a, resolution, np.int64),
+                      y=rng.integers(0, num_classes, b - a, dtype=np.int64))
+        _write_latent_shard(out, s, arrays, dict(rows=b - a, keys=[f"synthetic_{i:08d}" for i in range(a, b)]))
+    meta = dict(vae=vae_name, scale=VAE_SCALE, channels=LATENT_CH, down=VAE_DOWN, k=1, rows=n,
+                num_classes=num_classes, resolution=resolution, crop="center", source=None, format="npy",
+                shards=-(-n // shard_size), dtype="float16")
+    with atomic_write(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
 def preview(path, n=8, seed=0, cell=112):
     """README figure: embedded originals (letterboxed, mixed-crop box in red) beside the training crop, captioned."""
     from PIL import ImageFont
@@ -945,7 +973,8 @@ if __name__ == "__main__":
     p.add_argument("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flip p=0.5")
     p.add_argument("--seed", type=int, default=0, help="augmentation seed")
     # vae
-    p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL (hub id or folder), or 'tiny' (random)")
+    p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL (hub id or folder), or "
+                   f"{' / '.join(RANDOM_VAES)} (seeded random weights)")
     p.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored latent dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="encoding device")
     # io

@@ -9,9 +9,12 @@ FID uses the standard network: Inception-v3 pool3 (2048-d) ported from TF `incep
     python evaluate.py --ckpt out/ckpt.pt --ref embedded --num-samples 5000           # generate + FID (+ LPIPS)
     torchrun --nproc_per_node=8 evaluate.py --ckpt out/ckpt.pt --ref VIRTUAL_imagenet256_labeled.npz
     python evaluate.py --images out/samples --ref /data/imagenet/train                # score a folder
+    python evaluate.py --ckpt out/ckpt.pt --prompts annotations/captions_val2014.json --ref /data/coco/val2014
+                                                  # Tab. 1 FID_COCO / CLIP_COCO: one image per COCO val image
 
 Defaults follow the paper: 250 DDIM steps, lam = 1.5 at the pre-training resolution scaled by the
 guidance law (Eq. 4; 2.0 after transfer to 512), size conditioning drawn from the training distribution (Tab. 2b).
+With --prompts FILE (COCO captions json or one caption per line), 25 steps and lam = 5.0 (the COCO setting of §3.1).
 Metrics are written as JSON next to the checkpoint (or the image folder).
 """
 import argparse
@@ -44,10 +47,58 @@ CLIP_MODEL, CLIP_PRETRAINED = "ViT-L-14", "openai"  # §3.1, as [7, 14]
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1, LPIPS trunk
 LPIPS_SIZE_FACTORS = (0.25, 0.5, 1, 2, 4)  # x resolution: Tab. 2a sizes [64, 128, 256, 512, 1024] at 256
 EVAL_STEPS = 250  # §3.1: 250 DDIM steps (lam: conditioning.default_lam, 1.5 at 256 and Eq. 4 -> 2.0 at 512)
+EVAL_SAMPLES = 50_000  # §3.1: FID of 50k synthetic samples
+COCO_STEPS, COCO_LAM = 25, 5.0  # §3.1: "for COCO evaluation ... 25 sampling steps and a guidance scale of 5.0"
+PROMPT_SETS = ("train", "leftright")  # --prompts values that name a built-in prompt set; anything else is a file
 
 
 def die(msg):
     raise SystemExit(f"evaluate.py: {msg}")
+
+
+# ----------------------------------------------------------------------------- prompt files (COCO protocol)
+def read_prompts(path):
+    """(captions, format) of a --prompts FILE, in generation order: a .json is a COCO captions file
+    (captions_val2014.json), anything else has one caption per line (stripped, blank lines skipped).
+    An unreadable, empty or caption-less file is a one-line error naming the flag and the path."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"--prompts {path}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8 text'})")
+    if path.lower().endswith(".json"):
+        captions, fmt = coco_captions(path, text), "coco"
+    else:
+        captions, fmt = [line.strip() for line in text.splitlines() if line.strip()], "lines"
+    return captions or die(f"--prompts {path} holds no captions"), fmt
+
+
+def coco_captions(path, text):
+    """One caption per image, as the COCO FID protocol generates one image per validation image: the first caption
+    listed for each image_id, images in ascending image_id order (deterministic; COCO lists ~5 per image).
+    Inner whitespace is collapsed, as some COCO captions hold line breaks."""
+    try:
+        first = {}
+        for a in sorted(json.loads(text)["annotations"], key=lambda a: a["image_id"]):  # stable: file order kept
+            caption = " ".join(a["caption"].split())
+            if caption:
+                first.setdefault(a["image_id"], caption)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        die(f"--prompts {path} is not a COCO captions json ('annotations': [{{'image_id', 'caption'}}, ...]): "
+            f"{type(e).__name__} {e}")
+    return list(first.values())
+
+
+def captions_sha1(captions):
+    return hashlib.sha1("\n".join(captions).encode()).hexdigest()
+
+
+def prompts_tag(args, captions):
+    """The samples-folder suffix of the prompts: a file's name and a hash of its captions (an edited file does
+    not resume into the old images)."""
+    if captions is None:
+        return "" if args.prompts == "train" else f"_{args.prompts}"
+    return f"_{os.path.splitext(os.path.basename(args.prompts))[0]}-{captions_sha1(captions)[:8]}"
 
 
 # ----------------------------------------------------------------------------- FID network
@@ -333,6 +384,8 @@ def load_clip(name=CLIP_MODEL, pretrained=CLIP_PRETRAINED):
 @torch.no_grad()
 def clip_score(model, tokenizer, images, prompts):
     """100 * max(cos(E_img(x), E_txt(p)), 0) per image (Hessel et al.; [7, 14]). images uint8 (B,3,H,W)."""
+    # The rule of Tab. 1's CLIP / CLIP_COCO: §3.1 computes it "similarly to [7, 14]" with CLIP ViT-L/14 (openai):
+    # Hessel et al.'s CLIP-S with weight 100 in place of their 2.5, the scale of the paper's 24-26.
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     mean = torch.tensor(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))).view(1, 3, 1, 1)
     std = torch.tensor(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))).view(1, 3, 1, 1)
@@ -431,11 +484,15 @@ def get_parser():
                    help="where computed reference statistics are cached (default: ~/.cache/cond-diffusion-fid)")
     g.add_argument("--out", default=None, help="metrics JSON path (default: next to --ckpt / --images)")
     g = p.add_argument_group("generation")
-    g.add_argument("--num-samples", type=int, default=50_000, help="images for FID (default: 50000, §3.1)")
+    g.add_argument("--num-samples", type=int, default=None, help=f"images for FID (default: {EVAL_SAMPLES}, §3.1; with "
+                   "--prompts FILE one per caption, e.g. 40504 for captions_val2014.json); image i uses caption i of "
+                   "the file, cycling through it when --num-samples exceeds its captions")
     g.add_argument("--seed", type=int, default=0, help="first seed; image i uses seed + i (default: 0)")
-    g.add_argument("--steps", type=int, default=EVAL_STEPS, help=f"DDIM steps (default: {EVAL_STEPS}, §3.1)")
+    g.add_argument("--steps", type=int, default=None, help=f"DDIM steps (default: {EVAL_STEPS}, §3.1; {COCO_STEPS} "
+                   "with --prompts FILE, the COCO setting of §3.1)")
     g.add_argument("--lam", type=float, default=None, help="guidance lam of Eq. 2 (default: guidance law Eq. 4 from "
-                   "1.5 at the pre-training resolution: 1.5 at 256, 2.0 after transfer to 512)")
+                   f"1.5 at the pre-training resolution: 1.5 at 256, 2.0 after transfer to 512; {COCO_LAM} with "
+                   "--prompts FILE, the COCO setting of §3.1)")
     g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None, help="clamp predicted x0 to "
                    "[-1, 1] while sampling (pixel space), or not (default: the run's --clip-x0)")
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
@@ -445,9 +502,11 @@ def get_parser():
                    "drawn from the training distribution (Tab. 2b), orig size = resolution, or 'center': the training "
                    "distribution's size with the crop at the centre-crop position, the view whose caption agreement "
                    "on real images is ~1 (--caption-agreement) (default: train)")
-    g.add_argument("--prompts", choices=["train", "leftright"], default="train", help="text mode: the captions of "
-                   "the training samples the conditions are drawn from, or the balanced 'a <colour> <shape> on the "
-                   "<left/right>' set, every shape equally often on each side (default: train)")
+    g.add_argument("--prompts", default="train", help="text mode: 'train' = the captions of the training samples "
+                   "the conditions are drawn from; 'leftright' = the balanced 'a <colour> <shape> on the <left/right>' "
+                   "set, every shape equally often on each side; or a FILE: a COCO captions .json (the first caption "
+                   "of each image, by image_id: Tab. 1 FID_COCO / CLIP_COCO with --ref set to the COCO val images), "
+                   "or one caption per line (default: train)")
     g.add_argument("--batch-size", type=int, default=64, help="images per generation batch per rank (default: 64)")
     g = p.add_argument_group("metrics")
     g.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="compute FID (default: on)")
@@ -483,15 +542,15 @@ def get_parser():
 
 
 # ----------------------------------------------------------------------------- the stanzas of main
-def sample_tag(args, lam):
+def sample_tag(args, lam, captions):
     """The samples folder's name: every setting that changes the images, so a rerun with the same ones resumes."""
     return (f"n{args.num_samples}_steps{args.steps}_lam{lam:g}_beta{args.beta:g}_{args.size_cond}"
-            + ("" if args.prompts == "train" else f"_{args.prompts}") + ("" if args.ema else "_raw")
+            + prompts_tag(args, captions) + ("" if args.ema else "_raw")
             + ("" if args.clip_x0 is None else f"_clip{int(args.clip_x0)}"))
 
 
-def eval_conditions(args, spec, pool, seeds):
-    """Labels and φ of the given seeds under --size-cond and --prompts."""
+def eval_conditions(args, spec, pool, seeds, captions=None):
+    """Labels and φ of the given seeds under --size-cond and --prompts (captions: those of a --prompts FILE)."""
     labels, phi = train_conditions(spec, pool, seeds)
     if args.size_cond == "fixed":
         phi = conditioning.default_phi(spec, len(seeds))
@@ -499,10 +558,12 @@ def eval_conditions(args, spec, pool, seeds):
         m = phi[:, [ORIG_H, ORIG_W]].min(1).values
         phi[:, CROP_TOP], phi[:, CROP_LEFT] = ((phi[:, ORIG_H] - m) / 2).floor(), ((phi[:, ORIG_W] - m) / 2).floor()
     labels = data.leftright_prompts(seeds) if args.prompts == "leftright" else labels
+    if captions is not None:  # image i = seed - --seed takes caption i, cycling past the file's end
+        labels = [captions[(s - args.seed) % len(captions)] for s in seeds]
     return labels, phi
 
 
-def write_samples(args, gen, spec, pool, images, rank, world):
+def write_samples(args, gen, spec, pool, images, rank, world, captions=None):
     """This rank's share of the seeds, one PNG per seed (and its prompt as .txt in text mode); seeds whose PNG
     exists are skipped, so a rerun resumes."""
     os.makedirs(images, exist_ok=True)
@@ -510,11 +571,11 @@ def write_samples(args, gen, spec, pool, images, rank, world):
              if not os.path.exists(os.path.join(images, f"{s:06d}.png"))]
     for i in range(0, len(seeds), args.batch_size):
         chunk = seeds[i:i + args.batch_size]
-        labels, phi = eval_conditions(args, spec, pool, chunk)
+        labels, phi = eval_conditions(args, spec, pool, chunk, captions)
         for s, img, lab in zip(chunk, gen(chunk, labels, phi), labels):
             data.to_pil(img).save(os.path.join(images, f"{s:06d}.png"))
             if spec["semantic"]["kind"] == "text":  # the prompt travels with the image, for CLIPScore
-                with open(os.path.join(images, f"{s:06d}.txt"), "w") as f:
+                with open(os.path.join(images, f"{s:06d}.txt"), "w", encoding="utf-8") as f:
                     f.write(lab)
 
 
@@ -580,12 +641,13 @@ def fid_metrics(args, spec, images, res, device):
 
 
 def clip_metrics(args, caps, device):
-    """CLIPScore of each image against its sidecar prompt."""
+    """CLIPScore of each image against its sidecar prompt, averaged: Tab. 1's CLIP (CLIP_COCO with a COCO --prompts
+    file), as clip_score computes it."""
     clip, tok = load_clip(args.clip_model, args.clip_pretrained)
     clip = clip.to(device)
     files = [next(f for f in glob.glob(c[:-4] + ".*") if f.lower().endswith(data.IMG_EXTS)) for c in caps]
     scores = torch.cat([clip_score(clip, tok, torch.stack([data.image_uint8(Image.open(f)) for f in files[i:i + 64]])
-                                   .to(device), [open(c).read().strip() for c in caps[i:i + 64]])
+                                   .to(device), [open(c, encoding="utf-8").read().strip() for c in caps[i:i + 64]])
                         for i in range(0, len(caps), 64)])
     return dict(clip_score=scores.mean().item(), clip_n=len(scores), clip_model=f"{args.clip_model}/"
                 f"{args.clip_pretrained}")
@@ -612,7 +674,7 @@ def saved_samples(images):
 def caption_metrics(net, images):
     """Shape / side / colour of each sample against its sidecar prompt."""
     gen_x, files = saved_samples(images)
-    prompts = [open(f[:-4] + ".txt").read().strip() for f in files]
+    prompts = [open(f[:-4] + ".txt", encoding="utf-8").read().strip() for f in files]
     agree = caption_agreement(caption_predictions(net, gen_x), prompts)
     print("caption agreement  " + "  ".join(f"{p} {agree[p]:.3f} (chance {agree[p + '_chance']:.3f})"
                                             for p in CAPTION_PARTS) + f"  mean {agree['mean']:.3f}")
@@ -630,15 +692,25 @@ def judge_metrics(args, net, jds, K, spec, images):
     print("class      samples  real (ceiling)")
     for c in range(K):
         print(f"{names[c]:<10} {per_class[c]:7.3f}  {ceil_pc[c]:7.3f}")
-    print(f"{'all':<10} {acc:7.3f}  {ceil:7.3f}   chance {1 / K:.3f}, ratio {acc / ceil:.3f}")
+    ratio = acc / ceil if ceil > 0 else float("nan")  # a judge that fails on real images has no ceiling
+    print(f"{'all':<10} {acc:7.3f}  {ceil:7.3f}   chance {1 / K:.3f}, ratio {ratio:.3f}")
     return dict(judge_acc=acc, judge_acc_per_class=per_class, judge_ceiling=ceil, judge_ceiling_per_class=ceil_pc,
-                judge_chance=1 / K, judge_n=len(files), judge_ratio=acc / ceil, judge_min_class=min(per_class))
+                judge_chance=1 / K, judge_n=len(files), judge_ratio=ratio, judge_min_class=min(per_class))
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     if (args.ckpt is None) == (args.images is None):
         die("give exactly one of --ckpt / --images")
+    captions = None
+    if args.prompts not in PROMPT_SETS:  # a prompts file: read first, so a bad one fails before any loading
+        if args.ckpt is None:
+            die(f"--prompts {args.prompts} needs --ckpt (a folder given to --images is scored against its .txt files)")
+        captions, prompts_format = read_prompts(args.prompts)
+    if args.num_samples is None:
+        args.num_samples = len(captions) if captions else EVAL_SAMPLES  # COCO: one image per caption
+    if args.steps is None:
+        args.steps = COCO_STEPS if captions else EVAL_STEPS
     ddp, rank, world, device = models.init_distributed(args.device)  # torchrun: seeds and LPIPS prompts sharded
     metrics, spec, images = {}, None, args.images
 
@@ -646,13 +718,13 @@ def main(argv=None):
         model, ck = models.load_checkpoint(args.ckpt, device, ema=args.ema)
         spec = ck["spec"]
         d = spec["data"]
-        lam = args.lam if args.lam is not None else conditioning.default_lam(spec)
+        lam = args.lam if args.lam is not None else COCO_LAM if captions else conditioning.default_lam(spec)
         if args.beta is None:
             args.beta, rule = conditioning.default_beta(ck.get("args", {}))
             print(f"control guidance {rule} (--beta overrides)")
         if args.prompts != "train" and spec["semantic"]["kind"] != "text":
-            die("--prompts needs a text-conditional checkpoint")
-        images = f"{os.path.splitext(args.ckpt)[0]}_samples_{sample_tag(args, lam)}"
+            die(f"--prompts {args.prompts} needs a text-conditional checkpoint; {args.ckpt} is class-conditional")
+        images = f"{os.path.splitext(args.ckpt)[0]}_samples_{sample_tag(args, lam, captions)}"
         pool = data.condition_pool(data.build_dataset(d["source"], d["path"], resolution=d["resolution"],
                                                       crop=d["crop"], flip=d["flip"], seed=d["seed"]))
 
@@ -660,9 +732,12 @@ def main(argv=None):
             return models.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam,
                                    control_cfg=args.beta, device=device, batch_size=args.batch_size,
                                    clip_x0=args.clip_x0)
-        write_samples(args, gen, spec, pool, images, rank, world)
+        write_samples(args, gen, spec, pool, images, rank, world, captions)
         metrics.update(ckpt=args.ckpt, steps=args.steps, lam=lam, beta=args.beta, size_cond=args.size_cond,
                        prompts=args.prompts)
+        if captions:  # FID_COCO / CLIP_COCO: fid_ref names the COCO image folder, these the captions behind them
+            metrics.update(prompts_format=prompts_format, prompts_n=len(captions),
+                           prompts_sha1=captions_sha1(captions))
         if args.lpips_prompts:  # --- Tab. 2a protocol
             metrics.update(lpips_metrics(args, gen, spec, pool, device, rank, world, ddp))
         if ddp:

@@ -6,8 +6,9 @@ The paper's findings in miniature: one subcommand per table, each a set of runs 
     python reproduce.py padding     # Tab. 3: --text-pad zero | replicate | noisy (tiny text tower): FID, captions
     python reproduce.py flip        # §3.3 / Fig. 6: flip augmentation with vs without flip in phi: left/right
     python reproduce.py transfer    # Fig. 8 / Tab. A3: pre-train at R, transfer to 2R, fine-tune; lam sweep (Eq. 4)
-    python reproduce.py control --seeds 0 1 --steps 3000 --out-dir runs/repro   # a second seed: mean and spread
-    python reproduce.py transfer --dry-run                                      # the commands and a time estimate
+    python reproduce.py all         # the five in order, then their tables rewritten in RESULTS.md
+    python reproduce.py control --seeds 0 1 2 3 --steps 3000 --out-dir runs/repro   # more seeds, longer runs
+    python reproduce.py transfer --dry-run                                          # the commands and a time estimate
 
 Every run is `python train.py` with its defaults plus the one flag its row varies (and the study's common flags,
 e.g. `--semantic text --text-encoder tiny` for padding), then `python evaluate.py --ckpt ... --out <json>`; the
@@ -15,47 +16,94 @@ table is built from those JSON files. Seeds are fixed (`--seed` of train.py per 
 0..N-1 for every run, so rows share their initial noise). Outputs: <out-dir>/<study>/<run>_s<seed>/ (the run),
 <study>.md (the table, with the paper's number in the last column), <study>.json (every number), commands.sh (every
 command, in order) and <study>_*.png where the study has a figure. A rerun skips runs and evaluations whose outputs
-exist (a finished run leaves done.json; an evaluation its JSON).
+exist (a finished run leaves done.json; an evaluation its JSON, named by its sample count).
+
+Statistics: every row is trained with each `--seeds` entry (default 0 1 2) and reported as mean ± sd over seeds. Each
+study states the paper's claims as (metric, baseline row, treatment row, the paper's sign of treatment − baseline);
+the claim's verdict follows VERDICT_RULE on the paired per-seed differences, and the metric that decides it is
+measured on `--num-samples` (default 500) images. FID decides nothing (it is off by default: at N = 500 its Inception
+network alone would take most of a study's budget); `--fid` adds it as a column.
+
+`all` runs the studies one after another with the same flags and rewrites each one's block in `--results` (default
+RESULTS.md beside this file): the text between `<!-- reproduce:<study> -->` and `<!-- /reproduce:<study> -->`,
+appended at the end when the markers are absent; everything outside the markers is kept.
 
 How the scripts are called: this file imports only library files (data.py). Each command runs as a subprocess
 (`python train.py ...`, a fresh interpreter, exactly what a user types); `--in-process` instead calls the script's
 `main(argv)` with the same argv, as test_core.py does, for the smoke test. Either way the interface is the CLI, and
 the fine-tune flags of `transfer` are read from what transfer.py prints.
 
-Default sizes (`--steps` per study) aim at <= 30 min on the 2-core CPU; `--dry-run` prints the estimate from the
-bench reference rate (`--steps-per-s`, default 2.5 = bench.py's REF_STEPS_PER_S for the default job; pass what
-`python bench.py --suite cpu-default` prints on your machine) and the measured FID-network cost.
+Default sizes (`--steps` per study, 3 seeds, N = 500) aim at <= 30 min on the 2-core CPU; `--dry-run` prints the
+estimate from the bench reference rate (`--steps-per-s`, default 2.5 = bench.py's REF_STEPS_PER_S for the default
+job; pass what `python bench.py --suite cpu-default` prints on your machine) and the measured FID-network cost.
 """
 import argparse
 import contextlib
+import datetime
 import importlib
 import io
 import json
 import math
 import os
+import platform
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import data
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STUDIES = ("control", "guidance", "padding", "flip", "transfer")
-# each study's defaults (steps per training run; transfer: fine-tune steps, and its evaluation cut down), sized by
-# estimate() for <= 30 min at REF_STEPS_PER_S (see --dry-run); explicit flags win
-STUDY_DEFAULTS = {"control": dict(steps=1600), "guidance": dict(steps=3000), "padding": dict(steps=1000),
-                  "flip": dict(steps=2000), "transfer": dict(steps=300, num_samples=100, ft_evals=1, lams=[1.5, 3.0],
-                                                             ref_max=400, eval_steps=25)}
+# each study's defaults (steps per training run; transfer: fine-tune steps), sized by estimate() for <= 30 min at
+# REF_STEPS_PER_S with 3 seeds and N = 500 (see --dry-run); explicit flags win
+STUDY_DEFAULTS = {"control": dict(steps=700), "guidance": dict(steps=1800), "padding": dict(steps=600),
+                  "flip": dict(steps=1100), "transfer": dict(steps=200, ref_max=400)}
 TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embedded captions, no download
-# sampling steps of every evaluation (DDIM; Euler for rf, the tiny default); Fig. 8 uses 50, the paper's FID
-# protocol 250 is CPU-prohibitive
-EVAL_STEPS = 50
+# sampling steps of every evaluation (DDIM; Euler for rf, the tiny default): 25 so that three seeds at N = 500 fit
+# the budget (deviation: Fig. 8 uses 50, the paper's FID protocol 250)
+EVAL_STEPS = 25
+SEEDS, NUM_SAMPLES, AUX_SAMPLES = [0, 1, 2], 500, 100  # repeats; images of a deciding / of any other evaluation
+LOW_RES = data.RESOLUTION // 2  # transfer: pre-train at half the default job's resolution, fine-tune at it
 # time model of --dry-run: bench.py's reference rate of the default job (mmDiT-tiny, 24 px, batch 32, fp32); a
 # guided sampling step of one image (3 branches, forward only) costs about one training image (forward + backward);
 # cost grows with the token count (resolution / 24)^2; TF-Inception on 2 CPU cores: 0.32 s per image (RESULTS.md: 5000
 # reference images in ~27 min)
 REF_STEPS_PER_S, REF_RES, REF_BATCH, INCEPTION_S, JUDGE_S, BUDGET_S = 2.5, 24, 32, 0.32, 60, 1800
+REF_MACHINE = "the Zen 1 (2-core AMD EPYC, AVX2)"  # RESULTS.md's slow machine, where REF_STEPS_PER_S was measured
+
+# one rule turns the per-seed numbers of a claim into its verdict; RESULTS.md quotes this text
+VERDICT_RULE = ("Δ = treatment − baseline, paired by training seed; over the n seeds where both rows have the "
+                "metric, mean Δ and sd(Δ) (ddof = 1). 'reproduced': mean Δ has the paper's sign and "
+                "|mean Δ| > 2·sd(Δ); 'contradicted': the opposite sign with the same margin; otherwise "
+                "'within noise' (also when n < 2: one seed gives no spread to compare with)")
+VERDICTS = ("reproduced", "contradicted", "within noise")
+VERDICT_MARGIN = 2.0  # |mean Δ| must exceed this many sd(Δ)
+
+# the paper's claims each study tests: (claim, metric key, baseline row, treatment row, the paper's sign of
+# treatment − baseline in that metric); transfer's key is filled with the last fine-tune step
+CLAIMS = {
+    "control": [("cosine γ_c makes the image ignore the size condition (Tab. 2a: LPIPS 0.33 → 0.04)", "lpips",
+                 "uniform", "cosine", -1)],
+    "guidance": [("β = 1.375 beats plain CFG (Tab. A3: FID 1.71 → 1.59)", "judge_acc", 1.0, 1.375, +1),
+                 ("β = 2 is past the optimum (Fig. 7 right)", "judge_acc", 1.375, 2.0, -1)],
+    "padding": [("noisy padding beats zero padding (Tab. 3: CLIP 26.25 → 26.60)", "caption_mean", "zero", "noisy",
+                 +1),
+                ("replicate padding beats zero padding (Tab. 3: CLIP 26.25 → 26.47)", "caption_mean", "zero",
+                 "replicate", +1)],
+    "flip": [("flip in φ lets the model follow left/right (Fig. 6)", "caption_side", "no-flip", "flip", +1)],
+    "transfer": [("extrapolated PE is worse than resampled (Fig. 8a)", "judge_acc@{final}", "baseline", "extrapolate",
+                  -1),
+                 ("no Eq. 3 rescale is worse (Fig. 8b)", "judge_acc@{final}", "baseline", "no-rescale", -1),
+                 ("local-view pre-training is better (Tab. A3 right, Fig. 8c)", "judge_acc@{final}", "baseline",
+                  "local", +1)],
+}
+METRIC_NAMES = {"lpips": "LPIPS-size (lower: ignores size)", "judge_acc": "judge accuracy",
+                "caption_mean": "caption agreement (mean)", "caption_side": "caption agreement (side)",
+                "judge_acc@{final}": "judge accuracy after fine-tuning"}
 
 # the paper's numbers beside each row (Tab. 2a, A6, 3, A3 and Fig. 8 of Berrada et al. 2024)
 PAPER = {
@@ -79,7 +127,7 @@ class Runner:
     """Runs `python <script>.py argv` (subprocess, or main(argv) in this process), logging every command."""
 
     def __init__(self, args, out):
-        self.args, self.out, self.plan = args, out, []
+        self.args, self.out, self.plan, self.ran = args, out, [], 0
         os.makedirs(out, exist_ok=True)
 
     def __call__(self, script, argv, capture=False):
@@ -91,6 +139,7 @@ class Runner:
             return ""
         with open(os.path.join(self.out, "commands.sh"), "a") as f:
             f.write(line + "\n")
+        self.ran += 1
         print(f"\n$ {line}", flush=True)
         if self.args.in_process:
             main = importlib.import_module(script).main
@@ -133,15 +182,17 @@ class Study:
                 json.dump({"steps": steps, "argv": [str(a) for a in argv]}, f)
         return d
 
-    def evaluate(self, ckpt, tag, flags=(), fid=True):
-        """evaluate.py on a checkpoint -> its metrics dict (None in a dry run)."""
+    def evaluate(self, ckpt, tag, flags=(), fid=True, deciding=True):
+        """evaluate.py on a checkpoint -> its metrics dict (None in a dry run); N = --num-samples where the result
+        decides a verdict, else --aux-samples (at most --num-samples)."""
         a = self.args
-        out = f"{os.path.splitext(ckpt)[0]}_{tag}_eval.json"
+        n = a.num_samples if deciding else min(a.aux_samples, a.num_samples)
+        out = f"{os.path.splitext(ckpt)[0]}_{tag}_n{n}_eval.json"  # N in the name: a rerun at another N re-scores
         if os.path.isfile(out):
             return json.load(open(out))
         fid_flags = ["--ref", "heldout", "--ref-max", a.ref_max] if (fid and a.fid) else ["--no-fid", "--ref",
                                                                                            "heldout"]
-        argv = ["--ckpt", ckpt, "--out", out, "--num-samples", a.num_samples, "--steps", a.eval_steps,
+        argv = ["--ckpt", ckpt, "--out", out, "--num-samples", n, "--steps", a.eval_steps,
                 "--batch-size", a.eval_batch, "--device", a.device, *self.extra_eval, *fid_flags, *flags]
         for flag in ("judge_train", "cache_dir", "inception_path", "lpips_alex_path"):
             if getattr(a, flag) is not None:
@@ -175,10 +226,60 @@ def mean(vals):
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def write_table(study, title, header, rows, notes=(), extra=""):
-    """<out>/<study>.md: a title, the markdown table, notes; returns its text."""
+def finite(v):
+    return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+
+
+def verdict(deltas, expected_sign):
+    """VERDICT_RULE on the paired per-seed differences treatment − baseline; expected_sign: the paper's, +1 / -1."""
+    d = [float(v) for v in deltas if finite(v)]
+    if len(d) < 2:
+        return "within noise"
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1))
+    if abs(m) <= VERDICT_MARGIN * sd:  # strict: at exactly the margin (and at Δ = 0 everywhere) it is noise
+        return "within noise"
+    return "reproduced" if (m > 0) == (expected_sign > 0) else "contradicted"
+
+
+def claims(study, res, final=None):
+    """Each claim of the study as {claim, metric, deltas, verdict, ...}, pairing seeds by position in --seeds."""
+    out = []
+    for text, key, base, treat, sign in CLAIMS[study.args.study]:
+        metric = key.format(final=final)
+        b, t = (res.get(base) or {}).get(metric), (res.get(treat) or {}).get(metric)
+        if base not in res or treat not in res:  # a row left out by --schedules / --betas
+            continue
+        deltas = [tv - bv if finite(bv) and finite(tv) else None for bv, tv in zip(b or [], t or [])]
+        out.append(dict(claim=text, metric=metric, name=METRIC_NAMES[key], baseline=f"{base:g}" if isinstance(
+                        base, float) else base, treatment=f"{treat:g}" if isinstance(treat, float) else treat,
+                        sign=sign, deltas=deltas, verdict=verdict(deltas, sign) if deltas else "within noise"))
+    return out
+
+
+def claims_md(cl):
+    """The verdict table: one line per claim."""
+    if not cl:
+        return ""
+    lines = ["", "| claim | decided by | treatment − baseline | Δ per seed | mean Δ ± sd | paper's sign | "
+             "verdict |", "|---|---|---|---|---|---|---|"]
+    for c in cl:
+        per = ", ".join("—" if v is None else f"{v:+.3f}" for v in c["deltas"]) or "—"
+        lines.append(f"| {c['claim']} | {c['name']} | {c['treatment']} − {c['baseline']} | {per} | "
+                     f"{fmt(c['deltas'])} | {'+' if c['sign'] > 0 else '−'} | **{c['verdict']}** |")
+    return "\n".join(lines)
+
+
+def write_table(study, title, header, rows, notes=(), extra="", final=None):
+    """<out>/<study>.md: a title, the markdown table (no FID columns under --no-fid), the claims with their verdicts,
+    notes; returns its text."""
+    keep = [i for i, h in enumerate(header) if study.args.fid or not h.startswith("FID")]
+    header, rows = [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    study.claims = claims(study, study.results, final)
+    lines += [claims_md(study.claims)] if study.claims else []
+    notes = [*notes, f"verdict rule: {VERDICT_RULE}"] if study.claims else notes
     lines += [""] + [f"- {n}" for n in notes] + ([extra] if extra else [])
     text = "\n".join(lines) + "\n"
     if not study.args.dry_run:
@@ -188,15 +289,17 @@ def write_table(study, title, header, rows, notes=(), extra=""):
 
 
 def setting(a):
-    return (f"{a.steps} steps per run, seeds {' '.join(map(str, a.seeds))}, {a.num_samples} samples per evaluation, "
-            f"{a.eval_steps} sampling steps; FID " + (f"vs {a.ref_max} held-out embedded images (N = {a.num_samples})"
-                                                   if a.fid else "off"))
+    return (f"{a.steps} steps per run, seeds {' '.join(map(str, a.seeds))} (mean ± sd over seeds), {a.num_samples} "
+            f"samples per evaluation, {a.eval_steps} sampling steps; FID " +
+            (f"vs {a.ref_max} held-out embedded images (N = {a.num_samples}; decides nothing)" if a.fid else
+             "off (--fid adds it; it decides nothing)"))
 
 
 # ----------------------------------------------------------------------------- the studies
 def control(study):
     """Tab. 2a / A6: γ_c(t) of Eq. 1; the recipe's cosine α = 8 is the baseline, each other row is --gamma X."""
     a, rows, res = study.args, [], {}
+    study.results = res
     tag = "control" if a.lpips_net == "alex" else f"control_{a.lpips_net}"  # its own JSON per distance
     for sched in a.schedules:
         flags = [] if sched == "cosine" else ["--gamma", sched]
@@ -213,6 +316,8 @@ def control(study):
                                      "/ 2 in [0, 1], the offline stand-in for LPIPS, not on its scale)") +
                  f": {a.lpips_prompts} prompts, sizes resolution × (¼, ½, 1, 2, 4), same seed and class per prompt "
                  "(evaluate.py --lpips-prompts); /HR: sizes ≥ the resolution",
+                 f"the verdict is decided by the {dist} across sizes: {a.lpips_prompts} prompts × 5 sizes = "
+                 f"{5 * a.lpips_prompts} images per run (the judge and FID decide nothing)",
                  "judge: class accuracy of the samples under the CNN trained on the run's real crops; ceiling: its "
                  "accuracy on held-out real crops; chance 0.1"])
     return res
@@ -221,6 +326,7 @@ def control(study):
 def guidance(study):
     """Eq. 2: one training run (the defaults), evaluated at each β with λ fixed."""
     a, rows, res = study.args, [], {}
+    study.results = res
     lam = ["--lam", a.lam] if a.lam is not None else []
     for beta in a.betas:
         m = study.seeds(lambda s: study.evaluate(study.train("default", s, []) + "/ckpt.pt", f"beta{beta:g}",
@@ -232,7 +338,9 @@ def guidance(study):
     write_table(study, "Control guidance β of Eq. 2", ["β", "evaluate.py flag", "FID", "judge", "judge ceiling",
                                                        "paper"], rows,
                 [setting(a), f"one training run per seed, evaluated at every β with λ = {lam_txt}",
-                 "β = 1 is plain classifier-free guidance (the control-dropped branch gets weight 0)"])
+                 "β = 1 is plain classifier-free guidance (the control-dropped branch gets weight 0)",
+                 f"the verdicts are decided by judge accuracy at N = {a.num_samples} (deviation: the paper's metric is "
+                 "FID, which at N = 500 is both noisier and over the budget with 3 seeds × 3 β)"])
     return res
 
 
@@ -250,6 +358,7 @@ CAPTION_NOTE = ("caption agreement (evaluate.py --caption-agreement): shape = th
 def padding(study):
     """Tab. 3: text padding after EOT, text-conditional on the embedded captions with the tiny tower."""
     a, rows, res = study.args, [], {}
+    study.results = res
     for pad in ("zero", "replicate", "noisy"):
         flags = TEXT + ["--text-pad", pad]
         m = study.seeds(lambda s: study.evaluate(study.train(pad, s, flags) + "/ckpt.pt", "padding",
@@ -260,13 +369,16 @@ def padding(study):
                                                   "paper (CC12M-256)"], rows,
                 [setting(a), f"every run: {' '.join(TEXT)} (a seeded random 2-layer text tower; the paper uses "
                  "CLIP ViT-L/14, and reports CLIPScore where we report caption agreement)", CAPTION_NOTE,
-                 "noisy = the recipe's default (β_txt 0.02); replicate = no noise"])
+                 "noisy = the recipe's default (β_txt 0.02); replicate = no noise",
+                 f"the verdicts are decided by the mean caption agreement at N = {a.num_samples} (the stand-in for "
+                 "the paper's CLIPScore)"])
     return res
 
 
 def flip(study):
     """§3.3 / Fig. 6: flip augmentation on in both runs; the second drops flip from φ (--control crop size)."""
     a, rows, res = study.args, [], {}
+    study.results = res
     for name, flags in (("flip", []), ("no-flip", ["--control", "crop", "size"])):
         m = study.seeds(lambda s: study.evaluate(study.train(name, s, TEXT + flags) + "/ckpt.pt", "leftright",
                                                  ["--prompts", "leftright", "--size-cond", "center", "--no-clip",
@@ -279,7 +391,8 @@ def flip(study):
                 [setting(a).split("; FID")[0] + "; FID off", f"every run: {' '.join(TEXT)}, random flips p = 0.5 "
                  "(the default); captions describe the unflipped original",
                  "prompts: the balanced 'a <colour> <shape> on the <left/right>' set (evaluate.py --prompts "
-                 "leftright), sampled with flip = 0 in φ", CAPTION_NOTE])
+                 "leftright), sampled with flip = 0 in φ", CAPTION_NOTE,
+                 f"the verdict is decided by the side agreement at N = {a.num_samples}"])
     return res
 
 
@@ -333,13 +446,13 @@ def transfer_seed(study, name, s, k_eval):
             ck = os.path.join(d, f"ckpt_{k:06d}.pt")
             if not a.dry_run and not os.path.isfile(ck):
                 shutil.copyfile(os.path.join(d, "ckpt.pt"), ck)
-        m = study.evaluate(ck, "transfer")
+        m = study.evaluate(ck, "transfer", deciding=k == k_eval[-1])  # the last step decides the verdicts
         for key in ("judge_acc", "fid"):
             out[f"{key}@{k}"] = None if m is None else m.get(key)
     if name == "baseline":  # λ sweep at both resolutions (Eq. 4)
         for lam in a.lams:
             for r, ck in ((lo, pre + "/ckpt.pt"), (hi, ck)):
-                m = study.evaluate(ck, f"lam{lam:g}", ["--lam", lam])
+                m = study.evaluate(ck, f"lam{lam:g}", ["--lam", lam], deciding=False)
                 for key in ("judge_acc", "fid"):
                     out[f"lam{lam:g}_{key}@{r}"] = None if m is None else m.get(key)
     return out
@@ -373,6 +486,7 @@ def transfer(study):
     lo, hi = a.low_res, 2 * a.low_res
     k_eval = sorted({round(a.steps * j / a.ft_evals) for j in range(a.ft_evals + 1)})  # fine-tune steps, from 0
     curves, rows = {}, []
+    study.results = curves
     for name in TRANSFER_VARIANTS:
         m = study.seeds(lambda s: transfer_seed(study, name, s, k_eval))
         curves[name] = m
@@ -386,7 +500,10 @@ def transfer(study):
                  f"after {', '.join(map(str, k_eval))} steps at {hi} px (0 = the transferred checkpoint itself)",
                  "fine-tune flags: what transfer.py prints (--resolution, --pe-base, --schedule-scale, "
                  "--base-resolution, --pe-grid); λ by Eq. 4 (2.0 after 2×)",
-                 f"figures: {a.study}_judge.png, {a.study}_fid.png"], lam_md)
+                 f"the verdicts are decided by judge accuracy after {k_eval[-1]} fine-tune steps at N = "
+                 f"{a.num_samples}; the other evaluations (step {', '.join(map(str, k_eval[:-1])) or '—'}, the λ "
+                 f"sweep) use N = {min(a.aux_samples, a.num_samples)} and decide nothing",
+                 f"figures: {a.study}_judge.png, {a.study}_fid.png"], lam_md, final=k_eval[-1])
     if not a.dry_run:
         for key, label in (("judge_acc", "judge accuracy"), ("fid", "FID")):
             series = {n: (k_eval, [mean(c.get(f"{key}@{k}")) for k in k_eval]) for n, c in curves.items()}
@@ -424,23 +541,28 @@ def estimate(plan, a):
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=STUDIES, help="which table to make")
+    p.add_argument("study", choices=[*STUDIES, "all"], help="which table to make; all: the five in order, then "
+                   "their blocks in --results rewritten")
     # runs
     p.add_argument("--steps", type=int, default=None, help="training steps per run (transfer: fine-tune steps) "
                    f"(default: per study, {dict((k, v['steps']) for k, v in STUDY_DEFAULTS.items())})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train.py --seed of each repeat; two or more "
-                   "give mean ± sd (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help="train.py --seed of each repeat; every row "
+                   "is their mean ± sd and a verdict needs two or more (default: 0 1 2)")
     p.add_argument("--train-args", default="", help="flags added to every train.py run, e.g. '--resolution 16' "
                    "(default: none = train.py's defaults)")
     p.add_argument("--device", default="auto", help="train.py / evaluate.py --device (default: auto)")
     # evaluation
-    p.add_argument("--num-samples", type=int, default=200, help="samples per evaluation (default: 200; transfer "
-                   "100)")
+    p.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="images of every evaluation whose metric "
+                   f"decides a verdict (default: {NUM_SAMPLES})")
+    p.add_argument("--aux-samples", type=int, default=AUX_SAMPLES, help="images of the evaluations that decide "
+                   f"nothing: transfer's earlier fine-tune steps and λ sweep (default: {AUX_SAMPLES}, at most "
+                   "--num-samples)")
     p.add_argument("--eval-steps", type=int, default=EVAL_STEPS, help="sampling steps (DDIM; Euler for rf) "
-                   f"(default: {EVAL_STEPS}; transfer 25)")
+                   f"(default: {EVAL_STEPS})")
     p.add_argument("--eval-batch", type=int, default=100, help="evaluate.py --batch-size (default: 100)")
-    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=True, help="FID vs held-out embedded "
-                   "images (default: on)")
+    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=False, help="FID vs held-out embedded "
+                   "images at the evaluation's N, as a column that decides nothing (default: off: 0.32 s per image "
+                   "of the Inception network on 2 cores, over the budget at 3 seeds × N = 500)")
     p.add_argument("--ref-max", type=int, default=1000, help="held-out reference images for FID (default: 1000; "
                    "transfer 400)")
     p.add_argument("--judge-train", type=int, default=None, help="evaluate.py --judge-train (default: its own)")
@@ -453,12 +575,13 @@ def get_parser():
                    "step"], help="control: γ_c schedules; add linear step for Tab. A6 (default: uniform cosine)")
     p.add_argument("--lpips-net", choices=["alex", "pixel"], default="alex", help="control: evaluate.py --lpips-net; "
                    "pixel needs no AlexNet weights (default: alex, the paper's LPIPS)")
-    p.add_argument("--lpips-prompts", type=int, default=20, help="control: LPIPS prompts (default: 20)")
+    p.add_argument("--lpips-prompts", type=int, default=100, help="control: LPIPS prompts, 5 sizes each; their "
+                   "distance decides the verdict (default: 100 = 500 images)")
     p.add_argument("--betas", type=float, nargs="+", default=[1.0, 1.375, 2.0], help="guidance: β values "
                    "(default: 1 1.375 2)")
     p.add_argument("--lam", type=float, default=None, help="guidance: fixed λ (default: evaluate.py's, 1.5)")
-    p.add_argument("--low-res", type=int, default=12, help="transfer: pre-training resolution; fine-tune at 2× "
-                   "(default: 12 -> 24)")
+    p.add_argument("--low-res", type=int, default=LOW_RES, help="transfer: pre-training resolution; fine-tune at "
+                   f"2× (default: {LOW_RES} -> {2 * LOW_RES}, the default job's)")
     p.add_argument("--pre-steps", type=int, default=None, help="transfer: pre-training steps (default: 2 × --steps)")
     p.add_argument("--ft-evals", type=int, default=1, help="transfer: evaluations along fine-tuning, besides step 0 "
                    "(default: 1)")
@@ -471,24 +594,120 @@ def get_parser():
     p.add_argument("--dry-run", action="store_true", help="print the commands and the time estimate, run nothing")
     p.add_argument("--steps-per-s", type=float, default=REF_STEPS_PER_S, help="default job's training steps/s for "
                    f"the estimate (default: {REF_STEPS_PER_S}, bench.py's reference machine)")
+    p.add_argument("--results", default=None, help="markdown file whose per-study blocks get the new tables "
+                   "(default: none for one study; RESULTS.md beside reproduce.py for all)")
     return p
 
 
-def main(argv=None):
+def parse(argv, study=None):
+    """argv -> args with the study's defaults (study overrides the positional: how `all` reuses one argv)."""
     p = get_parser()
-    p.set_defaults(**STUDY_DEFAULTS[p.parse_args(argv).study])
+    study = study or p.parse_args(argv).study
+    p.set_defaults(**STUDY_DEFAULTS.get(study, {}))  # all: each study parses again with its own
     args = p.parse_args(argv)
+    args.study = study
     if args.study == "transfer" and args.pre_steps is None:
         args.pre_steps = 2 * args.steps
+    for flag in ("steps", "num_samples", "aux_samples", "eval_steps", "lpips_prompts", "ft_evals"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            sys.exit(f"reproduce.py: error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if len(set(args.seeds)) != len(args.seeds):
+        sys.exit(f"reproduce.py: error: --seeds {' '.join(map(str, args.seeds))} repeats a seed; each names one run")
+    return args
+
+
+def run_study(args):
+    """One study: its runs, table and JSON; returns (table markdown, wall seconds, commands run), None in a dry run.
+    The wall time is that of the last invocation that ran commands: a rerun that only reads results keeps it."""
+    t0 = time.time()
     study = Study(args)
+    study.results, study.claims = {}, []
     res = globals()[args.study](study)
+    wall, ran = time.time() - t0, study.run.ran
     est = estimate(study.run.plan, args)
     print(f"\n{args.study}: {len(study.run.plan)} commands; estimated {est / 60:.0f} min at {args.steps_per_s:g} "
           f"steps/s of the default job" + ("" if est <= BUDGET_S else " (over the 30 min budget)"))
-    if not args.dry_run:
-        with data.atomic_write(os.path.join(study.out, f"{args.study}.json"), "w") as f:
-            json.dump({"args": vars(args), "results": res}, f, indent=1, default=str)
-        print(open(os.path.join(study.out, f"{args.study}.md")).read())
+    if args.dry_run:
+        return None
+    path = os.path.join(study.out, f"{args.study}.json")
+    if ran == 0 and os.path.isfile(path):
+        prev = json.load(open(path))
+        wall, ran = prev.get("wall_s", wall), prev.get("commands_run", ran)
+    with data.atomic_write(path, "w") as f:
+        json.dump({"args": vars(args), "results": res, "claims": study.claims, "wall_s": wall, "commands_run": ran},
+                  f, indent=1, default=str)
+    md = open(os.path.join(study.out, f"{args.study}.md")).read()
+    print(md)
+    return md, wall, ran
+
+
+def full_estimate(args):
+    """estimate() of every command the study plans from scratch (a dry run into an empty folder), in seconds."""
+    dry = argparse.Namespace(**{**vars(args), "dry_run": True})
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        dry.out_dir = tmp
+        study = Study(dry)
+        study.results, study.claims = {}, []
+        globals()[dry.study](study)
+        return estimate(study.run.plan, dry)
+
+
+def machine():
+    """lscpu's model name (else platform's), and the core count."""
+    name = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def minsec(sec):
+    m, s = divmod(int(sec + 0.5), 60)
+    return f"{m} min {s} s"
+
+
+def write_results(path, blocks):
+    """Replace each study's block between its markers in path (append it where absent); keep everything else."""
+    text = open(path).read() if os.path.isfile(path) else ""
+    for name, body in blocks.items():
+        begin, end = f"<!-- reproduce:{name} -->", f"<!-- /reproduce:{name} -->"
+        block = f"{begin}\n{body.strip()}\n{end}"
+        pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+        if pat.search(text):
+            text = pat.sub(lambda _: block, text, count=1)
+        else:
+            text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + block + "\n"
+    with data.atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def result_block(args, argv, md, wall, ran):
+    """A study's block: when, where, the command, wall time beside the --dry-run estimate, then its table one
+    heading level down (RESULTS.md nests the studies under a section)."""
+    cmd = shlex.join(["python", "reproduce.py", *[args.study if t == "all" else t for t in argv]])
+    est = full_estimate(args)
+    head = (f"*{datetime.date.today().isoformat()}, {machine()}.* `{cmd}`: {minsec(wall)} wall ({ran} commands; the "
+            f"rest, if any, reused from disk); `--dry-run` estimate for {REF_MACHINE} at {args.steps_per_s:g} "
+            f"steps/s: {est / 60:.0f} min (budget {BUDGET_S // 60} min).")
+    table = "\n".join("#" + ln if ln.startswith("#") else ln for ln in md.splitlines())
+    return head + "\n\n" + table
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    todo = STUDIES if args.study == "all" else (args.study,)
+    results = args.results or (os.path.join(REPO, "RESULTS.md") if args.study == "all" else None)
+    blocks, t0 = {}, time.time()
+    for name in todo:
+        a = parse(argv, name)
+        out = run_study(a)
+        if out is not None and results:
+            blocks[name] = result_block(a, argv, *out)
+            write_results(results, blocks)  # after each study, so an interrupted `all` keeps what it finished
+            print(f"{results}: rewrote the block of {name}")
+    if args.study == "all":
+        print(f"all: {minsec(time.time() - t0)} wall")
 
 
 if __name__ == "__main__":

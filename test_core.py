@@ -41,6 +41,7 @@ import data  # noqa: E402
 import diffusion  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
+import reproduce  # noqa: E402
 import sample  # noqa: E402,F401
 import train  # noqa: E402
 import transfer  # noqa: E402
@@ -1966,10 +1967,9 @@ def test_reproduce_smoke(tmp_path):
     """Every study of reproduce.py runs end to end at a few steps (16 px, 2 samples, FID on for one study on a
     handful of images) in this process, writes its table and JSON (and the transfer figures), and a rerun skips
     every run and evaluation (no new command)."""
-    import reproduce
     alex = tmp_path / "alex.pth"
     torch.save({f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}, alex)
-    common = ["--steps", "2", "--num-samples", "2", "--eval-steps", "2", "--eval-batch", "4", "--judge-train", "256",
+    common = ["--seeds", "0", "--steps", "2", "--num-samples", "2", "--eval-steps", "2", "--eval-batch", "4", "--judge-train", "256",
               "--in-process", "--device", "cpu", "--out-dir", str(tmp_path / "repro"), "--cache-dir",
               str(tmp_path / "cache"), "--lpips-alex-path", str(alex), "--train-args",
               "--resolution 16 --global-batch 4 --warmup 1 --sample-every 0 --log-every 1 --no-progress",
@@ -2260,6 +2260,249 @@ def test_eval_beta_follows_recipe():
     assert conditioning.default_beta({})[0] == 1.0
 
 
+# ----------------------------------------------------------------------------- real-size parts (bench.py --suite scale)
+# stabilityai/sd-vae-ft-ema (diffusers AutoencoderKL, its config.json = data.SD_VAE_CONFIG): 83.65 M parameters
+_SD_VAE_PARAMS = 83_653_863
+# open_clip ViT-L-14's text tower, counted from its config (width 768, 12 layers, MLP 3072, vocab 49408, 77 tokens):
+# token + position embeddings, 12 x (qkv + out projection with biases, 2 LayerNorms, MLP), ln_final, the 768 x 768
+# text projection, and CLIP's logit scale
+_D, _L = 768, 12
+_CLIP_L_TEXT_PARAMS = (49408 * _D + 77 * _D + _L * (4 * _D * _D + 4 * _D + 4 * _D + 2 * 4 * _D * _D + 4 * _D + _D)
+                       + 2 * _D + _D * _D + 1)
+_slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="XL forwards, minutes: RUN_SLOW=1")
+
+
+def _spy_parts(monkeypatch):
+    """Record what train.py's pipeline feeds the denoiser: the VAE and its latents, the text tower and its tokens."""
+    seen = {"vae": set(), "latent": [], "tower": set(), "text": [], "pad": []}
+    encode, encode_text = data.encode, conditioning.encode_text
+
+    def spy_encode(vae, images, *a, **kw):
+        z = encode(vae, images, *a, **kw)
+        seen["vae"].add(sum(p.numel() for p in vae.parameters()))
+        seen["latent"].append(tuple(z.shape))
+        return z
+
+    def spy_text(encoder, captions, padding="replicate", *a, **kw):
+        out = encode_text(encoder, captions, padding, *a, **kw)
+        seen["tower"].add(sum(p.numel() for p in encoder.parameters()))
+        seen["text"].append(tuple(out["text"].shape))
+        seen["pad"].append(padding)
+        return out
+    monkeypatch.setattr(data, "encode", spy_encode)
+    monkeypatch.setattr(conditioning, "encode_text", spy_text)
+    return seen
+
+
+@pytest.mark.parametrize("path", ["image", "text"])
+def test_scale_step(tmp_path, monkeypatch, path):
+    """One `--recipe ours --size B` step at 256 px through the real pipeline (JPEG folder of varied sizes or
+    img2dataset shards -> SD-VAE architecture [-> CLIP-L, 77 tokens, noisy padding] -> mmDiT-B -> AdamW) in this
+    process, then the same step on 2 gloo ranks: the weights must agree to fp32 rounding."""
+    torch.manual_seed(0)
+    src = (bench.write_imagefolder(str(tmp_path / "in")) if path == "image"
+           else bench.write_wds_shards(str(tmp_path / "shards")))
+    seen = _spy_parts(monkeypatch)
+    train.main(bench.scale_argv(path, src, str(tmp_path / "one"), ranks=1))
+    monkeypatch.undo()
+    # the real-size parts were used, at the real shapes
+    assert seen["vae"] == {_SD_VAE_PARAMS}
+    assert seen["latent"] == [(1, 4, 32, 32)] * 2  # 2 micro-steps of 1 image: 256 px -> 32 x 32 x 4
+    if path == "text":
+        assert seen["tower"] == {_CLIP_L_TEXT_PARAMS}
+        assert (1, 77, 768) in seen["text"] and "noisy" in seen["pad"]  # 77 CLIP-L tokens, the recipe's padding
+    one = torch.load(tmp_path / "one" / "ckpt.pt", map_location="cpu", weights_only=False, mmap=True)
+    spec = one["spec"]
+    assert spec["model"]["arch"] == "mmdit" and spec["model"]["size"] == "B" and spec["model"]["input_size"] == 32
+    assert spec["latent"] == dict(vae="sd-random", scale=data.VAE_SCALE, channels=4, down=8)
+    assert sum(v.numel() for v in one["model"].values()) > 100e6  # mmDiT-B/2
+    assert math.isfinite(_last_loss(tmp_path / "one"))
+    fresh = models.build_model(**spec["model"]).state_dict()
+    moved = max((one["model"][k] - fresh[k]).abs().max().item() for k in fresh if "final" in k)
+    assert moved > 1e-4, "the step did not change the weights: the comparison below would be vacuous"
+    # 2 gloo ranks x 1 image = the same global batch, the same chunks and noise
+    bench.run_train(bench.scale_argv(path, src, str(tmp_path / "two"), ranks=2), ranks=2)
+    two = torch.load(tmp_path / "two" / "ckpt.pt", map_location="cpu", weights_only=False, mmap=True)
+    # the gradient of the step: AdamW's first moment after one step is (1 - beta1) * g for every parameter; gloo
+    # sums the 2 ranks' gradients in another order than 2 micro-steps do, so they agree to fp32 rounding of the
+    # tensor's largest entry
+    s1, s2 = one["optimizer"]["state"], two["optimizer"]["state"]
+    assert s1.keys() == s2.keys() and len(s1) == len(list(models.build_model(**spec["model"]).parameters()))
+    for i in s1:
+        m1, m2 = s1[i]["exp_avg"], s2[i]["exp_avg"]
+        tol = 16 * torch.finfo(torch.float32).eps * m1.abs().max().item()
+        assert (m1 - m2).abs().max().item() <= tol, f"parameter {i}: the 2-rank gradient != the 1-process one"
+    # the weights: the first AdamW step moves w by lr * g / (|g| + eps); where |g| is near eps (1e-8) fp32 rounding
+    # of g can move that by up to lr, so the weights are held to lr, the gradients above to rounding
+    lr = one["args"]["lr"]
+    for part in ("model", "ema"):
+        for k, v in one[part].items():
+            assert (v - two[part][k]).abs().max().item() <= lr, f"{part}.{k}: 2 ranks != 1 process"
+    assert math.isclose(_last_loss(tmp_path / "one"), _last_loss(tmp_path / "two"), rel_tol=1e-5)
+
+
+def _last_loss(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return json.loads(f.readlines()[-1])["loss"]
+
+
+@_slow
+@pytest.mark.parametrize("arch", list(models.MODELS))
+def test_scale_xl_forward(arch):
+    """bench --suite scale's forward part: arch-XL/2 at 256 px through the SD-VAE architecture and the CLIP-L
+    tower; finite output, parameters and FLOPs of the paper's scale (Tab. A1 within 10 % where it gives a number)."""
+    rows = bench.scale_forwards([arch])
+    assert round(rows[0]["params_M"] * 1e6) == _SD_VAE_PARAMS and round(rows[1]["params_M"] * 1e6) == _CLIP_L_TEXT_PARAMS
+    for r in rows[2:]:
+        assert 300 < r["params_M"] < 1500 and r["gflops"] > 50
+        if r["paper_gflops"]:
+            assert abs(r["gflops"] / r["paper_gflops"] - 1) < 0.1, r
+
+
+# ----------------------------------------------------------------------------- memory plan, GPU run, missing weights
+@pytest.mark.parametrize("text", [False, True])
+def test_activation_count_fake_equals_real(text):
+    """The memory plan counts autograd's saved bytes on fake tensors; the same forward on real tensors saves
+    exactly as many bytes (a tiny latent mmDiT at 256 px), and the count grows with the batch."""
+    kw = dict(arch="mmdit", size="tiny", input_size=32, in_channels=4, num_classes=None if text else 10,
+              control=["crop", "size", "flip"], **(dict(text_dim=bench.TEXT_DIM, pooled_dim=bench.POOLED_DIM) if text else {}))
+    counts = {}
+    for B in (1, 3):
+        fake, n_fake = bench.saved_bytes(kw, B, 256, text, fake=True)
+        real, n_real = bench.saved_bytes(kw, B, 256, text, fake=False)
+        assert (fake, n_fake) == (real, n_real), f"B={B}: fake {fake} B != real {real} B"
+        counts[B] = real
+    assert counts[3] > counts[1] > 0
+
+
+def test_memory_plan_rule():
+    """plan_card: the largest micro-batch dividing the per-card batch that fits PLAN_FILL of the card less
+    PLAN_RESERVE; None when one image does not fit."""
+    m = dict(global_batch=256, fixed_gib=10.0, act_gib=1.0)
+    room = bench.PLAN_FILL * (40.0 - bench.PLAN_RESERVE) - 10.0  # 24.2 GiB: 24 images, 16 divides 32
+    assert 16 <= room < 32
+    assert bench.plan_card(m, 40.0, gpus=8) == (16, 2, 26.0)
+    assert bench.plan_card(m, 40.0, gpus=16) == (16, 1, 26.0)
+    assert bench.plan_card(dict(m, act_gib=100.0), 40.0) is None
+    assert bench.plan_card(dict(m, act_gib=5.0), 40.0, gpus=8) == (4, 8, 30.0)  # 4.84 fit, 4 divides 32
+
+
+def _readme_table(text, marker):
+    """Rows (lists of cells, backticks dropped) of the markdown table between <!-- marker --> and <!-- /marker -->."""
+    block = text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
+    lines = [ln for ln in block.strip().splitlines() if ln.startswith("|")][2:]
+    return [[c.strip().strip("`") for c in ln.strip("|").split("|")] for ln in lines]
+
+
+def test_readme_full_scale(tmp_path):
+    """Every value the README's full-scale section states: the recipe table (each value passed explicitly to
+    train.py changes nothing), the evaluation defaults, the memory plan table and the --grad-accum values it
+    names, the plan's constants, its calibration against the H200 benchmark, and the time per 100k steps."""
+    readme = open(os.path.join(_TRN_REPO, "README.md")).read()
+    results = open(os.path.join(_TRN_REPO, "RESULTS.md")).read()
+    section = readme.split("## Full scale")[1].split("\n## ")[0]
+    for res_col, res in ((2, "256"), (3, "512")):
+        base = ["--size", "XL", "--resolution", res]
+        for row in _readme_table(readme, "paper-run"):
+            flag, vals = row[1], row[res_col].split()
+            assert vars(train.parse_args(base + [flag, *vals])) == vars(train.parse_args(base)), \
+                f"README: {flag} {row[res_col]} at {res} px is not what --size XL resolves to"
+    ours_xl = {"recipe": "ours", "size": "XL"}
+    spec = {256: dict(data=dict(resolution=256), model=dict(input_size=32, patch_size=2)),
+            512: dict(data=dict(resolution=512, base_resolution=256), model=dict(input_size=64, patch_size=2))}
+    truth = {"--beta": lambda r: conditioning.default_beta(ours_xl)[0], "--lam": lambda r: conditioning.default_lam(spec[r]),
+             "--steps": lambda r: evaluate.EVAL_STEPS, "--num-samples": lambda r: evaluate.EVAL_SAMPLES}
+    for row in _readme_table(readme, "paper-eval"):
+        for col, res in ((2, 256), (3, 512)):
+            assert float(row[col]) == truth[row[1]](res), f"README: {row[1]} {row[col]} at {res} px"
+    plan = bench.memory_plan()
+    fmt = [[r["run"], r["card"].replace(" x ", " × "), f"{r['fixed_GiB']:.1f}", f"{r['act_GiB_per_img']:.3f}",
+            str(r["per_card_batch"]), f"{r['micro_batch']} × {r['grad_accum']}", f"{r['planned_GiB']:.1f}"] for r in plan]
+    assert _readme_table(readme, "memory-plan") == fmt, "README's memory plan != python bench.py --suite memory"
+    accum = {(r["run"], r["card"].split(" x ")[1]): r["grad_accum"] for r in plan}
+    cmd = section.split("on 8 × A100-80GB")[1].split("```bash")[1].split("```")[0]
+    assert f"--grad-accum {accum['ImageNet-1k 256 (class)', 'A100-80GB']} " in cmd and "--data latents" in cmd
+    named = re.findall(r"8 × ([\w-]+): (\d+)", section)
+    assert named and all(int(n) == accum["ImageNet-1k 256 (class)", card] for card, n in named), named
+    assert f"{bench.BYTES_PER_PARAM} bytes per\nparameter" in section or f"{bench.BYTES_PER_PARAM} bytes per parameter" in section
+    assert f"{100 * bench.PLAN_FILL:.0f} % of the card less {bench.PLAN_RESERVE:.0f} GiB" in section
+    # calibration: the plan's prediction for the H200 bench's eager mmDiT-XL/2 text step vs its measured peak
+    row = re.search(r"\| mmDiT-XL/2 \(1\.33 B\) \| (\d+) \| no \|[^|]*\|[^|]*\|[^|]*\| ([\d.]+) \|", results)
+    text_m = bench.measure_memory(bench.PLAN_RUNS["CC12M 256 (text)"])
+    assert f"predicts {bench.bench_peak_gib(text_m, int(row[1])):.0f} GiB\nwhere {row[2]} was measured" in section or \
+        f"predicts {bench.bench_peak_gib(text_m, int(row[1])):.0f} GiB where {row[2]} was measured" in section
+    # time per 100k steps from the compiled mmDiT-XL/2 row's img/s
+    ips = float(re.search(r"\| mmDiT-XL/2 \(1\.33 B\) \| \d+ \| yes \|[^|]*\|[^|]*\| ([\d.]+) \|", results)[1])
+    h8 = 100_000 * 2048 / (8 * ips) / 3600
+    assert f"≈ {h8:.0f} h per 100k steps at batch 2048 on 8 × H200 (≈ {h8 / 2:.1f} h on 16)" in section
+    assert f"({ips:.0f} img/s per card" in section and f"≈ {6 * h8 / 24:.1f} days on\n8)" in section
+
+
+def test_gpu_train_ready(tmp_path, monkeypatch, capsys):
+    """bench --suite gpu-train: off CUDA it prints the plan and the train.py command for an H200 (the paper's recipe
+    at XL, the plan's batch split, compiled); the command's data and report run here at tiny size on synthetic
+    latents: finite loss, img/s, the hours-per-100k arithmetic."""
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--suite", "gpu-train", "--device", "cpu", "--out", str(tmp_path / "g.json")])
+    bench.main()
+    out = capsys.readouterr().out
+    m = bench.measure_memory(bench.PLAN_RUNS["ImageNet-1k 256 (class)"])
+    micro, accum, planned = bench.plan_card(m, bench.CARDS["H200"])
+    assert f"micro {micro} x grad-accum {accum}, planned {planned:.1f} GiB" in out
+    argv = shlex.split(out.split(" train.py ")[1].splitlines()[0])
+    a = vars(train.parse_args(argv))
+    assert (a["recipe"], a["size"], a["data"], a["compile"], a["max_steps"]) == ("ours", "XL", "latents", True, 200)
+    assert a["global_batch"] == 2048 // bench.PLAN_GPUS and a["grad_accum"] == accum and a["resolution"] == 256
+    # the same pipeline at tiny size: synthetic latents in extract_latents' format -> train.py -> the report
+    meta = data.synthetic_latents(str(tmp_path / "lat"), n=12, resolution=32, num_classes=10, shard_size=5)
+    assert meta["shards"] == 3 and data.LatentDataset(str(tmp_path / "lat"))[11]["latent"].shape == (4, 4, 4)
+    train.main(["--size", "tiny", "--data", "latents", "--data-path", str(tmp_path / "lat"), "--global-batch", "4",
+                "--max-steps", "3", "--log-every", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",
+                "--out-dir", str(tmp_path / "run")])
+    row = bench.gpu_train_report(str(tmp_path / "run" / "log.jsonl"), "cpu", planned=None)
+    assert row["steps"] == 3 and row["finite"] and row["img_per_s"] > 0
+    assert row["hours_per_100k"] == pytest.approx(100_000 * 2048 / (bench.PLAN_GPUS * row["img_per_s"]) / 3600, rel=1e-12)
+
+
+@pytest.mark.parametrize("flags,flag", [(["--vae", data.DEFAULT_VAE], "--vae"),
+                                        (["--semantic", "text", "--text-encoder", "ViT-L-14",
+                                          "--text-encoder-path", "openai"], "--text-encoder-path")])
+def test_missing_weights_offline(tmp_path, flags, flag):
+    """Offline with empty caches, the SD VAE or the CLIP ViT-L/14 weights missing: one line naming the flag, no
+    traceback, nothing written."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               TORCH_HOME=str(tmp_path / "torch"))
+    r = subprocess.run([sys.executable, "train.py", *flags, "--max-steps", "1", "--no-progress",
+                        "--out-dir", str(tmp_path / "out")], cwd=_TRN_REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and flag in err[-1] and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_readme_commands_parse():
+    """Every train.py / sample.py / evaluate.py / transfer.py / reproduce.py command in the README's bash blocks
+    parses with that script's own parser (a renamed or removed flag fails here, not in a user's shell)."""
+    text = open(os.path.join(_TRN_REPO, "README.md")).read()
+    parsers = {"train.py": train.parse_args, "sample.py": sample.get_parser().parse_args,
+               "evaluate.py": evaluate.get_parser().parse_args, "transfer.py": transfer.get_parser().parse_args,
+               "reproduce.py": reproduce.get_parser().parse_args}
+    seen = set()
+    for blk in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in blk.replace("\\\n", " ").splitlines():
+            for cmd in line.split("#")[0].split("&&"):
+                words = shlex.split(cmd)
+                i = next((i for i, w in enumerate(words) if os.path.basename(w) in parsers), None)
+                if i is None:
+                    continue
+                script = os.path.basename(words[i])
+                seen.add(script)
+                try:
+                    parsers[script](words[i + 1:])
+                except SystemExit as e:
+                    raise AssertionError(f"README: {cmd.strip()!r} does not parse ({e})") from None
+    assert seen == set(parsers), seen
+
+
 # ----------------------------------------------------------------------------- shard streams over ranks
 def _wds_shards(root, sizes=(8, 5), bad=((1, 3),)):
     """Shards of embedded originals (jpg + txt captions) of the given sizes; `bad` members (shard, index) are
@@ -2309,3 +2552,320 @@ def test_ddp_wds_resume_exact(tmp_path):
         assert fa.keys() == fb.keys() and fa
         for k in fa:
             assert torch.equal(fa[k], fb[k]), f"{part}{k} differs after resume"
+
+
+# ----------------------------------------------------------------------------- COCO-style prompt files (evaluate.py --prompts FILE)
+_PROMPT_RUN = ["--resolution", "16", "--patch-size", "4", "--global-batch", "2", "--warmup", "1", "--log-every", "1",
+         "--sample-every", "0", "--max-steps", "1", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def prompt_runs(tmp_path_factory):
+    """A text-mode and a class-mode checkpoint, a tiny CLIP (config + weights file) and a --ref folder of PNGs."""
+    root = tmp_path_factory.mktemp("prompts")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run fastest on one thread
+    try:
+        train.main([*_PROMPT_RUN, "--semantic", "text", "--text-encoder", "tiny", "--out-dir", str(root / "text")])
+        train.main([*_PROMPT_RUN, "--out-dir", str(root / "class")])
+    finally:
+        torch.set_num_threads(n)
+    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    (root / "prompts-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(root / "prompts-tiny-clip.json"))
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model("prompts-tiny-clip").state_dict()}, root / "clip.pt")
+    rng = np.random.default_rng(0)
+    (root / "coco_val").mkdir()
+    for i in range(4):  # stands in for COCO val2014: images of another size, centre-cropped to 16 by the reader
+        Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(root / "coco_val" / f"{i}.png")
+    return dict(root=root, text=str(root / "text" / "ckpt.pt"), cls=str(root / "class" / "ckpt.pt"),
+                ref=str(root / "coco_val"), clip=["--clip-model", "prompts-tiny-clip", "--clip-pretrained",
+                                                  str(root / "clip.pt")])
+
+
+def _coco_json(path, annotations):
+    path.write_text(json.dumps({"images": [{"id": a["image_id"]} for a in annotations], "annotations": annotations}))
+    return str(path)
+
+
+def _evaluate(prompt_runs, tmp_path, prompts, *flags):
+    """evaluate.py on the text run with a prompts file; (its metrics, the captions models.generate was given)."""
+    seen = []
+    generate = models.generate
+
+    def spy(model, spec, seeds, labels, **kw):
+        seen.extend(labels)
+        return generate(model, spec, seeds, labels, **kw)
+    out = str(tmp_path / f"{os.path.basename(prompts)}_eval.json")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(models, "generate", spy)
+    try:
+        evaluate.main(["--ckpt", prompt_runs["text"], "--prompts", prompts, "--ref", prompt_runs["ref"], "--cache-dir",
+                       str(tmp_path / "cache"), "--out", out, "--device", "cpu", *prompt_runs["clip"], *flags])
+    finally:
+        mp.undo()
+    return json.load(open(out)), seen
+
+
+def test_read_prompts(tmp_path):
+    # one caption per line: stripped, blank lines skipped, order kept
+    (tmp_path / "p.txt").write_text("  a red circle on the left \n\n\t a blue square\n   \nzebra\n")
+    assert evaluate.read_prompts(str(tmp_path / "p.txt")) == (["a red circle on the left", "a blue square", "zebra"],
+                                                              "lines")
+    # COCO: the first listed caption of each image, images by ascending id, inner whitespace collapsed
+    anns = [dict(image_id=42, id=1, caption="b dog"), dict(image_id=7, id=2, caption=" a\ncat "),
+            dict(image_id=42, id=3, caption="b second"), dict(image_id=19, id=4, caption="c bird"),
+            dict(image_id=7, id=5, caption="a second")]
+    assert evaluate.read_prompts(_coco_json(tmp_path / "c.json", anns)) == (["a cat", "c bird", "b dog"], "coco")
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "blank", "folder", "binary", "bad json", "no annotations",
+                                  "no captions", "no image_id"])
+def test_read_prompts_errors(tmp_path, kind):
+    path = tmp_path / ("p.json" if "json" in kind or "annotations" in kind or "image_id" in kind
+                       or kind == "no captions" else "p.txt")
+    if kind == "empty":
+        path.write_text("")
+    elif kind == "blank":
+        path.write_text("\n  \n\t\n")
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "binary":
+        path.write_bytes(b"\xff\xfe\x00caption")
+    elif kind == "bad json":
+        path.write_text("{\"annotations\": [")
+    elif kind == "no annotations":
+        path.write_text(json.dumps({"images": [{"id": 1}]}))
+    elif kind == "no captions":
+        path.write_text(json.dumps({"annotations": []}))
+    elif kind == "no image_id":
+        path.write_text(json.dumps({"annotations": [{"caption": "a cat"}]}))
+    with pytest.raises(SystemExit) as e:
+        evaluate.read_prompts(str(path))
+    msg = str(e.value)
+    assert "--prompts" in msg and str(path) in msg and "\n" not in msg, msg
+
+
+def test_prompts_file(prompt_runs, tmp_path):
+    # --- a text file: image i is generated from line i, its sidecar is that line, CLIPScore is scored against it
+    lines = ["a red circle on the left", "a blue square on the right", "a green star"]
+    (tmp_path / "prompts.txt").write_text("\n".join(f"  {c} \n" for c in lines))
+    m, seen = _evaluate(prompt_runs, tmp_path, str(tmp_path / "prompts.txt"), "--steps", "1", "--lam", "1")
+    assert seen == lines
+    images = glob.glob(prompt_runs["text"][:-3] + "_samples_*_prompts-*")
+    assert len(images) == 1
+    files = sorted(glob.glob(os.path.join(images[0], "*.png")))
+    assert [open(f[:-4] + ".txt").read() for f in files] == lines
+    assert m["prompts"] == str(tmp_path / "prompts.txt") and m["prompts_format"] == "lines" and m["prompts_n"] == 3
+    # FID against the --ref folder's statistics at the run's 16 px (as cached, keyed by that folder), CLIPScore as
+    # Tab. 1: the mean of 100 * max(cos, 0) of each image and its caption
+    net = evaluate.InceptionFeatures()
+    cached = os.listdir(tmp_path / "cache")
+    mu_r, sig_r = evaluate.ref_stats(net, prompt_runs["ref"], 16, cache_dir=str(tmp_path / "cache"))
+    assert len(cached) == 1 and os.listdir(tmp_path / "cache") == cached  # a cache hit: the --ref folder's own
+    want_fid = evaluate.fid_of_features(evaluate.features(net, data.iter_images(images[0])), mu_r, sig_r)
+    assert m["fid_ref"] == prompt_runs["ref"] and m["fid_n"] == 3 and abs(m["fid"] - want_fid) < 1e-6 * max(1, want_fid)
+    clip, tok = evaluate.load_clip("prompts-tiny-clip", prompt_runs["clip"][-1])
+    x = torch.stack([data.image_uint8(Image.open(f)) for f in files])
+    want_clip = evaluate.clip_score(clip, tok, x, lines).mean().item()
+    assert m["clip_n"] == 3 and abs(m["clip_score"] - want_clip) < 1e-4, (m["clip_score"], want_clip)  # fp32 x 100
+    # --- a COCO json: one caption per image (the first of each, by image_id); past the end it cycles; the
+    # COCO defaults of §3.1 (25 steps, lam 5) apply; image i is caption i whatever --seed
+    anns = [dict(image_id=42, id=1, caption="a dog"), dict(image_id=7, id=2, caption="a cat"),
+            dict(image_id=42, id=3, caption="a dog again"), dict(image_id=19, id=4, caption="a bird")]
+    coco = _coco_json(tmp_path / "captions_val.json", anns)
+    m, seen = _evaluate(prompt_runs, tmp_path, coco, "--num-samples", "4", "--seed", "10", "--no-fid")
+    assert seen == ["a cat", "a bird", "a dog", "a cat"]
+    assert m["steps"] == evaluate.COCO_STEPS and m["lam"] == evaluate.COCO_LAM and m["prompts_format"] == "coco"
+    assert m["prompts_n"] == 3 and m["clip_n"] == 4 and "fid" not in m
+    # --- bad input: one line naming --prompts (and the file), before anything is generated
+    before = sorted(glob.glob(os.path.join(prompt_runs["root"], "*", "ckpt_samples_*")))
+    (tmp_path / "empty.txt").write_text("")
+    for path, ckpt in ((tmp_path / "empty.txt", prompt_runs["text"]), (tmp_path / "nope.txt", prompt_runs["text"]),
+                       (tmp_path / "prompts.txt", prompt_runs["cls"])):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--ckpt", ckpt, "--prompts", str(path), "--ref", prompt_runs["ref"], "--device", "cpu"])
+        msg = str(e.value)
+        assert "--prompts" in msg and str(path) in msg and "\n" not in msg, msg
+    assert sorted(glob.glob(os.path.join(prompt_runs["root"], "*", "ckpt_samples_*"))) == before
+
+
+# ----------------------------------------------------------------------------- ImageNet-1k -> 22k class maps (transfer.py --make-class-map)
+# 10 old wnids (the embedded dataset's 10 classes stand for them), written in unsorted order on purpose
+_MAP_OLD = ["n03000134", "n01440764", "n09999999", "n02102040", "n01443537",
+       "n04000000", "n02979186", "n03028079", "n03394916", "n03417042"]
+_MAP_EXTRA = ["n00000001", "n01440000", "n02000000", "n03000000", "n03400000", "n09999998"]  # interleave when sorted
+
+
+def _folder_tree(root, wnids):
+    """ImageNet layout root/<wnid>/0.png, one 4x4 PNG per class."""
+    for i, w in enumerate(wnids):
+        os.makedirs(os.path.join(root, w))
+        img = np.full((4, 4, 3), i * 15, dtype=np.uint8)
+        Image.fromarray(img).save(os.path.join(root, w, "0.png"))
+    return str(root)
+
+
+def _tiny_ckpt(path):
+    """A class checkpoint of train.py's default tiny model (embedded data: 10 classes) with non-init weights."""
+    argv = ["--device", "cpu"]
+    args = train.parse_args(argv)
+    ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, seed=args.seed)
+    spec = train.resolve_spec(args, ds, None, None, train.explicit_flags(argv))
+    torch.manual_seed(0)
+    sd = {k: v + torch.randn_like(v) for k, v in models.build_model(**spec["model"]).state_dict().items()}
+    torch.save({"ema": sd, "model": sd, "spec": spec, "step": 3}, path)
+    return str(path), sd
+
+
+def _one_line_exit(argv, *names):
+    """transfer.main(argv) must stop with a one-line message that names each of `names`."""
+    with pytest.raises(SystemExit) as e:
+        transfer.main(argv)
+    msg = str(e.value.code)
+    assert "\n" not in msg and all(n in msg for n in names), msg
+    return msg
+
+
+def test_make_class_map_folders_and_wnid_list(tmp_path, capsys):
+    old = _folder_tree(tmp_path / "in1k", _MAP_OLD)
+    new = _folder_tree(tmp_path / "in22k", _MAP_OLD + _MAP_EXTRA)
+    # folder ids are data.ImageFolderDataset's: sorted folder names
+    assert transfer.read_class_names(old, "--old-classes") == data.ImageFolderDataset(old).classes == sorted(_MAP_OLD)
+    out = tmp_path / "maps" / "in1k_to_in22k.json"
+    transfer.main(["--make-class-map", "--old-classes", old, "--new-classes", new, "--out", str(out)])
+    # sorted(_MAP_OLD + _MAP_EXTRA) = n00000001 n01440000 n01440764 n01443537 n02000000 n02102040 n02979186 n03000000
+    #                       n03000134 n03028079 n03394916 n03400000 n03417042 n04000000 n09999998 n09999999
+    assert json.loads(out.read_text()) == [2, 3, 5, 6, 8, 9, 10, 12, 13, 15]
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "10 old classes" in line and "16 new classes" in line and str(out) in line
+    # a wnid list keeps its own line order (ImageNet-21k's release order); extra words per line are ignored
+    txt = tmp_path / "wnids.txt"
+    txt.write_text("".join(f"{w} some words\n" for w in _MAP_EXTRA[:3] + _MAP_OLD[::-1] + _MAP_EXTRA[3:]) + "\n")
+    transfer.main(["--make-class-map", "--old-classes", old, "--new-classes", str(txt), "--out", str(out)])
+    order = _MAP_EXTRA[:3] + _MAP_OLD[::-1] + _MAP_EXTRA[3:]
+    assert json.loads(out.read_text()) == [order.index(w) for w in sorted(_MAP_OLD)]
+
+
+def test_transfer_with_made_class_map(tmp_path, capsys):
+    ckpt, sd = _tiny_ckpt(tmp_path / "c.pt")
+    old = tmp_path / "old.txt"
+    old.write_text("\n".join(_MAP_OLD))  # the checkpoint's class ids in list order
+    new = _folder_tree(tmp_path / "in22k", _MAP_OLD + _MAP_EXTRA)
+    cmap_path = tmp_path / "map.json"
+    transfer.main(["--make-class-map", "--old-classes", str(old), "--new-classes", new, "--out", str(cmap_path)])
+    cmap = json.loads(cmap_path.read_text())
+    assert cmap == [sorted(_MAP_OLD + _MAP_EXTRA).index(w) for w in _MAP_OLD]
+    out = tmp_path / "c22k.pt"
+    transfer.main(["--ckpt", ckpt, "--num-classes", "16", "--class-map", str(cmap_path), "--out", str(out)])
+    m, ck = models.load_checkpoint(str(out))
+    t_old, t_new = sd[transfer.TABLE], ck["ema"][transfer.TABLE]  # (11, D), (17, D)
+    assert t_new.shape == (17, t_old.shape[1]) and ck["spec"]["semantic"]["null_id"] == 16
+    assert torch.equal(t_new[cmap], t_old[:10])  # old class i lands on row cmap[i]
+    assert torch.equal(t_new[16], t_old[10])  # the null row moves to the end
+    assert all(torch.equal(ck["ema"][k], sd[k]) for k in sd if k != transfer.TABLE)
+
+
+def test_make_class_map_missing_wnid(tmp_path):
+    old = _folder_tree(tmp_path / "in1k", _MAP_OLD)
+    new = tmp_path / "wnids.txt"
+    new.write_text("\n".join(_MAP_OLD[2:] + _MAP_EXTRA))  # _MAP_OLD[0], _MAP_OLD[1] are not in the new list
+    out = tmp_path / "map.json"
+    msg = _one_line_exit(["--make-class-map", "--old-classes", old, "--new-classes", str(new), "--out", str(out)],
+                         "--new-classes", str(new), "2 of the 10", _MAP_OLD[1])
+    assert _MAP_OLD[0] in msg and not out.exists()
+    _one_line_exit(["--make-class-map", "--old-classes", str(tmp_path / "nope"), "--new-classes", str(new),
+                    "--out", str(out)], "--old-classes", "nope")
+    assert not out.exists() and not os.path.exists(str(out) + ".tmp")
+
+
+@pytest.mark.parametrize("bad, words", [
+    (list(range(9)), "9 entries"),  # short: one old class would be lost
+    (list(range(11)), "11 entries"),  # long
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 16], "outside"),  # id >= --num-classes
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, -1], "outside"),  # negative would wrap around
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 1], "both map to new id 1"),  # duplicate target
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9.5], "not an integer"),
+    ({"n01440764": 0}, "JSON list"),
+])
+def test_bad_class_map(tmp_path, bad, words):
+    ckpt, _ = _tiny_ckpt(tmp_path / "c.pt")
+    cmap = tmp_path / "bad.json"
+    cmap.write_text(json.dumps(bad))
+    out = tmp_path / "c22k.pt"
+    _one_line_exit(["--ckpt", ckpt, "--num-classes", "16", "--class-map", str(cmap), "--out", str(out)],
+                   "--class-map", str(cmap), words)
+    assert not out.exists() and not os.path.exists(str(out) + ".tmp")  # nothing written
+
+
+def test_bad_class_map_file(tmp_path):
+    ckpt, _ = _tiny_ckpt(tmp_path / "c.pt")
+    out = tmp_path / "c22k.pt"
+    for path, words in ((tmp_path / "none.json", "not found"), (tmp_path / "bad.json", "not JSON")):
+        if words == "not JSON":
+            path.write_text("[0, 1,")
+        _one_line_exit(["--ckpt", ckpt, "--num-classes", "16", "--class-map", str(path), "--out", str(out)],
+                       "--class-map", str(path), words)
+    _one_line_exit(["--ckpt", ckpt, "--class-map", str(tmp_path / "bad.json"), "--out", str(out)],
+                   "--class-map", "--num-classes")
+    _one_line_exit(["--ckpt", ckpt, "--num-classes", "5", "--out", str(out)], "--num-classes 5", "--class-map")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- reproduce.py: computed verdicts and the all command
+@pytest.mark.parametrize("deltas, sign, want", [
+    ([0.10, 0.12, 0.11], +1, "reproduced"),      # mean 0.11, sd 0.01: far beyond 2 sd, the paper's sign
+    ([-0.10, -0.12, -0.11], -1, "reproduced"),   # the paper predicts a decrease and it decreases
+    ([0.10, 0.12, 0.11], -1, "contradicted"),    # the same margin, the opposite sign
+    ([0.3, -0.1, 0.1], +1, "within noise"),      # mean 0.1, sd 0.2: inside 2 sd
+    ([1.0, 3.0], +1, "within noise"),            # mean 2, sd sqrt(2): 2 < 2.83
+    ([0.0, 0.0, 0.0], +1, "within noise"),       # no difference at all
+    ([0.5, 0.5], +1, "reproduced"),              # sd 0 and a non-zero mean
+    ([0.2], +1, "within noise"),                 # one seed: no spread, no verdict beyond noise
+    ([0.2, None, float("nan")], +1, "within noise"),  # only paired, finite seeds count: one is left
+])
+def test_study_verdict(deltas, sign, want):
+    assert reproduce.verdict(deltas, sign) == want
+
+
+def test_study_verdict_boundary():
+    """|mean Δ| exactly 2·sd(Δ) is within noise; beyond it is not. Δ = (1, 2, 3): mean 2, sd 1 (exact in floats)."""
+    assert reproduce.verdict([1.0, 2.0, 3.0], +1) == "within noise"
+    assert reproduce.verdict([-1.0, -2.0, -3.0], -1) == "within noise"
+    assert reproduce.verdict([1.5, 2.5, 3.5], +1) == "reproduced"  # mean 2.5, sd 1
+    assert reproduce.verdict([-1.5, -2.5, -3.5], +1) == "contradicted"
+    assert all(word in reproduce.VERDICT_RULE for word in reproduce.VERDICTS)
+
+
+def test_reproduce_all(tmp_path):
+    """`reproduce.py all` at a few steps with 2 seeds runs the five studies and writes their blocks, each with mean ±
+    sd cells and a verdict, into --results; a second `all` replaces the blocks and keeps the text around them."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nkept before\n\n<!-- reproduce:flip -->\nold flip table\n<!-- /reproduce:flip -->"
+                       "\n\nkept after\n")
+    argv = ["all", "--in-process", "--seeds", "0", "1", "--steps", "2", "--pre-steps", "2", "--num-samples", "2",
+            "--eval-steps", "1", "--eval-batch", "4", "--judge-train", "256", "--lpips-net", "pixel",
+            "--lpips-prompts", "1", "--lams", "1.5", "--device", "cpu", "--out-dir", str(tmp_path / "repro"),
+            "--cache-dir", str(tmp_path / "cache"), "--results", str(results),
+            "--train-args", "--global-batch 4 --warmup 1 --sample-every 0 --log-every 1 --no-progress",
+            "--eval-args", "--judge-heldout 20"]
+    reproduce.main(argv)
+    first = results.read_text()
+    for study in reproduce.STUDIES:
+        block = re.search(f"<!-- reproduce:{study} -->(.*?)<!-- /reproduce:{study} -->", first, re.S)
+        assert block, study
+        body = block.group(1)
+        assert re.search(r"\d ± \d", body), study
+        assert re.search(r"\*\*(reproduced|contradicted|within noise)\*\*", body), study
+        assert "estimate for" in body and "wall" in body, study
+    assert "old flip table" not in first and "kept before" in first and first.rstrip().endswith("-->")
+    reproduce.main(argv)  # everything is on disk: no run, the same blocks rewritten in place
+    second = results.read_text()
+    for study in reproduce.STUDIES:
+        assert second.count(f"<!-- reproduce:{study} -->") == 1 == second.count(f"<!-- /reproduce:{study} -->")
+    assert second.index("kept before") < second.index("<!-- reproduce:flip -->") < second.index("kept after")
+    # the rerun ran nothing, so each block keeps the wall time and command count of the run that made it
+    walls = lambda text: re.findall(r"`: (\d+ min \d+ s wall \(\d+ commands)", text)
+    assert len(walls(second)) == 5 and walls(second) == walls(first) and "(0 commands" not in second

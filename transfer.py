@@ -1,10 +1,13 @@
-"""
+r"""
 Transfer a checkpoint to a new resolution or dataset (paper §2.2, §3.4; SPEC §7). Writes a train.py-style
 checkpoint (model = ema = transferred weights, step 0, the updated run spec) that `train.py --init-from` fine-tunes
 from and sample.py / evaluate.py load directly; prints exactly which keys were kept / re-initialised / dropped.
 
     python transfer.py --ckpt out/in1k256/ckpt.pt --resolution 512 --out out/in1k512_init.pt        # r -> r'
-    python transfer.py --ckpt out/in1k256/ckpt.pt --num-classes 21841 --out out/in22k_init.pt        # 1k -> 22k
+    python transfer.py --make-class-map --old-classes /data/imagenet/train \
+        --new-classes /data/imagenet22k/train --out out/in1k_to_in22k.json                           # the 1k -> 22k map
+    python transfer.py --ckpt out/in1k256/ckpt.pt --num-classes 21841 --class-map out/in1k_to_in22k.json \
+        --out out/in22k_init.pt                                                                      # 1k -> 22k
     python transfer.py --ckpt out/in1k256/ckpt.pt --to-text --out out/cc12m_init.pt                  # class -> text
     python train.py <pre-training flags> --init-from out/in1k512_init.pt <the flags transfer.py prints>
 
@@ -15,13 +18,17 @@ r'/r_pretrain (lam = 1 + 2 (1.5 - 1) = 2.0 at 512 from 1.5 at 256; r_pretrain is
 Positional embeddings are computed, not stored, so every weight is kept. Dataset: 1k -> 22k extends the class
 table (old ids keep their rows, or move by --class-map, the null row moves to the end, new rows are fresh);
 class -> text keeps every backbone tensor and replaces the semantic embedder (label table dropped, text/pooled
-projections fresh).
+projections fresh). --make-class-map writes that map: old class i -> the index of its WordNet id among the new
+classes, where either side is an ImageFolder root (class ids = sorted folder names, as data.ImageFolderDataset
+numbers them) or a text file of wnids in class-id order, one per line (ImageNet-21k's wnid list; only a line's
+first word counts, so LOC_synset_mapping.txt works too). A map that misses classes is refused in one line.
 
 Library part (tests and users import it): the transfers above, and weight import from public checkpoints:
 import_dit_original (facebookresearch/DiT), import_diffusers + diffusers_kwargs (diffusers DiT / PixArt-α / SD3
 transformers), unet_kwargs_from_diffusers + import_diffusers_unet (SDXL-style UNet2DConditionModel).
 """
 import argparse
+import collections
 import copy
 import json
 import os
@@ -30,6 +37,7 @@ import re
 import torch
 
 import conditioning
+import data
 import models
 
 TABLE = "y_embedder.embedding_table.weight"  # the class table (num_classes + 1 rows, last = null)
@@ -80,18 +88,79 @@ def transfer_resolution(spec, sd, resolution, pe_grid="resample"):
     return b, new, report, flags
 
 
-def transfer_classes(spec, sd, num_classes, class_map=None):
+def read_class_names(path, flag):
+    """Class names in class-id order: an ImageFolder root's class folders, sorted (the rule of
+    data.ImageFolderDataset, without listing every image), or a text file's first word per non-blank line."""
+    if os.path.isdir(path):
+        names = sorted(d.name for d in os.scandir(path) if d.is_dir())
+    elif os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                names = [line.split()[0] for line in f if line.strip()]
+        except UnicodeDecodeError:
+            raise SystemExit(f"{flag} {path}: not a text file (expected one wnid per line)") from None
+    else:
+        raise SystemExit(f"{flag} {path}: not found (an ImageFolder root or a text file of wnids, one per line)")
+    if not names:
+        raise SystemExit(f"{flag} {path}: no classes in it (no class folders / no non-blank lines)")
+    dup = sorted(n for n, k in collections.Counter(names).items() if k > 1)
+    if dup:
+        raise SystemExit(f"{flag} {path}: {len(dup)} class names appear twice, so their id is ambiguous "
+                         f"(first: {', '.join(dup[:5])})")
+    return names
+
+
+def make_class_map(old, new, old_flag="--old-classes", new_flag="--new-classes"):
+    """(class map, new class count): old class i -> the new id of the same name. old / new: paths of the two class
+    lists (ImageFolder root or wnid file, see read_class_names); every old class must be among the new ones."""
+    old_names, new_names = read_class_names(old, old_flag), read_class_names(new, new_flag)
+    index = {n: i for i, n in enumerate(new_names)}
+    missing = [n for n in old_names if n not in index]
+    if missing:
+        raise SystemExit(f"{new_flag} {new}: {len(missing)} of the {len(old_names)} classes of {old_flag} {old} are "
+                         f"missing from it (first: {', '.join(missing[:5])})")
+    return [index[n] for n in old_names], len(new_names)
+
+
+def check_class_map(class_map, n_old, num_classes, where="--class-map"):
+    """One-line refusal (naming `where`) unless class_map gives each of the n_old classes its own new id in
+    [0, num_classes): a short map would leave classes behind, a shared row would merge two classes."""
+    if not isinstance(class_map, list):
+        raise SystemExit(f"{where}: expected a JSON list (the new class id of each old class), "
+                         f"got a {type(class_map).__name__}")
+    if len(class_map) != n_old:
+        raise SystemExit(f"{where}: {len(class_map)} entries, but the checkpoint has {n_old} classes "
+                         "(one new id per old class)")
+    seen = {}
+    for i, v in enumerate(class_map):
+        if not isinstance(v, int) or isinstance(v, bool):  # JSON true/1.5/"3" are not class ids
+            raise SystemExit(f"{where}: entry {i} is {v!r}, not an integer class id")
+        if not 0 <= v < num_classes:
+            raise SystemExit(f"{where}: entry {i} is {v}, outside [0, --num-classes {num_classes})")
+        if v in seen:
+            raise SystemExit(f"{where}: old classes {seen[v]} and {i} both map to new id {v} "
+                             "(each old class needs its own row)")
+        seen[v] = i
+
+
+def transfer_classes(spec, sd, num_classes, class_map=None, where="--class-map"):
     """ImageNet-1k -> 22k (§3.4): extend the class table. Old class i goes to row class_map[i] (identity by
-    default), the null row to the new last row; rows no old class lands on keep their fresh init."""
-    assert spec["semantic"]["kind"] == "class", "--num-classes needs a class-conditional checkpoint"
+    default), the null row to the new last row; rows no old class lands on keep their fresh init. A bad map
+    is refused in one line naming `where` (the flag and file it came from) before anything is built."""
+    if spec["semantic"]["kind"] != "class":
+        raise SystemExit("--num-classes needs a class-conditional checkpoint")
+    n_old = sd[TABLE].shape[0] - 1  # the last row is the null class
+    if class_map is None:
+        if num_classes < n_old:
+            raise SystemExit(f"--num-classes {num_classes} is fewer than the checkpoint's {n_old} classes: "
+                             "give a --class-map")
+        class_map = list(range(n_old))
+    check_class_map(class_map, n_old, num_classes, where)
     b = copy.deepcopy(spec)
     b["semantic"].update(num_classes=num_classes, null_id=num_classes)
     b["model"]["num_classes"] = num_classes
     new, report = carry_over(models.build_model(**b["model"]), sd, reinit=(TABLE,))
     old, table = sd[TABLE], new[TABLE].clone()  # (n_old + 1, D), (n_new + 1, D)
-    n_old = old.shape[0] - 1
-    class_map = list(range(n_old)) if class_map is None else list(class_map)
-    assert len(class_map) == n_old and max(class_map) < num_classes, "class map: one new id < num_classes per old class"
     table[class_map] = old[:n_old]
     table[num_classes] = old[n_old]  # null row
     new[TABLE] = table
@@ -103,7 +172,8 @@ def transfer_classes(spec, sd, num_classes, class_map=None):
 
 def transfer_to_text(spec, sd, text_encoder="ViT-L-14", text_encoder_path="openai", text_pad="noisy", beta_txt=0.02):
     """ImageNet-1k -> CC12M (§3.4): keep the backbone, replace the semantic embedder (class table -> text)."""
-    assert spec["semantic"]["kind"] == "class", "--to-text needs a class-conditional checkpoint"
+    if spec["semantic"]["kind"] != "class":
+        raise SystemExit("--to-text needs a class-conditional checkpoint")
     enc = conditioning.get_text_encoder(text_encoder, text_encoder_path, flag="--text-encoder-path")  # its widths
     b = copy.deepcopy(spec)
     b["semantic"] = dict(kind="text", encoder=text_encoder, pretrained=text_encoder_path, pad=text_pad,
@@ -333,8 +403,10 @@ def import_diffusers_unet(model, diffusers_unet):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # io
-    p.add_argument("--ckpt", required=True, help="source checkpoint (train.py format; EMA weights are used)")
-    p.add_argument("--out", required=True, help="where to write the transferred checkpoint")
+    p.add_argument("--ckpt", default=None, help="source checkpoint (train.py format; EMA weights are used); "
+                   "required unless --make-class-map")
+    p.add_argument("--out", required=True, help="where to write the transferred checkpoint (the JSON map with "
+                   "--make-class-map)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh init of re-initialised tensors (default: 0)")
     # resolution transfer
     p.add_argument("--resolution", type=int, default=None, help="new resolution r' in pixels (default: keep)")
@@ -344,7 +416,16 @@ def get_parser():
     # dataset transfer
     p.add_argument("--num-classes", type=int, default=None, help="extend the class table to this many classes "
                    "(ImageNet-22k: 21841)")
-    p.add_argument("--class-map", default=None, help="JSON list: new class id of each old class (default: identity)")
+    p.add_argument("--class-map", default=None, help="JSON list: new class id of each old class, as "
+                   "--make-class-map writes it (default: identity)")
+    # class map for --class-map (ImageNet-1k -> 22k)
+    p.add_argument("--make-class-map", action="store_true", help="only write the --class-map file for "
+                   "--old-classes -> --new-classes to --out (no checkpoint involved)")
+    p.add_argument("--old-classes", default=None, help="with --make-class-map: the checkpoint's classes, an "
+                   "ImageFolder root (e.g. /data/imagenet/train) or a text file of wnids in class-id order")
+    p.add_argument("--new-classes", default=None, help="with --make-class-map: the fine-tuning data's classes, same "
+                   "forms (the ImageNet-22k train root, or ImageNet-21k's wnid list if it trains in that order)")
+    # class -> text transfer
     p.add_argument("--to-text", action="store_true", help="class -> text: replace the semantic embedder")
     p.add_argument("--text-encoder", default="ViT-L-14", help="open_clip text tower or 'tiny' (default: ViT-L-14)")
     p.add_argument("--text-encoder-path", default="openai", help="its weights: tag or file (default: openai)")
@@ -353,8 +434,43 @@ def get_parser():
     return p
 
 
+def write_class_map(args):
+    """--make-class-map: the JSON map, written atomically only once every old class has been found."""
+    if args.ckpt is not None or args.old_classes is None or args.new_classes is None:
+        raise SystemExit("--make-class-map needs --old-classes and --new-classes and no --ckpt "
+                         "(it writes only the map; pass it to a second transfer.py run as --class-map)")
+    class_map, n_new = make_class_map(args.old_classes, args.new_classes)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with data.atomic_write(args.out, "w") as f:
+        json.dump(class_map, f)
+    moved = sum(i != j for i, j in enumerate(class_map))
+    print(f"class map: {len(class_map)} old classes ({args.old_classes}) -> {n_new} new classes ({args.new_classes}), "
+          f"{moved} ids change; wrote {args.out}\n"
+          f"next: python transfer.py --ckpt CKPT --num-classes {n_new} --class-map {args.out} --out NEW_CKPT")
+
+
+def read_class_map(path):
+    """The --class-map file's JSON (checked against the checkpoint by check_class_map)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"--class-map {path}: not found (python transfer.py --make-class-map writes one)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"--class-map {path}: not JSON ({e})") from None
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    if args.make_class_map:
+        return write_class_map(args)
+    if args.old_classes is not None or args.new_classes is not None:
+        raise SystemExit("--old-classes / --new-classes only go with --make-class-map (which writes the --class-map)")
+    if args.ckpt is None:
+        raise SystemExit("transfer.py: --ckpt PATH is required (or --make-class-map to write a class map)")
+    if args.class_map is not None and args.num_classes is None:
+        raise SystemExit("--class-map needs --num-classes (the new class count, 21841 for ImageNet-22k)")
+    cmap = read_class_map(args.class_map) if args.class_map else None  # before the checkpoint: fail fast
     torch.manual_seed(args.seed)
     ck = models.read_checkpoint(args.ckpt)
     if "spec" not in ck:
@@ -362,8 +478,8 @@ def main(argv=None):
     spec, sd = ck["spec"], ck.get("ema", ck.get("model"))  # EMA weights: what train.py --init-from prefers
     reports, flags = {}, {}
     if args.num_classes is not None:
-        cmap = json.load(open(args.class_map)) if args.class_map else None
-        spec, sd, reports["classes"], f = transfer_classes(spec, sd, args.num_classes, cmap)
+        spec, sd, reports["classes"], f = transfer_classes(spec, sd, args.num_classes, cmap,
+                                                           where=f"--class-map {args.class_map}")
         flags.update(f)
     if args.to_text:
         spec, sd, reports["text"], f = transfer_to_text(spec, sd, args.text_encoder, args.text_encoder_path,
