@@ -17,6 +17,7 @@ The sampling step is one denoiser call with the three guidance branches of Eq. 2
 """
 import argparse
 import contextlib
+import functools
 import gc
 import io
 import json
@@ -548,7 +549,13 @@ def saved_bytes(model_kw, B, R, text, fake=True):
 
 
 def measure_memory(run_flags):
-    """The run's model (train.py --print-config) -> dict(params, fixed_gib, act_gib per image, global_batch)."""
+    """The run's model (train.py --print-config) -> dict(params, fixed_gib, act_gib per image, global_batch,
+    bf16_gib). Deterministic (shapes only), so it is computed once per process and flags."""
+    return dict(_measure_memory(tuple(run_flags)))
+
+
+@functools.lru_cache(maxsize=None)
+def _measure_memory(run_flags):
     cfg = print_config(["--size", "XL", *run_flags])
     kw, args = dict(cfg["spec"]["model"]), cfg["args"]
     text = args["semantic"] == "text"

@@ -7,6 +7,7 @@ The paper's findings in miniature: one subcommand per table, each a set of runs 
     python reproduce.py flip        # §3.3 / Fig. 6: flip augmentation with vs without flip in phi: left/right
     python reproduce.py transfer    # Fig. 8 / Tab. A3: pre-train at R, transfer to 2R, fine-tune; lam sweep (Eq. 4)
     python reproduce.py all         # the five in order, then their tables rewritten in RESULTS.md
+    python reproduce.py captions    # levers of the text runs (flips, crops): do shape and side follow the caption?
     python reproduce.py control --seeds 0 1 2 3 --steps 3000 --out-dir runs/repro   # more seeds, longer runs
     python reproduce.py transfer --dry-run                                          # the commands and a time estimate
 
@@ -61,7 +62,12 @@ STUDIES = ("control", "guidance", "padding", "flip", "transfer")
 # each study's defaults (steps per training run; transfer: fine-tune steps), sized by estimate() for <= 30 min at
 # REF_STEPS_PER_S with 3 seeds and N = 500 (see --dry-run); explicit flags win
 STUDY_DEFAULTS = {"control": dict(steps=700), "guidance": dict(steps=1800), "padding": dict(steps=600),
-                  "flip": dict(steps=1100), "transfer": dict(steps=200, ref_max=400)}
+                  "flip": dict(steps=1100), "transfer": dict(steps=200, ref_max=400), "captions": dict(steps=500)}
+# captions (not a paper table: what makes a tiny text run follow its caption): (row, train.py flags, steps at the
+# default --steps, what the row changes against the text studies' runs)
+LEVERS = [("baseline", [], 500, "the padding / flip runs: random global crops, random flips (flip in φ)"),
+          ("no-flip", ["--no-flip"], 500, "no flips: a crop shows the side its caption says unless the crop moves it"),
+          ("center", ["--crop", "center"], 500, "centre crops, never flipped: the crop's side is the caption's")]
 TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embedded captions, no download
 # sampling steps of every evaluation (DDIM; Euler for rf, the tiny default): 25 so that three seeds at N = 500 fit
 # the budget (deviation: Fig. 8 uses 50, the paper's FID protocol 250)
@@ -95,6 +101,9 @@ CLAIMS = {
                 ("replicate padding beats zero padding (Tab. 3: CLIP 26.25 → 26.47)", "caption_mean", "zero",
                  "replicate", +1)],
     "flip": [("flip in φ lets the model follow left/right (Fig. 6)", "caption_side", "no-flip", "flip", +1)],
+    "captions": [("training without flips makes side follow the caption", "caption_side", "baseline", "no-flip", +1),
+                 ("centre crops without flips make side follow the caption", "caption_side", "baseline", "center",
+                  +1)],
     "transfer": [("extrapolated PE is worse than resampled (Fig. 8a)", "judge_acc@{final}", "baseline", "extrapolate",
                   -1),
                  ("no Eq. 3 rescale is worse (Fig. 8b)", "judge_acc@{final}", "baseline", "no-rescale", -1),
@@ -396,6 +405,29 @@ def flip(study):
     return res
 
 
+def captions(study):
+    """Which levers make a text run follow its caption (side above all, which flip needs): the padding/flip runs'
+    setting (the tiny tower, random global crops, random flips) against one change each, on the balanced left/right
+    prompts. Not one of the paper's tables: it decides what the text studies can show at CPU scale."""
+    a, rows, res = study.args, [], {}
+    study.results = res
+    for name, flags, steps, what in LEVERS:
+        m = study.seeds(lambda s: study.evaluate(
+            study.train(name, s, TEXT + flags, steps=steps * a.steps // STUDY_DEFAULTS["captions"]["steps"])
+            + "/ckpt.pt", "leftright", ["--prompts", "leftright", "--size-cond", "center", "--no-clip",
+                                        "--caption-agreement"], fid=False))
+        res[name] = m
+        rows.append([name, " ".join(flags) or "(the text studies' runs)", what, *caption_cols(m)])
+    write_table(study, "Text runs that follow their captions: levers", ["lever", "flags", "what it changes",
+                                                                        "shape", "side (left/right)", "colour",
+                                                                        "mean"], rows,
+                [setting(a).split("; FID")[0] + "; FID off", f"every run: {' '.join(TEXT)}; captions describe the "
+                 "unflipped original", "prompts: the balanced 'a <colour> <shape> on the <left/right>' set "
+                 "(evaluate.py --prompts leftright), sampled with flip = 0 and the centre-crop view in φ",
+                 CAPTION_NOTE, "each lever's verdict: its side agreement against the baseline's, by the rule"])
+    return res
+
+
 def finetune_flags(printed, out):
     """The flags transfer.py prints after `--init-from <out>` on its 'fine-tune:' line."""
     line = next(ln for ln in printed.splitlines() if ln.startswith("fine-tune:"))
@@ -541,8 +573,9 @@ def estimate(plan, a):
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=[*STUDIES, "all"], help="which table to make; all: the five in order, then "
-                   "their blocks in --results rewritten")
+    p.add_argument("study", choices=[*STUDIES, "captions", "all"], help="which table to make; all: the five in "
+                   "order, then their blocks in --results rewritten; captions: which levers make the tiny text runs "
+                   "follow their captions (not in all)")
     # runs
     p.add_argument("--steps", type=int, default=None, help="training steps per run (transfer: fine-tune steps) "
                    f"(default: per study, {dict((k, v['steps']) for k, v in STUDY_DEFAULTS.items())})")

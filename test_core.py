@@ -1964,9 +1964,9 @@ def test_caption_agreement():
 
 
 def test_reproduce_smoke(tmp_path):
-    """Every study of reproduce.py runs end to end at a few steps (16 px, 2 samples, FID on for one study on a
-    handful of images) in this process, writes its table and JSON (and the transfer figures), and a rerun skips
-    every run and evaluation (no new command)."""
+    """What test_reproduce_all leaves out: control with AlexNet LPIPS and FID (on a handful of images) and the
+    captions levers, each at a few steps (16 px, 2 samples) in this process, writing its table and JSON; a rerun
+    skips every run and evaluation (no new command); every study's defaults fit the budget (--dry-run)."""
     alex = tmp_path / "alex.pth"
     torch.save({f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}, alex)
     common = ["--seeds", "0", "--steps", "2", "--num-samples", "2", "--eval-steps", "2", "--eval-batch", "4", "--judge-train", "256",
@@ -1974,9 +1974,7 @@ def test_reproduce_smoke(tmp_path):
               str(tmp_path / "cache"), "--lpips-alex-path", str(alex), "--train-args",
               "--resolution 16 --global-batch 4 --warmup 1 --sample-every 0 --log-every 1 --no-progress",
               "--eval-args", "--judge-heldout 20"]
-    studies = {"control": ["--lpips-prompts", "1", "--fid", "--ref-max", "4"], "guidance": ["--no-fid"],
-               "padding": ["--no-fid"], "flip": [], "transfer": ["--no-fid", "--low-res", "8", "--ft-evals", "1",
-                                                                 "--lams", "1.5", "2"]}
+    studies = {"control": ["--lpips-prompts", "1", "--fid", "--ref-max", "4"], "captions": []}
     for study, flags in studies.items():
         reproduce.main([study] + common + flags)
         out = tmp_path / "repro" / study
@@ -1990,30 +1988,9 @@ def test_reproduce_smoke(tmp_path):
     ctl = json.load(open(tmp_path / "repro" / "control" / "control.json"))["results"]
     assert set(ctl) == {"uniform", "cosine"} and all(np.isfinite(ctl[k]["lpips"][0]) and
                                                      np.isfinite(ctl[k]["fid"][0]) for k in ctl)
-    pad = json.load(open(tmp_path / "repro" / "padding" / "padding.json"))["results"]
-    assert set(pad) == {"zero", "replicate", "noisy"} and 0 <= pad["zero"]["caption_side"][0] <= 1
-    tr = json.load(open(tmp_path / "repro" / "transfer" / "transfer.json"))["results"]
-    assert set(tr["curves"]) == {"baseline", "extrapolate", "no-rescale", "local"}
-    assert "judge_acc@2" in tr["curves"]["local"] and (tmp_path / "repro" / "transfer" / "transfer_judge.png").exists()
-    # each fine-tune run differs from the baseline's in one flag only (local: its pre-training does, by --crop)
-    def flags(cmd):
-        t = shlex.split(cmd)[2:]
-        out = {}
-        for k, a in enumerate(t):  # argparse semantics: the last occurrence wins
-            if a.startswith("--"):
-                out[a] = t[k + 1] if k + 1 < len(t) and not t[k + 1].startswith("--") else True
-        return {k: v for k, v in out.items() if k not in ("--out-dir", "--init-from")}
-    cmds = [c for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
-            if c.startswith("python train.py") and "--max-steps 2 " in c]
-    ft = {re.search(r"ft16_([a-z-]+)_s0", c).group(1): flags(c) for c in cmds if "ft16_" in c}
-    base = ft["baseline"]
-    assert base["--resolution"] == "16" and base["--pe-base"] == "4" and float(base["--schedule-scale"]) == 2
-    diff = {name: {k for k in set(base) | set(f) if base.get(k) != f.get(k)} for name, f in ft.items()}
-    assert diff == {"baseline": set(), "extrapolate": {"--pe-grid"}, "no-rescale": {"--schedule-scale"}, "local": set()}
-    pre = [flags(c) for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
-           if "/pre8" in c and c.startswith("python train.py")]
-    assert len(pre) == 2 and {k for k in set(pre[0]) | set(pre[1]) if pre[0].get(k) != pre[1].get(k)} == {"--crop"}
-    for study in studies:  # each study's defaults fit the 30-minute budget at the slow machine's rate (--dry-run)
+    cap = json.load(open(tmp_path / "repro" / "captions" / "captions.json"))["results"]
+    assert set(cap) == {name for name, *_ in reproduce.LEVERS} and 0 <= cap["center"]["caption_side"][0] <= 1
+    for study in [*reproduce.STUDIES, "captions"]:  # each study's defaults fit 30 min at the slow machine's rate
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             reproduce.main([study, "--dry-run", "--out-dir", str(tmp_path / "dry")])
@@ -2269,7 +2246,8 @@ _SD_VAE_PARAMS = 83_653_863
 _D, _L = 768, 12
 _CLIP_L_TEXT_PARAMS = (49408 * _D + 77 * _D + _L * (4 * _D * _D + 4 * _D + 4 * _D + 2 * 4 * _D * _D + 4 * _D + _D)
                        + 2 * _D + _D * _D + 1)
-_slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="XL forwards, minutes: RUN_SLOW=1")
+_slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="real-size runs beyond the suite's 10 minutes: "
+                           "RUN_SLOW=1 (bench.py --suite scale runs them all)")
 
 
 def _spy_parts(monkeypatch):
@@ -2294,11 +2272,12 @@ def _spy_parts(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("path", ["image", "text"])
+@pytest.mark.parametrize("path", [pytest.param("image", marks=_slow), "text"])  # text: every part image has, + CLIP
 def test_scale_step(tmp_path, monkeypatch, path):
     """One `--recipe ours --size B` step at 256 px through the real pipeline (JPEG folder of varied sizes or
     img2dataset shards -> SD-VAE architecture [-> CLIP-L, 77 tokens, noisy padding] -> mmDiT-B -> AdamW) in this
-    process, then the same step on 2 gloo ranks: the weights must agree to fp32 rounding."""
+    process; the text path then takes the same step on 2 gloo ranks, which must give the same gradient to fp32
+    rounding (bench --suite scale compares both paths)."""
     torch.manual_seed(0)
     src = (bench.write_imagefolder(str(tmp_path / "in")) if path == "image"
            else bench.write_wds_shards(str(tmp_path / "shards")))
@@ -2320,6 +2299,8 @@ def test_scale_step(tmp_path, monkeypatch, path):
     fresh = models.build_model(**spec["model"]).state_dict()
     moved = max((one["model"][k] - fresh[k]).abs().max().item() for k in fresh if "final" in k)
     assert moved > 1e-4, "the step did not change the weights: the comparison below would be vacuous"
+    if path == "image":  # the 2-rank comparison runs on the text path, which holds every part the image path has
+        return
     # 2 gloo ranks x 1 image = the same global batch, the same chunks and noise
     bench.run_train(bench.scale_argv(path, src, str(tmp_path / "two"), ranks=2), ranks=2)
     two = torch.load(tmp_path / "two" / "ckpt.pt", map_location="cpu", weights_only=False, mmap=True)
@@ -2841,7 +2822,8 @@ def test_study_verdict_boundary():
 
 def test_reproduce_all(tmp_path):
     """`reproduce.py all` at a few steps with 2 seeds runs the five studies and writes their blocks, each with mean ±
-    sd cells and a verdict, into --results; a second `all` replaces the blocks and keeps the text around them."""
+    sd cells and a verdict, into --results; transfer's fine-tune runs differ from the baseline's in one flag each;
+    a second `all` replaces the blocks and keeps the text around them."""
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\nkept before\n\n<!-- reproduce:flip -->\nold flip table\n<!-- /reproduce:flip -->"
                        "\n\nkept after\n")
@@ -2861,6 +2843,29 @@ def test_reproduce_all(tmp_path):
         assert re.search(r"\*\*(reproduced|contradicted|within noise)\*\*", body), study
         assert "estimate for" in body and "wall" in body, study
     assert "old flip table" not in first and "kept before" in first and first.rstrip().endswith("-->")
+    pad = json.load(open(tmp_path / "repro" / "padding" / "padding.json"))["results"]
+    assert set(pad) == {"zero", "replicate", "noisy"} and all(0 <= v <= 1 for v in pad["zero"]["caption_side"])
+    tr = json.load(open(tmp_path / "repro" / "transfer" / "transfer.json"))["results"]
+    assert set(tr["curves"]) == {"baseline", "extrapolate", "no-rescale", "local"}
+    assert "judge_acc@2" in tr["curves"]["local"] and (tmp_path / "repro" / "transfer" / "transfer_judge.png").exists()
+    # each fine-tune run differs from the baseline's in one flag only (local: its pre-training does, by --crop)
+    def flags(cmd):
+        t = shlex.split(cmd)[2:]
+        out = {}
+        for k, a in enumerate(t):  # argparse semantics: the last occurrence wins
+            if a.startswith("--"):
+                out[a] = t[k + 1] if k + 1 < len(t) and not t[k + 1].startswith("--") else True
+        return {k: v for k, v in out.items() if k not in ("--out-dir", "--init-from")}
+    cmds = [c for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
+            if c.startswith("python train.py") and "--max-steps 2 " in c]
+    ft = {re.search(r"ft16_([a-z-]+)_s0", c).group(1): flags(c) for c in cmds if "ft16_" in c and "_s0" in c}
+    base = ft["baseline"]
+    assert base["--resolution"] == "16" and base["--pe-base"] == "4" and float(base["--schedule-scale"]) == 2
+    diff = {name: {k for k in set(base) | set(f) if base.get(k) != f.get(k)} for name, f in ft.items()}
+    assert diff == {"baseline": set(), "extrapolate": {"--pe-grid"}, "no-rescale": {"--schedule-scale"}, "local": set()}
+    pre = [flags(c) for c in (tmp_path / "repro" / "transfer" / "commands.sh").read_text().splitlines()
+           if "/pre8" in c and "_s0" in c and c.startswith("python train.py")]
+    assert len(pre) == 2 and {k for k in set(pre[0]) | set(pre[1]) if pre[0].get(k) != pre[1].get(k)} == {"--crop"}
     reproduce.main(argv)  # everything is on disk: no run, the same blocks rewritten in place
     second = results.read_text()
     for study in reproduce.STUDIES:
