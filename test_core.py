@@ -1693,6 +1693,17 @@ def _e2e_original(i):
     return img.resize((max(8, img.width // 3), max(8, img.height // 3))), cap
 
 
+def _tiny_clip(root, name, out):
+    """A seeded random 1-layer open_clip model registered as `name` (its config in root), saved to out: the
+    CLIPScore network of the offline tests."""
+    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
+    (root / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(root / f"{name}.json"))
+    torch.manual_seed(0)
+    torch.save({"state_dict": open_clip.create_model(name).state_dict()}, out)
+
+
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
     """Every source on disk (image folder of 12 classes, caption folder, 2 wds shards, latent shards of the image
@@ -1726,12 +1737,7 @@ def e2e(tmp_path_factory):
             ds = data.build_dataset(src["source"], src["path"], resolution=32, seed=0, length=12)
             data.extract_latents(ds, vae, str(root / f"latents_{sem}"), vae_name="tiny", source=src)
             paths[f"latents_{sem}"] = str(root / f"latents_{sem}")
-    clip_cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
-                    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    (root / "e2e-tiny-clip.json").write_text(json.dumps(clip_cfg))
-    open_clip.add_model_config(str(root / "e2e-tiny-clip.json"))
-    torch.manual_seed(0)
-    torch.save({"state_dict": open_clip.create_model("e2e-tiny-clip").state_dict()}, root / "tiny_clip.pt")
+    _tiny_clip(root, "e2e-tiny-clip", root / "tiny_clip.pt")
     feats = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
     torch.save(feats, root / "alex.pth")
     return dict(paths=paths, root=root, clip=["--clip-model", "e2e-tiny-clip", "--clip-pretrained",
@@ -2551,12 +2557,7 @@ def prompt_runs(tmp_path_factory):
         train.main([*_PROMPT_RUN, "--out-dir", str(root / "class")])
     finally:
         torch.set_num_threads(n)
-    cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
-               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
-    (root / "prompts-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(str(root / "prompts-tiny-clip.json"))
-    torch.manual_seed(0)
-    torch.save({"state_dict": open_clip.create_model("prompts-tiny-clip").state_dict()}, root / "clip.pt")
+    _tiny_clip(root, "prompts-tiny-clip", root / "clip.pt")
     rng = np.random.default_rng(0)
     (root / "coco_val").mkdir()
     for i in range(4):  # stands in for COCO val2014: images of another size, centre-cropped to 16 by the reader
