@@ -507,7 +507,6 @@ def scale_suite(args):
 # allocator's fragmentation, and the plan fills PLAN_FILL of the rest.
 CARDS = {"A100-40GB": 40.0, "A100-80GB": 80.0, "H100-80GB": 79.6, "H200": 140.4}
 PLAN_RESERVE, PLAN_FILL, PLAN_GPUS = 2.0, 0.9, 8
-PAPER_BATCH_256 = 2048  # §4: the global batch at 256 px (train.PAPER_BATCH; a script is not imported)
 BYTES_PER_PARAM = 20  # fp32: weights 4 + grads 4 (the DDP buckets) + AdamW moments 8 + EMA 4
 PLAN_RUNS = {  # name -> train.py flags of the paper's run (the recipe's own defaults otherwise)
     "ImageNet-1k 256 (class)": ["--num-classes", "1000"],
@@ -621,7 +620,7 @@ def gpu_train_argv(data_path, out_dir, per_card, accum, steps, cuda=True):
             "--no-progress", "--out-dir", out_dir] + (["--compile"] if cuda else ["--device", "cpu"])
 
 
-def gpu_train_report(log_path, card, planned, global_batch=PAPER_BATCH_256):
+def gpu_train_report(log_path, card, planned, global_batch):
     """One row from a run's log.jsonl: img/s and MFU of the last log window, peak memory (GiB) against the plan,
     the first and last loss, whether every logged loss was finite, and the hours per 100k steps that img/s gives
     on PLAN_GPUS cards of this kind at the recipe's global batch (ideal scaling: no communication cost)."""

@@ -2445,7 +2445,7 @@ def test_gpu_train_ready(tmp_path, monkeypatch, capsys):
     train.main(["--size", "tiny", "--data", "latents", "--data-path", str(tmp_path / "lat"), "--global-batch", "4",
                 "--max-steps", "3", "--log-every", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",
                 "--out-dir", str(tmp_path / "run")])
-    row = bench.gpu_train_report(str(tmp_path / "run" / "log.jsonl"), "cpu", planned=None)
+    row = bench.gpu_train_report(str(tmp_path / "run" / "log.jsonl"), "cpu", None, m["global_batch"])
     assert row["steps"] == 3 and row["finite"] and row["img_per_s"] > 0
     assert row["hours_per_100k"] == pytest.approx(100_000 * 2048 / (bench.PLAN_GPUS * row["img_per_s"]) / 3600, rel=1e-12)
 
