@@ -57,7 +57,7 @@ SOURCE_PATHS = {"imagefolder": "a root/<class>/<image> folder", "captions": "a f
                 "wds": "tar shards: a folder, a glob or dir/{00000..00099}.tar",
                 "latents": "a folder written by python data.py --out"}  # what --data-path is, per source
 CROP_RANGES = {"global": (0.9, 1.0), "local": (0.4, 0.6), "mix": (0.4, 1.0)}  # §2.2, Fig. 8c: side = u * min(H, W)
-CROPS = (*CROP_RANGES, "center")  # center: evaluation
+CROPS = (*CROP_RANGES, "center")  # center: the centred min(H, W) square (evaluation's view; training may use it)
 FLIP_P = 0.5
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # embedded dataset: 10 shapes x 8 colours, left/right placement, varied original sizes (§3.3: flip matters)
@@ -199,7 +199,7 @@ class _Augmented:
         rng = np.random.default_rng([self.seed, self.epoch, *index])  # deterministic given (seed, epoch, index)
         w, h = img.size
         top, left, side = sample_crop(h, w, self.crop, rng)
-        flip = bool(self.flip and self.crop != "center" and rng.random() < FLIP_P)
+        flip = bool(self.flip and rng.random() < FLIP_P)  # evaluation sets build with flip=False
         vals = dict(crop_top=top, crop_left=left, flip=float(flip), orig_h=h, orig_w=w)
         phi = torch.tensor([vals[k] for k in PHI_KEYS], dtype=torch.float32)  # (5,) original-image pixels
         return {"image": crop_image(img, top, left, side, flip, self.resolution), "phi": phi, "crop_size": side,

@@ -34,9 +34,11 @@ How the scripts are called: this file imports only library files (data.py). Each
 `main(argv)` with the same argv, as test_core.py does, for the smoke test. Either way the interface is the CLI, and
 the fine-tune flags of `transfer` are read from what transfer.py prints.
 
-Default sizes (`--steps` per study, 3 seeds, N = 500) aim at <= 30 min on the 2-core CPU; `--dry-run` prints the
-estimate from the bench reference rate (`--steps-per-s`, default 2.5 = bench.py's REF_STEPS_PER_S for the default
-job; pass what `python bench.py --suite cpu-default` prints on your machine) and the measured FID-network cost.
+Default sizes (`--steps` per study, 3 seeds, N = 500) aim at <= 30 min on a 2-core Zen 4 (5.7 steps/s of the
+default job in bench.py; the slow Zen 1 at 2.5 steps/s takes up to 2.3x as long); `--dry-run` prints the estimate
+at `--steps-per-s` (default 2.5 = bench.py's REF_STEPS_PER_S for the default job; pass what
+`python bench.py --suite cpu-default` prints on your machine) and at the Zen 4's rate, from a time model fitted to
+runs timed there (see CAL_STEPS_PER_S).
 """
 import argparse
 import contextlib
@@ -60,26 +62,37 @@ import data
 REPO = os.path.dirname(os.path.abspath(__file__))
 STUDIES = ("control", "guidance", "padding", "flip", "transfer")
 # each study's defaults (steps per training run; transfer: fine-tune steps), sized by estimate() for <= 30 min at
-# REF_STEPS_PER_S with 3 seeds and N = 500 (see --dry-run); explicit flags win
+# CAL_STEPS_PER_S with 3 seeds and N = 500 (see --dry-run; at the slow machine's REF_STEPS_PER_S a study takes up to
+# 2.3x that); explicit flags win
 STUDY_DEFAULTS = {"control": dict(steps=700), "guidance": dict(steps=1800), "padding": dict(steps=600),
                   "flip": dict(steps=1100), "transfer": dict(steps=200, ref_max=400), "captions": dict(steps=500)}
 # captions (not a paper table: what makes a tiny text run follow its caption): (row, train.py flags, steps at the
 # default --steps, what the row changes against the text studies' runs)
 LEVERS = [("baseline", [], 500, "the padding / flip runs: random global crops, random flips (flip in φ)"),
           ("no-flip", ["--no-flip"], 500, "no flips: a crop shows the side its caption says unless the crop moves it"),
-          ("center", ["--crop", "center"], 500, "centre crops, never flipped: the crop's side is the caption's")]
+          ("center", ["--crop", "center", "--no-flip"], 500, "centre crops, no flips: the crop's side is the "
+           "caption's")]
 TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embedded captions, no download
+# the text studies train on centre crops (the captions study: random global crops move the object across the crop,
+# so its side stops following the caption): padding without flips, flip with them (the flip is then the only thing
+# that contradicts a caption's side, and φ says when)
+CENTER = ["--crop", "center"]
 # sampling steps of every evaluation (DDIM; Euler for rf, the tiny default): 25 so that three seeds at N = 500 fit
 # the budget (deviation: Fig. 8 uses 50, the paper's FID protocol 250)
 EVAL_STEPS = 25
 SEEDS, NUM_SAMPLES, AUX_SAMPLES = [0, 1, 2], 500, 100  # repeats; images of a deciding / of any other evaluation
 LOW_RES = data.RESOLUTION // 2  # transfer: pre-train at half the default job's resolution, fine-tune at it
-# time model of --dry-run: bench.py's reference rate of the default job (mmDiT-tiny, 24 px, batch 32, fp32); a
-# guided sampling step of one image (3 branches, forward only) costs about one training image (forward + backward);
-# cost grows with the token count (resolution / 24)^2; TF-Inception on 2 CPU cores: 0.32 s per image (RESULTS.md: 5000
-# reference images in ~27 min)
-REF_STEPS_PER_S, REF_RES, REF_BATCH, INCEPTION_S, JUDGE_S, BUDGET_S = 2.5, 24, 32, 0.32, 60, 1800
+# time model of --dry-run, fitted to runs timed alone on a 2-core AMD EPYC Zen 4 where bench.py's default job makes
+# CAL_STEPS_PER_S (mmDiT-tiny, 24 px, batch 32, fp32); every term scales with CAL_STEPS_PER_S / --steps-per-s. A
+# training step costs (resolution / 24)^TOKEN_EXP of the bench step (300 steps at 16 px: 36.5 s with START_S of
+# start-up and saving); a guided sampling step of one image costs SAMPLE_COST training images (500 images x 25 steps:
+# 31 s); a text run (77 tokens of the tiny tower besides the image's) costs TEXT_COST times a class run, in training
+# (175 vs 330 img/s) and sampling (55 vs 24 s); the judge trains once per study (JUDGE_S); TF-Inception on 2 CPU
+# cores: 0.32 s per image (RESULTS.md: 5000 reference images in ~27 min), not scaled
+CAL_STEPS_PER_S, TOKEN_EXP, SAMPLE_COST, TEXT_COST, START_S, JUDGE_S = 5.72, 1.5, 0.63, 2.0, 7.0, 51.0
+REF_STEPS_PER_S, REF_RES, REF_BATCH, INCEPTION_S, BUDGET_S = 2.5, 24, 32, 0.32, 1800
 REF_MACHINE = "the Zen 1 (2-core AMD EPYC, AVX2)"  # RESULTS.md's slow machine, where REF_STEPS_PER_S was measured
+CAL_MACHINE = "the Zen 4 (2-core AMD EPYC, AVX-512)"  # where the time model was fitted and the budget applies
 
 # one rule turns the per-seed numbers of a claim into its verdict; RESULTS.md quotes this text
 VERDICT_RULE = ("Δ = treatment − baseline, paired by training seed; over the n seeds where both rows have the "
@@ -369,15 +382,16 @@ def padding(study):
     a, rows, res = study.args, [], {}
     study.results = res
     for pad in ("zero", "replicate", "noisy"):
-        flags = TEXT + ["--text-pad", pad]
+        flags = TEXT + CENTER + ["--no-flip", "--text-pad", pad]
         m = study.seeds(lambda s: study.evaluate(study.train(pad, s, flags) + "/ckpt.pt", "padding",
                                                  ["--size-cond", "center", "--no-clip", "--caption-agreement"]))
         res[pad] = m
         rows.append([pad, f"--text-pad {pad}", fmt(m.get("fid"), 1), *caption_cols(m), PAPER["padding"][pad]])
     write_table(study, "Text padding (Tab. 3)", ["padding", "flag", "FID", "shape", "side", "colour", "mean",
                                                   "paper (CC12M-256)"], rows,
-                [setting(a), f"every run: {' '.join(TEXT)} (a seeded random 2-layer text tower; the paper uses "
-                 "CLIP ViT-L/14, and reports CLIPScore where we report caption agreement)", CAPTION_NOTE,
+                [setting(a), f"every run: {' '.join(TEXT + CENTER)} --no-flip (a seeded random 2-layer text tower; "
+                 "the paper uses CLIP ViT-L/14, and reports CLIPScore where we report caption agreement; centre crops "
+                 "without flips: the setting in which the captions study's runs follow side)", CAPTION_NOTE,
                  "noisy = the recipe's default (β_txt 0.02); replicate = no noise",
                  f"the verdicts are decided by the mean caption agreement at N = {a.num_samples} (the stand-in for "
                  "the paper's CLIPScore)"])
@@ -385,11 +399,13 @@ def padding(study):
 
 
 def flip(study):
-    """§3.3 / Fig. 6: flip augmentation on in both runs; the second drops flip from φ (--control crop size)."""
+    """§3.3 / Fig. 6: centre crops with flip augmentation in both runs; the second drops flip from φ (--control crop
+    size). Centre crops keep the object on its caption's side, so a flip is the only thing that contradicts it."""
     a, rows, res = study.args, [], {}
     study.results = res
     for name, flags in (("flip", []), ("no-flip", ["--control", "crop", "size"])):
-        m = study.seeds(lambda s: study.evaluate(study.train(name, s, TEXT + flags) + "/ckpt.pt", "leftright",
+        m = study.seeds(lambda s: study.evaluate(study.train(name, s, TEXT + CENTER + flags) + "/ckpt.pt",
+                                                 "leftright",
                                                  ["--prompts", "leftright", "--size-cond", "center", "--no-clip",
                                                   "--caption-agreement"], fid=False))
         res[name] = m
@@ -397,8 +413,9 @@ def flip(study):
                      PAPER["flip"][name]])
     write_table(study, "Flip conditioning (§3.3, Fig. 6, Tab. 2c)", ["φ", "flag", "shape", "side (left/right)",
                                                                      "colour", "mean", "paper"], rows,
-                [setting(a).split("; FID")[0] + "; FID off", f"every run: {' '.join(TEXT)}, random flips p = 0.5 "
-                 "(the default); captions describe the unflipped original",
+                [setting(a).split("; FID")[0] + "; FID off", f"every run: {' '.join(TEXT + CENTER)}, random flips "
+                 "p = 0.5 (the default); captions describe the unflipped original, and a centre crop keeps the "
+                 "object on its caption's side, so the flip is the only thing that contradicts the caption",
                  "prompts: the balanced 'a <colour> <shape> on the <left/right>' set (evaluate.py --prompts "
                  "leftright), sampled with flip = 0 in φ", CAPTION_NOTE,
                  f"the verdict is decided by the side agreement at N = {a.num_samples}"])
@@ -546,28 +563,31 @@ def transfer(study):
 
 # ----------------------------------------------------------------------------- time estimate (--dry-run)
 def estimate(plan, a):
-    """Seconds of the planned commands on the reference machine: training steps scaled by tokens, guided sampling
-    as training images, the FID network per image, the judge and the held-out reference once."""
-    rate, total = a.steps_per_s, 0.0
-    res = {}
+    """Seconds of the planned commands at --steps-per-s (the time model above): training steps and guided sampling
+    scaled by tokens and text, start-up per command, the FID network per image, the judge and the held-out reference
+    once per resolution."""
+    rate, slow = a.steps_per_s, CAL_STEPS_PER_S / a.steps_per_s
+    total, res = 0.0, {}
     for script, argv in plan:
         opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+        total += START_S * slow
         if script == "train":
             r = int(opt.get("--resolution", data.RESOLUTION))
-            res[opt["--out-dir"]] = r
+            text = TEXT_COST if opt.get("--semantic") == "text" else 1.0
+            res[opt["--out-dir"]] = (r, text)
             prev = res.get(opt["--out-dir"] + ":steps", 0)  # fine-tune segments resume
             steps = int(opt["--max-steps"]) - prev
             res[opt["--out-dir"] + ":steps"] = int(opt["--max-steps"])
-            total += steps / rate * (r / REF_RES) ** 2
+            total += steps / rate * (r / REF_RES) ** TOKEN_EXP * text
         elif script == "evaluate":
             ck = opt["--ckpt"]
-            r = res.get(os.path.dirname(ck), 2 * a.low_res if "_init" in ck else data.RESOLUTION)
+            r, text = res.get(os.path.dirname(ck), (2 * a.low_res if "_init" in ck else data.RESOLUTION, 1.0))
             n, s = int(opt["--num-samples"]), int(opt["--steps"])
             lp = int(opt.get("--lpips-prompts", 0)) * 5
-            total += (n + lp) * s / REF_BATCH / rate * (r / REF_RES) ** 2
+            total += (n + lp) * s * SAMPLE_COST / REF_BATCH / rate * (r / REF_RES) ** TOKEN_EXP * text
             total += INCEPTION_S * n if "--no-fid" not in argv else 0
     n_res = len({2 * a.low_res, a.low_res}) if a.study == "transfer" else 1  # held-out references, cached after
-    total += JUDGE_S * n_res + (INCEPTION_S * (a.ref_max + a.num_samples) * n_res if a.fid else 0)
+    total += JUDGE_S * slow * n_res + (INCEPTION_S * (a.ref_max + a.num_samples) * n_res if a.fid else 0)
     return total
 
 
@@ -658,8 +678,10 @@ def run_study(args):
     res = globals()[args.study](study)
     wall, ran = time.time() - t0, study.run.ran
     est = estimate(study.run.plan, args)
+    on_cal = estimate(study.run.plan, argparse.Namespace(**{**vars(args), "steps_per_s": CAL_STEPS_PER_S}))
     print(f"\n{args.study}: {len(study.run.plan)} commands; estimated {est / 60:.0f} min at {args.steps_per_s:g} "
-          f"steps/s of the default job" + ("" if est <= BUDGET_S else " (over the 30 min budget)"))
+          f"steps/s of the default job; {on_cal / 60:.0f} min on {CAL_MACHINE} at {CAL_STEPS_PER_S:g}, where the "
+          f"budget is {BUDGET_S // 60} min" + ("" if on_cal <= BUDGET_S else " (over the budget)"))
     if args.dry_run:
         return None
     path = os.path.join(study.out, f"{args.study}.json")
@@ -719,9 +741,11 @@ def result_block(args, argv, md, wall, ran):
     heading level down (RESULTS.md nests the studies under a section)."""
     cmd = shlex.join(["python", "reproduce.py", *[args.study if t == "all" else t for t in argv]])
     est = full_estimate(args)
+    on_cal = full_estimate(argparse.Namespace(**{**vars(args), "steps_per_s": CAL_STEPS_PER_S}))
     head = (f"*{datetime.date.today().isoformat()}, {machine()}.* `{cmd}`: {minsec(wall)} wall ({ran} commands; the "
-            f"rest, if any, reused from disk); `--dry-run` estimate for {REF_MACHINE} at {args.steps_per_s:g} "
-            f"steps/s: {est / 60:.0f} min (budget {BUDGET_S // 60} min).")
+            f"rest, if any, reused from disk); `--dry-run` estimate: {est / 60:.0f} min for {REF_MACHINE} at "
+            f"{args.steps_per_s:g} steps/s, {on_cal / 60:.0f} min for {CAL_MACHINE} at {CAL_STEPS_PER_S:g} (budget "
+            f"{BUDGET_S // 60} min there).")
     table = "\n".join("#" + ln if ln.startswith("#") else ln for ln in md.splitlines())
     return head + "\n\n" + table
 
