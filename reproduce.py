@@ -564,11 +564,12 @@ def transfer(study):
 
 
 # ----------------------------------------------------------------------------- time estimate (--dry-run)
-def estimate(plan, a):
-    """Seconds of the planned commands at --steps-per-s (the time model above): training steps and guided sampling
-    scaled by tokens and text, start-up per command, the FID network per image, the judge and the held-out reference
-    once per resolution."""
-    rate, slow = a.steps_per_s, CAL_STEPS_PER_S / a.steps_per_s
+def estimate(plan, a, rate=None):
+    """Seconds of the planned commands at `rate` steps/s of the default job (default: --steps-per-s), by the time
+    model above: training steps and guided sampling scaled by tokens and text, start-up per command, the FID network
+    per image, the judge and the held-out reference once per resolution."""
+    rate = rate or a.steps_per_s
+    slow = CAL_STEPS_PER_S / rate
     total, res = 0.0, {}
     for script, argv in plan:
         opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
@@ -680,7 +681,7 @@ def run_study(args):
     res = globals()[args.study](study)
     wall, ran = time.time() - t0, study.run.ran
     est = estimate(study.run.plan, args)
-    on_cal = estimate(study.run.plan, argparse.Namespace(**{**vars(args), "steps_per_s": CAL_STEPS_PER_S}))
+    on_cal = estimate(study.run.plan, args, CAL_STEPS_PER_S)
     print(f"\n{args.study}: {len(study.run.plan)} commands; estimated {est / 60:.0f} min at {args.steps_per_s:g} "
           f"steps/s of the default job; {on_cal / 60:.0f} min on {CAL_MACHINE} at {CAL_STEPS_PER_S:g}, where the "
           f"budget is {BUDGET_S // 60} min" + ("" if on_cal <= BUDGET_S else " (over the budget)"))
@@ -699,14 +700,15 @@ def run_study(args):
 
 
 def full_estimate(args):
-    """estimate() of every command the study plans from scratch (a dry run into an empty folder), in seconds."""
+    """estimate() of every command the study plans from scratch (a dry run into an empty folder), in seconds: at
+    --steps-per-s and at CAL_STEPS_PER_S."""
     dry = argparse.Namespace(**{**vars(args), "dry_run": True})
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         dry.out_dir = tmp
         study = Study(dry)
         study.results, study.claims = {}, []
         globals()[dry.study](study)
-        return estimate(study.run.plan, dry)
+        return estimate(study.run.plan, dry), estimate(study.run.plan, dry, CAL_STEPS_PER_S)
 
 
 def machine():
@@ -748,10 +750,10 @@ def result_block(args, argv, md, wall, ran):
     """A study's block: when, where, the command, wall time beside the --dry-run estimate, then its table one
     heading level down (RESULTS.md nests the studies under a section)."""
     cmd = shlex.join(["python", "reproduce.py", *[args.study if t == "all" else t for t in argv]])
-    est = full_estimate(args)
-    on_cal = full_estimate(argparse.Namespace(**{**vars(args), "steps_per_s": CAL_STEPS_PER_S}))
+    est, on_cal = full_estimate(args)
+    where = REF_MACHINE if args.steps_per_s == REF_STEPS_PER_S else "the machine of --steps-per-s"
     head = (f"*{datetime.date.today().isoformat()}, {machine()}.* `{cmd}`: {minsec(wall)} wall ({ran} commands; the "
-            f"rest, if any, reused from disk); `--dry-run` estimate: {est / 60:.0f} min for {REF_MACHINE} at "
+            f"rest, if any, reused from disk); `--dry-run` estimate: {est / 60:.0f} min for {where} at "
             f"{args.steps_per_s:g} steps/s, {on_cal / 60:.0f} min for {CAL_MACHINE} at {CAL_STEPS_PER_S:g} (budget "
             f"{BUDGET_S // 60} min there).")
     table = "\n".join("#" + ln if ln.startswith("#") else ln for ln in md.splitlines())

@@ -81,7 +81,7 @@ def get_parser():
     g.add_argument("--data-path", default=None, help="dataset root / shard pattern (unused for 'embedded')")
     g.add_argument("--resolution", type=int, default=data.RESOLUTION, help="training resolution in pixels (default: "
                    f"{data.RESOLUTION} at --size tiny, the CPU run; 256 at S/B/L/XL, §4)")
-    g.add_argument("--crop", choices=["global", "local", "mix", "center"], default="global",
+    g.add_argument("--crop", choices=data.CROPS, default="global",
                    help="crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2); center: the centred "
                    "min(H,W) square, flipped like the others unless --no-flip (default: global; at "
                    "S/B/L/XL local for --recipe ours, Tab. A4)")
