@@ -42,9 +42,10 @@ import conditioning
 import data
 import diffusion
 import models
+import run
 from conditioning import CONTROL_SIGNALS
 from data import LATENT_CH, VAE_DOWN  # SD VAE: 4 latent channels, 8x down
-from models import FLOP_MAP, autocast, count_flops, device_peak  # FLOP counting, shared with train.py's MFU
+from run import FLOP_MAP, autocast, count_flops, device_peak  # FLOP counting, shared with train.py's MFU
 
 # ----------------------------------------------------------------------------- constants
 NUM_CLASSES = 1000  # ImageNet-1k, for class-conditional archs
@@ -82,7 +83,7 @@ def make_batch(arch, B, R, device, control=True, text=None, pixels=False, classe
     else:
         cond = {"y": torch.randint(0, classes, (B,), generator=g)}
     if control:  # φ in original-image pixels: an uncropped, flipped R x R original
-        cond["phi"] = conditioning.default_phi({"data": {"resolution": R}}, B, flip=True)
+        cond["phi"] = run.default_phi({"data": {"resolution": R}}, B, flip=True)
         cond["keep_ctrl"] = torch.ones(B)
     return x0.to(device), {k: v.to(device) for k, v in cond.items()}
 
@@ -444,7 +445,7 @@ def xl_forward(arch, size, text, vae, encoder, x_img):
         x0 = data.encode(vae, x_img)  # (1, 4, 32, 32)
         cond = (conditioning.encode_text(encoder, SCALE_CAPTIONS[:1], "replicate") if text
                 else {"y": torch.zeros(1, dtype=torch.long)})
-        cond.update(phi=conditioning.default_phi({"data": {"resolution": SCALE_R}}, 1), keep_ctrl=torch.ones(1))
+        cond.update(phi=run.default_phi({"data": {"resolution": SCALE_R}}, 1), keep_ctrl=torch.ones(1))
         t0 = time.perf_counter()
         with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
             eps = model(x0, torch.full((1,), 500, dtype=torch.long), cond)
@@ -640,8 +641,8 @@ def gpu_train(args, device):
     prints the plan and the command (as --dry-run does), for the H200."""
     cuda = device.type == "cuda"
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else CARDS["H200"]
-    run = "ImageNet-1k 256 (class)"
-    m = measure_memory(PLAN_RUNS[run])
+    name = "ImageNet-1k 256 (class)"
+    m = measure_memory(PLAN_RUNS[name])
     micro, accum, planned = plan_card(m, total)
     per_card = m["global_batch"] // PLAN_GPUS
     dry = args.dry_run or not cuda
@@ -649,7 +650,7 @@ def gpu_train(args, device):
     argv = gpu_train_argv(os.path.join(root, "latents"), os.path.join(root, "run"), per_card, accum,
                           args.train_steps)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py", *argv]
-    print(f"{card_of(total)} ({total:.1f} GiB): {run}, per-card batch {per_card} = micro {micro} x grad-accum "
+    print(f"{card_of(total)} ({total:.1f} GiB): {name}, per-card batch {per_card} = micro {micro} x grad-accum "
           f"{accum}, planned {planned:.1f} GiB\n  torchrun --standalone --nproc_per_node 1 train.py {' '.join(argv)}",
           flush=True)
     if dry:

@@ -23,12 +23,10 @@ Helpers used OUTSIDE the models (train.py / sample.py):
     null_semantic(num_classes=None, text_encoder=None, padding="replicate", device="cpu") -> null_sem
         class mode {"y": tensor(num_classes)}; text mode the empty prompt {"text": (1,77,D), "pooled": (1,Dp)}
     load_open_clip(name, pretrained, flag) / get_text_encoder(name, pretrained, device)   (one loader, cached)
-Run-spec level (spec = train.py's run spec; sample.py, evaluate.py and train.py's grids go through these):
+Run-spec level (spec = run.py's run spec; sample.py, evaluate.py and train.py's grids go through these):
     semantic_encoder(sem, device) / semantic_cond(sem, labels, encoder, ...) / semantic_null(sem, encoder, device)
-    default_phi(spec, n, orig_size=None, crop_tl=(0, 0), flip=False) -> (n, 5)   inference-time control φ
-    default_lam(spec) -> lam                                            Eq. 4 guidance default after a transfer
-Generation from a run spec (model + guidance + sampler + VAE decode) is models.generate: it needs the models,
-the data's VAE and the sampler, and this file sits below all three (diffusion <- conditioning <- data <- models).
+The run's defaults for φ, β and λ at sampling and generation itself are run.py's (this file knows nothing of the
+training CLI). Imports: diffusion <- conditioning <- data, models <- run.
 
 Example: python -c "import conditioning as c, torch; print(c.gamma_c(torch.arange(0, 1000, 100)))"
 """
@@ -346,37 +344,3 @@ def semantic_null(sem, encoder=None, device="cpu"):
     if sem["kind"] == "class":
         return {"y": torch.tensor(sem["null_id"], device=device)}
     return null_semantic(text_encoder=encoder, padding=sem["pad"], device=device)
-
-
-def default_phi(spec, n, orig_size=None, crop_tl=(0, 0), flip=False):
-    """φ (n, 5) for inference: crop (top, left), flip and original size (h, w) in pixels (default: the typical
-    original size of the training data recorded in the spec, else the resolution)."""
-    d = spec["data"]
-    h, w = orig_size or d.get("orig_size") or (d["resolution"], d["resolution"])
-    vals = dict(crop_top=crop_tl[0], crop_left=crop_tl[1], flip=flip, orig_h=h, orig_w=w)
-    return torch.tensor([float(vals[k]) for k in PHI_KEYS]).repeat(n, 1)
-
-
-EVAL_LAM = 1.5  # App. C: guidance lam 1.5 at the pre-training resolution (Eq. 4 -> 2.0 at 2x)
-PAPER_BETA = 1.375  # Tab. A3 / Fig. 7 right: the control guidance beta the paper's model is evaluated at
-
-
-def default_beta(run_args):
-    """Control guidance beta of Eq. 2 for a checkpoint, by one rule: PAPER_BETA for a --recipe ours run at
-    S/B/L/XL (the paper's model), 1 (plain CFG) otherwise, tiny CPU runs included. run_args: the checkpoint's
-    "args". Returns (beta, the rule's words, for the log)."""
-    if run_args.get("recipe") == "ours" and run_args.get("size", "tiny") != "tiny":
-        return PAPER_BETA, f"beta {PAPER_BETA:g}: a --recipe ours checkpoint at --size {run_args['size']} (Tab. A3)"
-    return 1.0, "beta 1 (plain CFG): not a full-size --recipe ours checkpoint"
-
-
-def default_lam(spec):
-    """Eq. 4 from lam = 1.5 at the pre-training resolution: s = resolution / base_resolution, the pre-training
-    resolution that transfer.py records for every arch (train.py --base-resolution); without it s = patch grid /
-    pe_base (a run given only --pe-base); s = 1 without either (no transfer)."""
-    d, m = spec["data"], spec["model"]
-    if d.get("base_resolution"):
-        return diffusion.guidance_law(EVAL_LAM, d["resolution"] / d["base_resolution"])
-    if not m.get("pe_base"):
-        return EVAL_LAM
-    return diffusion.guidance_law(EVAL_LAM, m["input_size"] // m.get("patch_size", 2) / m["pe_base"])

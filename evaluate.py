@@ -36,6 +36,7 @@ from PIL import Image
 import conditioning
 import data
 import models
+import run
 from conditioning import CROP_LEFT, CROP_TOP, ORIG_H, ORIG_W
 
 # ----------------------------------------------------------------------------- constants
@@ -46,7 +47,7 @@ INCEPTION_RES = 299  # TF Inception input size
 CLIP_MODEL, CLIP_PRETRAINED = "ViT-L-14", "openai"  # §3.1, as [7, 14]
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision AlexNet_Weights.IMAGENET1K_V1, LPIPS trunk
 LPIPS_SIZE_FACTORS = (0.25, 0.5, 1, 2, 4)  # x resolution: Tab. 2a sizes [64, 128, 256, 512, 1024] at 256
-EVAL_STEPS = 250  # §3.1: 250 DDIM steps (lam: conditioning.default_lam, 1.5 at 256 and Eq. 4 -> 2.0 at 512)
+EVAL_STEPS = 250  # §3.1: 250 DDIM steps (lam: run.default_lam, 1.5 at 256 and Eq. 4 -> 2.0 at 512)
 EVAL_SAMPLES = 50_000  # §3.1: FID of 50k synthetic samples
 COCO_STEPS, COCO_LAM = 25, 5.0  # §3.1: "for COCO evaluation ... 25 sampling steps and a guidance scale of 5.0"
 PROMPT_SETS = ("train", "leftright")  # --prompts values that name a built-in prompt set; anything else is a file
@@ -445,7 +446,7 @@ def train_conditions(spec, ds, seeds):
     samples = [ds[i] for i in idx]
     sem = spec["semantic"]
     labels = [s % sem["num_classes"] for s in seeds] if sem["kind"] == "class" else [x["caption"] for x in samples]
-    phi = torch.cat([conditioning.default_phi(spec, 1, orig_size=tuple(x["phi"][[ORIG_H, ORIG_W]].tolist()))
+    phi = torch.cat([run.default_phi(spec, 1, orig_size=tuple(x["phi"][[ORIG_H, ORIG_W]].tolist()))
                      for x in samples])
     return labels, phi  # (N,), (N, 5)
 
@@ -553,7 +554,7 @@ def eval_conditions(args, spec, pool, seeds, captions=None):
     """Labels and φ of the given seeds under --size-cond and --prompts (captions: those of a --prompts FILE)."""
     labels, phi = train_conditions(spec, pool, seeds)
     if args.size_cond == "fixed":
-        phi = conditioning.default_phi(spec, len(seeds))
+        phi = run.default_phi(spec, len(seeds))
     if args.size_cond == "center":  # crop (top, left) of the centre crop of side min(h, w)
         m = phi[:, [ORIG_H, ORIG_W]].min(1).values
         phi[:, CROP_TOP], phi[:, CROP_LEFT] = ((phi[:, ORIG_H] - m) / 2).floor(), ((phi[:, ORIG_W] - m) / 2).floor()
@@ -587,7 +588,7 @@ def lpips_metrics(args, gen, spec, pool, device, rank, world, ddp):
     lp = load_lpips(args.lpips_alex_path).to(device) if args.lpips_net == "alex" else pixel_distance
 
     def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
-        return gen(seeds, labels, torch.cat([conditioning.default_phi(spec, 1, (v, v)) for v in sizes]))
+        return gen(seeds, labels, torch.cat([run.default_phi(spec, 1, (v, v)) for v in sizes]))
     la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, seeds)[0], seeds, sizes,
                                  d["resolution"], upsample=args.lpips_net == "alex")
     tot = torch.tensor([la.sum(), lh.sum(), len(la)], dtype=torch.float64)
@@ -711,16 +712,16 @@ def main(argv=None):
         args.num_samples = len(captions) if captions else EVAL_SAMPLES  # COCO: one image per caption
     if args.steps is None:
         args.steps = COCO_STEPS if captions else EVAL_STEPS
-    ddp, rank, world, device = models.init_distributed(args.device)  # torchrun: seeds and LPIPS prompts sharded
+    ddp, rank, world, device = run.init_distributed(args.device)  # torchrun: seeds and LPIPS prompts sharded
     metrics, spec, images = {}, None, args.images
 
     if args.ckpt:  # --- generate with the paper's settings; files named by seed, so a rerun resumes
-        model, ck = models.load_checkpoint(args.ckpt, device, ema=args.ema)
+        model, ck = run.load_checkpoint(args.ckpt, device, ema=args.ema)
         spec = ck["spec"]
         d = spec["data"]
-        lam = args.lam if args.lam is not None else COCO_LAM if captions else conditioning.default_lam(spec)
+        lam = args.lam if args.lam is not None else COCO_LAM if captions else run.default_lam(spec)
         if args.beta is None:
-            args.beta, rule = conditioning.default_beta(ck.get("args", {}))
+            args.beta, rule = run.default_beta(ck.get("args", {}))
             print(f"control guidance {rule} (--beta overrides)")
         if args.prompts != "train" and spec["semantic"]["kind"] != "text":
             die(f"--prompts {args.prompts} needs a text-conditional checkpoint; {args.ckpt} is class-conditional")
@@ -729,7 +730,7 @@ def main(argv=None):
                                                       crop=d["crop"], flip=d["flip"], seed=d["seed"]))
 
         def gen(seeds, labels, phi):
-            return models.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam,
+            return run.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam,
                                    control_cfg=args.beta, device=device, batch_size=args.batch_size,
                                    clip_x0=args.clip_x0)
         write_samples(args, gen, spec, pool, images, rank, world, captions)

@@ -1,9 +1,10 @@
 """
-The denoisers the paper compares (SPEC §4, paper §2 "Model architectures", Tab. A1), in plain PyTorch:
-DiT (class in adaLN, or class in attention), mDT-v2, PixArt-α, mmDiT (SD3) and the SDXL UNet.
-Attention goes through F.scaled_dot_product_attention only. Weight importers (diffusers, facebookresearch/DiT)
-live in transfer.py; everything a reference computes differently is a constructor argument, so an imported model
-is rebuilt from its keyword arguments alone.
+The denoisers the paper compares (paper §2 "Model architectures", Tab. A1), in plain PyTorch:
+DiT (class in adaLN, or class in attention), mDT-v2, PixArt-α, mmDiT (SD3) and the SDXL UNet, with their blocks,
+size presets and the registry. Attention goes through F.scaled_dot_product_attention only. Weight importers
+(diffusers, facebookresearch/DiT) live in transfer.py; everything a reference computes differently is a constructor
+argument, so an imported model is rebuilt from its keyword arguments alone. This file imports no project file but
+conditioning.py (the embedders); checkpoints, devices and sampling are run.py's.
 
 One interface for every model:  eps = model(x_t, t, cond)   (eps has the shape of x_t)
     x_t : (B, C, H, W) noisy latents;  t : (B,) timesteps in [0, T) (long or float)
@@ -13,28 +14,18 @@ One interface for every model:  eps = model(x_t, t, cond)   (eps has the shape o
       control    : cond["phi"]    (B, 5) = conditioning.PHI_KEYS in original-image pixels,
                    cond["keep_ctrl"] (B,) 1 = use, 0 = dropped. Either key may be absent (= no control).
       training   : cond["mask_generator"] CPU torch.Generator of mDT's token mask (optional; train.py sets it).
-    In train mode mDT-v2 returns (eps of the full input, eps of a masked copy); diffusion.loss_fn sums their losses.
+    In train mode mDT-v2 returns (eps of the full input, eps of a masked copy); the loss sums their losses.
 Presets: SIZES (tiny for CPU, S/B/L/XL with DiT's widths/depths); registry MODELS; build_model(arch, size, ...).
-Checkpoints: load_checkpoint(path) rebuilds a model from its run spec (build_model(**spec["model"])), the one
-loader every script uses; generate(model, spec, seeds, labels, ...) samples images from it (guidance, sampler, VAE
-decode), as nanoGPT's GPT.generate; device / precision / DDP helpers and FLOP counting (train.py's MFU, bench.py)
-live here too. Imports: diffusion <- conditioning <- data <- models (this file sits on top of the library).
 
 Example: python -c "import models, torch; m = models.build_model('dit', 'tiny', num_classes=10);
                     print(m(torch.randn(2, 3, 32, 32), torch.tensor([3, 999]), {'y': torch.tensor([0, 10])}).shape)"
 """
 import inspect
-import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import conditioning
-import data
-import diffusion
 from conditioning import (CROP_LEFT, CROP_TOP, ORIG_H, ORIG_W, ControlEmbedder, LabelEmbedder, TimestepEmbedder,
                           timestep_embedding)
 
@@ -108,15 +99,10 @@ def sincos_2d(dim, gy, gx):
 class PatchEmbed(nn.Module):
     """Patchify conv + fixed 2-D sin-cos PE computed for the input's actual grid (§2.2: resolution transfer)."""
 
-    def __init__(self, in_channels, dim, patch_size, pe_grid="extrapolate", pe_base=None, pe_scale=1.0, pe_max=None,
-                 stem=0):
+    def __init__(self, in_channels, dim, patch_size, pe_grid="extrapolate", pe_base=None, pe_scale=1.0, pe_max=None):
         super().__init__()
         assert pe_grid in PE_GRIDS, f"pe_grid must be one of {PE_GRIDS}"
-        # stem > 0: two 3x3 convs of that width at full resolution before patchifying (minRF's conv stem): each
-        # token then sees a local neighbourhood, not only its own p x p pixels (deviation from DiT/SD3: a flag)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, padding=1), nn.SiLU(),
-                                  nn.Conv2d(stem, stem, 3, padding=1), nn.SiLU()) if stem else None
-        self.proj = nn.Conv2d(stem or in_channels, dim, patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.patch_size, self.dim = patch_size, dim
         self.pe_grid, self.pe_base = pe_grid, pe_base  # pe_base: grid size (patches) at pre-training resolution
         # For imported reference grids (transfer.py): positions are divided by pe_scale (PixArt's
@@ -138,7 +124,7 @@ class PatchEmbed(nn.Module):
         return self._pe
 
     def forward(self, x):
-        x = self.proj(x if self.stem is None else self.stem(x))  # (B, D, h, w)
+        x = self.proj(x)  # (B, D, h, w)
         h, w = x.shape[-2:]
         # .contiguous() once here: otherwise the residual stream inherits the conv's (B, D, N) layout and every
         # LayerNorm copies it; PE cast to the activation dtype so autocast keeps the stream in bf16 (as diffusers).
@@ -283,30 +269,18 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = _ln(dim)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.single = single
         if single:
             self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
     def forward(self, x, c):
-        if hasattr(self, "scale_shift_table"):
+        if self.single:
             shift, scale = (self.scale_shift_table + c[:, None]).chunk(2, 1)  # (B, 1, D) each
         else:
             shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, -1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
-
-
-class ConvHead(nn.Module):
-    """U-ViT's 3x3 conv before the output, widened: the unpatchified features (width f) and the noisy input x_t go
-    through two 3x3 convs at full resolution, so neighbouring patches agree at their borders (a flag, off in DiT/SD3)."""
-
-    def __init__(self, feat, in_channels, out_channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(feat + in_channels, feat, 3, padding=1)
-        self.conv2 = nn.Conv2d(feat, out_channels, 3, padding=1)
-
-    def forward(self, f, x_t):  # f: (B, feat, H, W), x_t: (B, C, H, W)
-        return self.conv2(F.silu(self.conv1(torch.cat([f, x_t.to(f.dtype)], 1))))
 
 
 # ----------------------------------------------------------------------------- UNet blocks (SDXL)
@@ -413,7 +387,7 @@ class _Transformer(nn.Module):
     def __init__(self, *, hidden, depth, heads, input_size=32, in_channels=3, patch_size=2, num_classes=None,
                  text_dim=None, pooled_dim=None, class_in="adaln", control=(), gamma="cosine", gamma_alpha=8.0,
                  gamma_step_sigma=1.0, pe_grid="extrapolate", pe_base=None, mlp_ratio=4.0, class_tokens=1,
-                 single_final=False, t_freq_shift=0, pe_scale=1.0, pe_max=None, schedule_scale=1.0, stem=0, head=0):
+                 single_final=False, t_freq_shift=0, pe_scale=1.0, pe_max=None, schedule_scale=1.0):
         super().__init__()
         if (num_classes is None) == (text_dim is None):
             raise ValueError("give exactly one of num_classes (class mode) / text_dim (text mode)")
@@ -425,7 +399,7 @@ class _Transformer(nn.Module):
         self.mlp_ratio, self.class_in = mlp_ratio, class_in
         # t_freq_shift, pe_scale, pe_max: only to reproduce imported reference models (transfer.py), defaults = DiT
         self.x_embedder = PatchEmbed(in_channels, hidden, patch_size, pe_grid, pe_base or input_size // patch_size,
-                                     pe_scale, pe_max, stem)
+                                     pe_scale, pe_max)
         self.t_embedder = TimestepEmbedder(hidden, freq_shift=t_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden) if num_classes is not None else None
         # class_tokens > 1: the class embedding becomes k context tokens told apart by learned offsets. Needed where
@@ -435,9 +409,7 @@ class _Transformer(nn.Module):
         # (the run's --schedule-scale, Eq. 3) is read only by the 'step' gamma_c, which thresholds sigma_t
         self.c_embedder = ControlEmbedder(hidden, tuple(control), gamma, gamma_alpha, gamma_step_sigma,
                                           schedule_scale) if control else None
-        # head > 0: the final layer emits `head` features per pixel and ConvHead turns them into eps (local output)
-        self.final_layer = FinalLayer(hidden, patch_size, head or in_channels, single_final)
-        self.head = ConvHead(head, in_channels, in_channels) if head else None
+        self.final_layer = FinalLayer(hidden, patch_size, in_channels, single_final)
 
     def embed_t(self, t, cond):
         """adaLN conditioning vector: timestep embedding + control embedding (Eq. 1), (B, D)."""
@@ -456,10 +428,9 @@ class _Transformer(nn.Module):
         x = x.view(x.shape[0], h, w, p, p, C)  # (B, h, w, p, p, C)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], C, h * p, w * p)  # (B, C, H, W)
 
-    def output(self, x, c, h, w, x_t):
-        """Image tokens (B, N, D) -> eps (B, C, H, W): final adaLN + linear, unpatchify, then the conv head if any."""
-        out = self.unpatchify(self.final_layer(x, c), h, w)
-        return out if self.head is None else self.head(out, x_t)
+    def output(self, x, c, h, w):
+        """Image tokens (B, N, D) -> eps (B, C, H, W): final adaLN + linear, then unpatchify."""
+        return self.unpatchify(self.final_layer(x, c), h, w)
 
     @torch.no_grad()
     def init_weights(self):
@@ -481,9 +452,8 @@ class _Transformer(nn.Module):
             if name.endswith("adaLN_modulation"):  # adaLN-Zero: gates (and shifts/scales) start at 0
                 nn.init.zeros_(m[-1].weight)
                 nn.init.zeros_(m[-1].bias)
-        out = self.final_layer.linear if self.head is None else self.head.conv2
-        nn.init.zeros_(out.weight)  # eps = 0 at init: exact zero output
-        nn.init.zeros_(out.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)  # eps = 0 at init: exact zero output
+        nn.init.zeros_(self.final_layer.linear.bias)
 
 
 class DiT(_Transformer):
@@ -501,7 +471,6 @@ class DiT(_Transformer):
         self.init_weights()
 
     def forward(self, x, t, cond):
-        x_t = x  # (B, C, H, W), for the conv head
         x, (h, w) = self.x_embedder(x)  # (B, N, D)
         c = self.embed_t(t, cond)  # (B, D)
         y = self.y_embedder(cond["y"])  # (B, D)
@@ -511,7 +480,7 @@ class DiT(_Transformer):
             x = torch.cat([self.class_context(y), x], 1)  # (B, k+N, D): class token(s), no PE, in every block
         for block in self.blocks:
             x = block(x, c)
-        return self.output(x[:, -h * w:], c, h, w, x_t)  # class token(s) dropped
+        return self.output(x[:, -h * w:], c, h, w)  # class token(s) dropped
 
 
 class MDT(_Transformer):
@@ -548,7 +517,7 @@ class MDT(_Transformer):
         keep = u[1:].view(B, N).argsort(1)[:, :max(1, int(N * (1 - ratio)))]  # (B, n_keep)
         return keep.to(device, non_blocking=True)
 
-    def denoise(self, x, c, h, w, x_t, keep=None):
+    def denoise(self, x, c, h, w, keep=None):
         """Encoder -> (side-interpolator if masked) -> decoder on patch tokens x (B, N, D); keep: visible tokens."""
         B, N, D = x.shape
         x_in = x  # the decoder's long skip reads the full, unmasked input tokens
@@ -572,20 +541,19 @@ class MDT(_Transformer):
             x = x + pe
         for block in self.de_blocks:
             x = block(x, c, skip=x_in)
-        return self.output(x, c, h, w, x_t)
+        return self.output(x, c, h, w)
 
     def forward(self, x, t, cond):
         """eps; in train mode (mask_ratio > 0) the pair (eps of the full input, eps of a masked copy): MDTv2 trains
-        both passes at every step on the same x_t (its train_util adds the two losses; diffusion.loss_fn sums the
+        both passes at every step on the same x_t (its train_util adds the two losses; the loss sums the
         predictions' losses). Deviation: MDTv2 draws fresh noise for the masked pass, we reuse x_t."""
-        x_t = x  # (B, C, H, W), for the conv head
         x, (h, w) = self.x_embedder(x)  # (B, N, D)
         c = self.embed_t(t, cond) + self.y_embedder(cond["y"])  # (B, D)
-        eps = self.denoise(x, c, h, w, x_t)  # the inference path
+        eps = self.denoise(x, c, h, w)  # the inference path
         if not (self.training and self.mask_ratio > 0):
             return eps
         keep = self.sample_keep(x.shape[0], x.shape[1], x.device, cond.get("mask_generator"))
-        return eps, self.denoise(x, c, h, w, x_t, keep)
+        return eps, self.denoise(x, c, h, w, keep)
 
 
 class PixArt(_Transformer):
@@ -611,7 +579,6 @@ class PixArt(_Transformer):
             nn.init.zeros_(block.cross_attn.proj.bias)
 
     def forward(self, x, t, cond):
-        x_t = x  # (B, C, H, W), for the conv head
         x, (h, w) = self.x_embedder(x)  # (B, N, D)
         c = self.embed_t(t, cond)  # (B, D)
         if self.text_embedder is not None:
@@ -623,7 +590,7 @@ class PixArt(_Transformer):
         t6 = self.t_block(c).unflatten(1, (6, -1))  # (B, 6, D)
         for block in self.blocks:
             x = block(x, t6, ctx)
-        return self.output(x, c, h, w, x_t)
+        return self.output(x, c, h, w)
 
 
 class MMDiT(_Transformer):
@@ -645,7 +612,6 @@ class MMDiT(_Transformer):
         self.init_weights()
 
     def forward(self, x, t, cond):
-        x_t = x  # (B, C, H, W), for the conv head
         x, (h, w) = self.x_embedder(x)  # (B, N, D)
         c = self.embed_t(t, cond)  # (B, D)
         if self.context_embedder is not None:
@@ -658,7 +624,7 @@ class MMDiT(_Transformer):
             c = c + y if self.class_in == "adaln" else c
         for block in self.blocks:
             x, ctx = block(x, ctx, c)
-        return self.output(x, c, h, w, x_t)
+        return self.output(x, c, h, w)
 
 
 class UNet(nn.Module):
@@ -670,7 +636,7 @@ class UNet(nn.Module):
     def __init__(self, channels=(32, 64), layers=1, depth=(0, 1), head_dim=16, class_dim=32, *, in_channels=3,
                  out_channels=None, num_classes=None, text_dim=None, pooled_dim=None, class_tokens=4, control=(),
                  gamma="cosine", gamma_alpha=8.0, gamma_step_sigma=1.0, schedule_scale=1.0, time_ids=False,
-                 time_id_dim=TIME_ID_DIM, time_id_down=data.VAE_DOWN):
+                 time_id_dim=TIME_ID_DIM, time_id_down=1):
         super().__init__()
         if (num_classes is None) == (text_dim is None):
             raise ValueError("give exactly one of num_classes (class mode) / text_dim (text mode)")
@@ -678,7 +644,7 @@ class UNet(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.num_classes, self.class_tokens = num_classes, class_tokens
         self.time_ids, self.time_id_dim = time_ids, time_id_dim
-        self.time_id_down = time_id_down  # image pixels per input pixel (VAE factor, 1 in pixel space): target size
+        self.time_id_down = time_id_down  # image pixels per input pixel (the VAE's factor, 1 in pixels): target size
         emb_dim, ctx_dim = 4 * channels[0], text_dim or class_dim  # SD: time embedding = 4 x base width
         self.t_embedder = TimestepEmbedder(emb_dim, freq_dim=channels[0])  # [cos, sin], shift 0 = SDXL's Timesteps
         add_in = (pooled_dim or 0) * (text_dim is not None) + 6 * time_id_dim * time_ids
@@ -721,7 +687,7 @@ class UNet(nn.Module):
         """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in pixels, (B, 6)."""
         if cond.get("time_ids") is not None:
             return cond["time_ids"]
-        phi = cond["phi"]  # (B, 5) in conditioning.PHI_KEYS order
+        phi = cond["phi"]  # (B, 5) in PHI_KEYS order
         target = torch.tensor(x.shape[-2:], device=x.device, dtype=phi.dtype) * self.time_id_down
         ids = torch.cat([phi[:, [ORIG_H, ORIG_W, CROP_TOP, CROP_LEFT]], target.expand(len(phi), 2)], dim=1)  # (B, 6)
         keep = cond.get("keep_ctrl")
@@ -785,142 +751,3 @@ def build_model(arch, size="tiny", **kw):
         raise ValueError(f"{arch} takes no {', '.join(unknown)} (it takes {', '.join(sorted(arch_kwargs(arch)))})")
     preset = size if isinstance(size, dict) else (UNET_SIZES if arch == "unet" else SIZES)[size]
     return MODELS[arch](**preset, **kw)
-
-
-# ----------------------------------------------------------------------------- checkpoints (the one loader)
-def read_checkpoint(path, flag="--ckpt"):
-    """The checkpoint dict of train.py / transfer.py; a missing file is a one-line error naming `flag`."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path!r} not found: pass {flag} PATH (train.py writes <out-dir>/ckpt.pt)")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_checkpoint(path, device="cpu", ema=True, flag="--ckpt"):
-    """(model in eval mode on device, checkpoint dict): the model is rebuilt from the checkpoint's run spec
-    (ck["spec"]["model"] = build_model's arguments, nanoGPT's GPT(GPTConfig(**model_args))), EMA weights unless
-    ema=False. Checkpoints without a run spec (written before it existed) are refused in one line."""
-    ck = read_checkpoint(path, flag)
-    if "spec" not in ck:
-        raise SystemExit(f"{path}: no run spec in this checkpoint (written by an older train.py); retrain or convert")
-    model = build_model(**ck["spec"]["model"])
-    model.load_state_dict(ck["ema" if ema else "model"])
-    return model.to(device).eval(), ck
-
-
-def save_checkpoint(obj, path):
-    """torch.save, atomically (data.atomic_write): a crash at any point leaves the old file intact."""
-    with data.atomic_write(path) as f:
-        torch.save(obj, f)
-
-
-# ----------------------------------------------------------------------------- device, precision, FLOPs
-# Dense bf16 tensor-core peaks, FLOP/s (datasheets quote 2x these "with sparsity"). Sources: NVIDIA H100 datasheet
-# (SXM 989 TF, PCIe 756 TF, NVL 835 TF), NVIDIA H200 datasheet (989 TF, same GH100 compute as H100 SXM),
-# NVIDIA A100 datasheet (312 TF, SXM and PCIe). First key whose words all appear in the device name wins.
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-# CPU flash attention is not in FlopCounterMode's registry (torch 2.14): count it like the CUDA kernels
-# (arguments arrive as shapes: q, k, v[, ...] forward; grad_out, q, k, v[, ...] backward)
-FLOP_MAP = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
-            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(g, q, k, v)}
-
-
-def get_device(name="auto"):
-    """--device: auto = cuda when available, else cpu."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
-
-def init_distributed(name="auto"):
-    """DDP the nanoGPT way: torchrun sets RANK; one process runs the same code path with rank 0 of 1.
-    Returns (ddp, rank, world, device): NCCL and this rank's GPU on CUDA, gloo on the CPU."""
-    device = get_device(name)
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 1, device
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
-        torch.cuda.set_device(device)
-    return True, dist.get_rank(), dist.get_world_size(), device
-
-
-def get_dtype(precision, device):
-    """--precision: auto = bf16 autocast on CUDA, fp32 elsewhere (CPUs without native bf16 crawl under it)."""
-    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else torch.float32
-
-
-def autocast(device, dtype):
-    """The one autocast context: dtype autocast over fp32 master weights, or nothing for fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def device_peak(device):
-    """(device name, dense bf16 peak FLOP/s, or None when unknown / CPU)."""
-    if device.type != "cuda":
-        return "cpu", None
-    name = torch.cuda.get_device_name(device)
-    return name, next((v for k, v in PEAK_BF16.items() if all(w in name for w in k.split())), None)
-
-
-def count_flops(fn):
-    """(forward FLOPs, forward+backward FLOPs) of fn() -> loss, as counted by torch's FlopCounterMode."""
-    with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
-        loss = fn()
-        fwd = fc.get_total_flops()
-        loss.backward()
-    return fwd, fc.get_total_flops()
-
-
-# ----------------------------------------------------------------------------- generation (as nanoGPT GPT.generate)
-@torch.no_grad()
-def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, sampler="ddim", device="cpu",
-             batch_size=16, precision=torch.float32, schedule_scale=None, progress=False, images=None, t_start=None,
-             clip_x0=None):
-    """Images (N, 3, H, W) in [-1, 1] on the CPU, one per (seed, label), from a model and its run spec.
-    labels: class ids or prompts; phi: (N, 5) control (default: default_phi); cfg = lam, control_cfg = beta of
-    Eq. 2 (beta = 1: plain CFG). Sample i starts from noise drawn from torch.Generator().manual_seed(seeds[i]) on
-    the CPU (device independent, EDM2); the DDPM sampler's extra noise uses per-sample generators too (rf: Euler,
-    sampler "ddim" only); the model output is read as the run's objective (eps / v / x0 / rf). With images
-    (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit).
-    clip_x0: True / False overrides the run's x0 clamping while sampling (None: the run spec's)."""
-    device = torch.device(device)
-    t_start = diffusion.T - 1 if t_start is None else t_start
-    model.eval()
-    sem, lat, control = spec["semantic"], spec["latent"], spec["model"].get("control")
-    enc = conditioning.semantic_encoder(sem, device)
-    vae = data.get_vae(lat["vae"], str(device)) if lat["vae"] else None
-    null_sem = conditioning.semantic_null(sem, enc, device)
-    sched = diffusion.schedule_from_args(spec["schedule"], device, scale=schedule_scale, clip_x0=clip_x0)
-    phi = conditioning.default_phi(spec, len(seeds)) if phi is None else phi
-    t0 = sched.timesteps(steps, t_start)[0].item()  # first step (pure noise unless SDEdit)
-    shape = data.latent_shape(lat, spec["data"]["resolution"])  # (C, H, W) the model sees
-    out = []
-    for i in range(0, len(seeds), batch_size):
-        sl = slice(i, i + batch_size)
-        noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds[sl]])
-        cond = conditioning.semantic_cond(sem, labels[sl], enc, device)
-        if control:
-            cond["phi"] = phi[sl].to(device).float()
-            cond["keep_ctrl"] = torch.ones(len(noise), device=device)
-        cond, cond_s, cond_null = conditioning.guidance_conds(cond, null_sem)
-        if not control:  # without control, Eq. 2 reduces to CFG: the control-dropped branch equals cond
-            cond_s = cond
-        fn = diffusion.guided_eps_fn(model, cond, cond_s, cond_null, cfg, control_cfg)
-
-        def eps_fn(x, t):
-            with autocast(device, precision):
-                return fn(x, t).float()
-
-        x = noise.to(device)
-        if images is not None:  # SDEdit: data noised to the first sampling step
-            z = images[sl].to(device) if vae is None else data.encode(vae, images[sl].to(device), lat["scale"])
-            x = sched.q_sample(z.float(), torch.full((len(z),), t0, device=device), x)
-        if sampler == "ddim":
-            x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress, t_start=t_start)
-        else:
-            gens = [torch.Generator(device).manual_seed(s + (1 << 32)) for s in seeds[sl]]
-            x = diffusion.ddpm_sample(eps_fn, x, sched, steps, generator=gens, progress=progress, t_start=t_start)
-        if vae is not None:
-            x = data.decode(vae, x, lat["scale"])
-        out.append(x.float().clamp(-1, 1).cpu())
-    return torch.cat(out)

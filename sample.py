@@ -8,7 +8,7 @@ Sample image grids from a checkpoint (SPEC §7). The model is rebuilt from the c
 
 Each image's noise comes from its own seed and files are named by seed, so an image does not depend on the
 batch size or on which other images are drawn with it (EDM2). The model, its latent space, semantic condition and
-schedule come from the checkpoint's run spec (models.load_checkpoint; generation is models.generate).
+schedule come from the checkpoint's run spec (run.load_checkpoint; generation is run.generate).
 """
 import argparse
 import os
@@ -19,6 +19,7 @@ import conditioning
 import data
 import diffusion
 import models
+import run
 
 
 def parse_seeds(s):
@@ -85,7 +86,7 @@ def denoise_training_crops(model, spec, args, out_dir, kw):
     if b["n_bad"]:
         raise SystemExit(f"--denoise-from: {b['n_bad']} of the chosen dataset items are unreadable")
     labels = b["y"].tolist() if spec["semantic"]["kind"] == "class" else list(b["caption"])
-    imgs = models.generate(model, spec, idx, labels, phi=b["phi"], images=b["image"], t_start=args.denoise_from,
+    imgs = run.generate(model, spec, idx, labels, phi=b["phi"], images=b["image"], t_start=args.denoise_from,
                            **kw)
     grid = os.path.join(out_dir, f"denoise_from_{args.denoise_from}.png")
     data.save_grid(torch.cat([b["image"], imgs]), grid, nrow=len(idx))
@@ -118,15 +119,15 @@ def main(argv=None):
             diffusion.sampling_timesteps(args.steps, args.denoise_from)
         except ValueError as e:
             p.error(f"--denoise-from: {e}")
-    device = models.get_device(args.device)
-    model, ck = models.load_checkpoint(args.ckpt, device, ema=args.ema)
-    spec, precision = ck["spec"], models.get_dtype(args.precision, device)
+    device = run.get_device(args.device)
+    model, ck = run.load_checkpoint(args.ckpt, device, ema=args.ema)
+    spec, precision = ck["spec"], run.get_dtype(args.precision, device)
     if args.sampler == "ddpm" and spec["schedule"].get("objective") == "rf":
         p.error("--sampler ddpm: this checkpoint is rectified flow (--objective rf), sampled with Euler: use ddim")
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.ckpt) or ".", "samples")
     os.makedirs(out_dir, exist_ok=True)
     if args.control_cfg is None:
-        args.control_cfg, rule = conditioning.default_beta(ck.get("args", {}))
+        args.control_cfg, rule = run.default_beta(ck.get("args", {}))
         print(f"control guidance {rule} (--control-cfg overrides)")
     kw = dict(steps=args.steps, cfg=args.cfg, control_cfg=args.control_cfg, sampler=args.sampler, device=device,
               batch_size=args.batch_size, precision=precision, schedule_scale=args.schedule_scale, progress=True,
@@ -136,8 +137,8 @@ def main(argv=None):
     labels = grid_labels(spec, args)  # row-major: one row per class / prompt
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(len(labels)))
     assert len(seeds) == len(labels), f"{len(seeds)} seeds for {len(labels)} images: give one seed per image"
-    phi = conditioning.default_phi(spec, len(labels), args.orig_size, args.crop_tl, args.flip)
-    imgs = models.generate(model, spec, seeds, labels, phi=phi, **kw)
+    phi = run.default_phi(spec, len(labels), args.orig_size, args.crop_tl, args.flip)
+    imgs = run.generate(model, spec, seeds, labels, phi=phi, **kw)
     if args.save_images:
         for s, img in zip(seeds, imgs):
             data.to_pil(img).save(os.path.join(out_dir, f"{s:06d}.png"))

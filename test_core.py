@@ -42,6 +42,7 @@ import diffusion  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
 import reproduce  # noqa: E402
+import run  # noqa: E402
 import sample  # noqa: E402,F401
 import train  # noqa: E402
 import transfer  # noqa: E402
@@ -1126,7 +1127,7 @@ def _trn_spec(argv=()):
     ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, seed=args.seed)
     vae = data.get_vae(args.vae) if args.vae != "none" and args.data != "latents" else None
     enc = conditioning.get_text_encoder(args.text_encoder, args.text_encoder_path) if args.semantic == "text" else None
-    return args, train.resolve_spec(args, ds, vae, enc, train.explicit_flags(list(argv)))
+    return args, run.resolve_spec(args, ds, vae, enc, train.explicit_flags(list(argv)))
 
 
 def _trn_load(out_dir):
@@ -1226,13 +1227,13 @@ def test_atomic_checkpoint(tmp_path, monkeypatch):
     torch.manual_seed(0)
     path = str(tmp_path / "ckpt.pt")
     good = {"step": 1, "w": torch.randn(4)}
-    models.save_checkpoint(good, path)
+    run.save_checkpoint(good, path)
 
     def crash(*_):  # the process dies after writing the temp file, before the rename
         raise KeyboardInterrupt("killed")
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        models.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
+        run.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
     monkeypatch.undo()
 
     real_save = torch.save
@@ -1243,11 +1244,11 @@ def test_atomic_checkpoint(tmp_path, monkeypatch):
         raise KeyboardInterrupt("killed")
     monkeypatch.setattr(torch, "save", half_write)
     with pytest.raises(KeyboardInterrupt):
-        models.save_checkpoint({"step": 3, "w": torch.zeros(4)}, path)
+        run.save_checkpoint({"step": 3, "w": torch.zeros(4)}, path)
     monkeypatch.undo()
     ck = torch.load(path, weights_only=False)
     assert ck["step"] == 1 and torch.equal(ck["w"], good["w"])
-    models.save_checkpoint({"step": 4, "w": torch.ones(4)}, path)  # and the next good write replaces it
+    run.save_checkpoint({"step": 4, "w": torch.ones(4)}, path)  # and the next good write replaces it
     assert torch.load(path, weights_only=False)["step"] == 4
 
 
@@ -1308,9 +1309,9 @@ def test_sample_seed_invariance():
     seeds, labels = list(range(100, 108)), [i % 10 for i in range(8)]
     kw = dict(steps=4, cfg=1.5, control_cfg=1.375)
     with _trn_one_thread():
-        big = models.generate(model, a, seeds, labels, batch_size=8, **kw)
-        one = models.generate(model, a, seeds, labels, batch_size=1, **kw)
-        alone = models.generate(model, a, [seeds[3]], [labels[3]], batch_size=1, **kw)  # drawn on its own
+        big = run.generate(model, a, seeds, labels, batch_size=8, **kw)
+        one = run.generate(model, a, seeds, labels, batch_size=1, **kw)
+        alone = run.generate(model, a, [seeds[3]], [labels[3]], batch_size=1, **kw)  # drawn on its own
     assert big.shape == (8, 3, 16, 16)
     tol = _fp32_tol(big, ulps=256)  # fp32 rounding: batch size changes how matmuls block, over 4 guided steps
     torch.testing.assert_close(one, big, atol=tol, rtol=0)
@@ -1321,7 +1322,7 @@ def test_sample_seed_invariance():
 def test_objective_flags_travel():
     # train.py's diffusion flags: defaults are today's eps-DDPM, --recipe sd3 is rectified flow with logit-normal t
     # (explicit flags win), impossible combinations are refused, the run spec's schedule entry holds them all, and
-    # models.generate samples as the run trained.
+    # run.generate samples as the run trained.
     a = vars(train.parse_args(["--no-tiny-recipe"]))  # the paper's recipe (Tab. A4) at tiny size
     assert diffusion.schedule_spec(a) == {**diffusion.SCHEDULE_DEFAULTS, "t_density": "uniform"}
     assert (a["objective"], a["class_in"]) == ("eps", "attn")
@@ -1349,7 +1350,7 @@ def test_objective_flags_travel():
     eps_sched = {**sd3["schedule"], "objective": "eps", "t_density": "uniform"}
     for sch, first, n in [(sd3["schedule"], T, 4), (eps_sched, T - 1, 4), ({**sd3["schedule"], "shift": 3.0}, T, 4)]:
         spec, rec = {**sd3, "schedule": sch}, Recorder()
-        out = models.generate(rec, spec, [0], [1], steps=n, cfg=1.0)
+        out = run.generate(rec, spec, [0], [1], steps=n, cfg=1.0)
         assert len(rec.ts) == n and rec.ts[0].tolist() == [first], sch["objective"]
         if sch["objective"] == "rf":  # v = 0 leaves the starting noise unchanged through every Euler step
             noise = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -1374,11 +1375,11 @@ def test_width_depth_and_clip_overrides():
             return 3 * x / (t / T).view(-1, 1, 1, 1)
 
     clipped = {**spec, "schedule": {**spec["schedule"], "clip_x0": True}}
-    plain = models.generate(Far(), spec, [0, 1], [1, 2], steps=4, cfg=1.0)
-    over = models.generate(Far(), spec, [0, 1], [1, 2], steps=4, cfg=1.0, clip_x0=True)
-    torch.testing.assert_close(over, models.generate(Far(), clipped, [0, 1], [1, 2], steps=4, cfg=1.0))
+    plain = run.generate(Far(), spec, [0, 1], [1, 2], steps=4, cfg=1.0)
+    over = run.generate(Far(), spec, [0, 1], [1, 2], steps=4, cfg=1.0, clip_x0=True)
+    torch.testing.assert_close(over, run.generate(Far(), clipped, [0, 1], [1, 2], steps=4, cfg=1.0))
     assert (over - plain).abs().max() > 0.1
-    torch.testing.assert_close(models.generate(Far(), clipped, [0, 1], [1, 2], steps=4, cfg=1.0,
+    torch.testing.assert_close(run.generate(Far(), clipped, [0, 1], [1, 2], steps=4, cfg=1.0,
                                                      clip_x0=False), plain)
 
 
@@ -1392,7 +1393,7 @@ def test_sample_denoise_from(tmp_path):
     b = data.collate([ds[i] for i in range(3)])
     seeds = [5, 6, 7]
     with _trn_one_thread():
-        out = models.generate(model, a, seeds, b["y"].tolist(), phi=b["phi"], steps=50, cfg=1.0,
+        out = run.generate(model, a, seeds, b["y"].tolist(), phi=b["phi"], steps=50, cfg=1.0,
                               images=b["image"], t_start=60)
     t0 = int(diffusion.sampling_timesteps(50, 60)[0])
     noise = torch.stack([torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -1561,8 +1562,8 @@ def test_lpips_size_protocol(tmp_path):
 
     def gen(seeds, labels, sizes):
         calls.append((seeds, labels, sizes))
-        phi = torch.cat([conditioning.default_phi(a, 1, orig_size=(s, s)) for s in sizes])
-        return models.generate(model, a, seeds, labels, phi=phi, steps=3, cfg=1.5)
+        phi = torch.cat([run.default_phi(a, 1, orig_size=(s, s)) for s in sizes])
+        return run.generate(model, a, seeds, labels, phi=phi, steps=3, cfg=1.5)
 
     sizes = [4, 8, 16, 32, 64]  # = 16 x (1/4 .. 4), Tab. 2a at 256 is [64 .. 1024]
     la, lh = evaluate.lpips_size_protocol(lp, gen, [3, 7], [11, 12], sizes, resolution=16)
@@ -1600,8 +1601,8 @@ def test_transfer_resolution(tmp_path, capsys):
     assert ck["transfer"]["guidance_lam"] == 2.0  # Eq. 4: 1.5 at the pre-training resolution -> 2.0 at 2x
     r = ck["transfer"]["reports"]["resolution"]
     assert not r["reinitialised"] and not r["dropped"] and len(r["kept"]) == len(ck["ema"])
-    m32, _ = models.load_checkpoint(src)
-    m64, _ = models.load_checkpoint(str(tmp_path / "t64.pt"))
+    m32, _ = run.load_checkpoint(src)
+    m64, _ = run.load_checkpoint(str(tmp_path / "t64.pt"))
     for k, v in m32.state_dict().items():  # every weight moves unchanged (the PE is computed, not stored)
         assert torch.equal(v, m64.state_dict()[k]), k
     # resampled PE at 64 px (32 patches) spans the 32-px range [0, 16]; extrapolation would reach 31
@@ -1613,11 +1614,11 @@ def test_transfer_resolution(tmp_path, capsys):
     train.main(common + ["--max-steps", "1", "--out-dir", str(tmp_path / "r64"), "--init-from",
                          str(tmp_path / "t64.pt")] + flags)
     assert "missing []" in capsys.readouterr().out  # every weight of the 64-px model came from the transfer
-    model, ck64 = models.load_checkpoint(str(tmp_path / "r64" / "ckpt.pt"))
+    model, ck64 = run.load_checkpoint(str(tmp_path / "r64" / "ckpt.pt"))
     a64 = ck64["spec"]
     assert a64["schedule"]["scale"] == 2.0 and a64["data"]["resolution"] == 64
     assert a64["model"] == a["model"], "the fine-tuning run rebuilds exactly the transferred model"
-    imgs = models.generate(model, a64, [0, 1], [0, 5], steps=2, cfg=2.0)
+    imgs = run.generate(model, a64, [0, 1], [0, 5], steps=2, cfg=2.0)
     assert imgs.shape == (2, 3, 64, 64) and torch.isfinite(imgs).all()
     # evaluate.py's generation path: guidance law default 2.0 at 2x the pre-training resolution, files by seed
     evaluate.main(["--ckpt", str(tmp_path / "r64" / "ckpt.pt"), "--num-samples", "3", "--steps", "2", "--no-fid"])
@@ -1632,16 +1633,16 @@ def test_transfer_resolution_unet_guidance_law(tmp_path, capsys):
     torch.manual_seed(0)
     pre = ["--arch", "unet", "--resolution", "32"]
     args, spec = _trn_spec(pre)
-    assert conditioning.default_lam(spec) == 1.5
+    assert run.default_lam(spec) == 1.5
     sd = models.build_model(**spec["model"]).state_dict()
     torch.save({"ema": sd, "model": sd, "spec": spec, "args": vars(args), "step": 3}, tmp_path / "u32.pt")
     transfer.main(["--ckpt", str(tmp_path / "u32.pt"), "--resolution", "64", "--out", str(tmp_path / "u64.pt")])
     ck = torch.load(tmp_path / "u64.pt", weights_only=False)
     assert ck["transfer"]["guidance_lam"] == ck["transfer"]["reports"]["resolution"]["guidance_lam"] == 2.0
-    assert conditioning.default_lam(ck["spec"]) == 2.0
+    assert run.default_lam(ck["spec"]) == 2.0
     flags = capsys.readouterr().out.split("--init-from")[-1].split()[1:-2]  # the flags transfer.py prints
     _, spec64 = _trn_spec(pre + flags)  # the fine-tuning run's spec
-    assert spec64["data"]["resolution"] == 64 and conditioning.default_lam(spec64) == 2.0
+    assert spec64["data"]["resolution"] == 64 and run.default_lam(spec64) == 2.0
     assert spec64["model"] == ck["spec"]["model"]
 
 
@@ -1674,7 +1675,7 @@ def test_transfer_dataset(tmp_path):
     # the CLI writes a checkpoint that sample.py / evaluate.py / train.py --init-from load as is
     torch.save({"ema": sd, "model": sd, "spec": a, "step": 7}, tmp_path / "c.pt")
     transfer.main(["--ckpt", str(tmp_path / "c.pt"), "--num-classes", "25", "--out", str(tmp_path / "c22k.pt")])
-    m, ck22 = models.load_checkpoint(str(tmp_path / "c22k.pt"))
+    m, ck22 = run.load_checkpoint(str(tmp_path / "c22k.pt"))
     assert ck22["spec"]["semantic"]["num_classes"] == 25 and m.y_embedder.embedding_table.weight.shape[0] == 26
 
 
@@ -1823,7 +1824,7 @@ def glob_one(pattern):
     return hit
 
 
-_ARCH_RECIPE = [(a, r) for r in train.RECIPES for a in models.MODELS]
+_ARCH_RECIPE = [(a, r) for r in run.RECIPES for a in models.MODELS]
 
 
 @pytest.mark.parametrize("arch,recipe", _ARCH_RECIPE, ids=[f"{r}-{a}" for a, r in _ARCH_RECIPE])
@@ -1901,7 +1902,7 @@ def test_default_size_condition_spans_the_data(tmp_path):
             Image.new("RGB", (side, side), (40 * c, 90, 20)).save(d / f"{i:03d}.png")
     _, spec = _trn_spec(["--data", "imagefolder", "--data-path", str(tmp_path), "--resolution", "16"])
     assert spec["data"]["orig_size"] == [40.0, 40.0]
-    assert conditioning.default_phi(spec, 1)[0, 3:].tolist() == [40.0, 40.0]
+    assert run.default_phi(spec, 1)[0, 3:].tolist() == [40.0, 40.0]
 # ----------------------------------------------------------------------------- judge
 def test_judge_separates(tmp_path):
     """The judge scores real held-out crops at its ceiling, and a generator that ignores its label (real images of
@@ -2239,10 +2240,10 @@ def test_paper_recipe_table():
 
 def test_eval_beta_follows_recipe():
     """Control guidance beta: 1.375 for a full-size ours checkpoint (Tab. A3), 1 for tiny and baseline runs."""
-    assert conditioning.default_beta({"recipe": "ours", "size": "XL"})[0] == 1.375
-    assert conditioning.default_beta({"recipe": "ours", "size": "tiny"})[0] == 1.0
-    assert conditioning.default_beta({"recipe": "sd3", "size": "XL"})[0] == 1.0
-    assert conditioning.default_beta({})[0] == 1.0
+    assert run.default_beta({"recipe": "ours", "size": "XL"})[0] == 1.375
+    assert run.default_beta({"recipe": "ours", "size": "tiny"})[0] == 1.0
+    assert run.default_beta({"recipe": "sd3", "size": "XL"})[0] == 1.0
+    assert run.default_beta({})[0] == 1.0
 
 
 # ----------------------------------------------------------------------------- real-size parts (bench.py --suite scale)
@@ -2399,7 +2400,7 @@ def test_readme_full_scale(tmp_path):
     ours_xl = {"recipe": "ours", "size": "XL"}
     spec = {256: dict(data=dict(resolution=256), model=dict(input_size=32, patch_size=2)),
             512: dict(data=dict(resolution=512, base_resolution=256), model=dict(input_size=64, patch_size=2))}
-    truth = {"--beta": lambda r: conditioning.default_beta(ours_xl)[0], "--lam": lambda r: conditioning.default_lam(spec[r]),
+    truth = {"--beta": lambda r: run.default_beta(ours_xl)[0], "--lam": lambda r: run.default_lam(spec[r]),
              "--steps": lambda r: evaluate.EVAL_STEPS, "--num-samples": lambda r: evaluate.EVAL_SAMPLES}
     for row in _readme_table(readme, "paper-eval"):
         for col, res in ((2, 256), (3, 512)):
@@ -2575,9 +2576,9 @@ def _coco_json(path, annotations):
 
 
 def _evaluate(prompt_runs, tmp_path, prompts, *flags):
-    """evaluate.py on the text run with a prompts file; (its metrics, the captions models.generate was given)."""
+    """evaluate.py on the text run with a prompts file; (its metrics, the captions run.generate was given)."""
     seen = []
-    generate = models.generate
+    generate = run.generate
 
     def spy(model, spec, seeds, labels, **kw):
         seen.extend(labels)
@@ -2697,7 +2698,7 @@ def _tiny_ckpt(path):
     argv = ["--device", "cpu"]
     args = train.parse_args(argv)
     ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, seed=args.seed)
-    spec = train.resolve_spec(args, ds, None, None, train.explicit_flags(argv))
+    spec = run.resolve_spec(args, ds, None, None, train.explicit_flags(argv))
     torch.manual_seed(0)
     sd = {k: v + torch.randn_like(v) for k, v in models.build_model(**spec["model"]).state_dict().items()}
     torch.save({"ema": sd, "model": sd, "spec": spec, "step": 3}, path)
@@ -2744,7 +2745,7 @@ def test_transfer_with_made_class_map(tmp_path, capsys):
     assert cmap == [sorted(_MAP_OLD + _MAP_EXTRA).index(w) for w in _MAP_OLD]
     out = tmp_path / "c22k.pt"
     transfer.main(["--ckpt", ckpt, "--num-classes", "16", "--class-map", str(cmap_path), "--out", str(out)])
-    m, ck = models.load_checkpoint(str(out))
+    m, ck = run.load_checkpoint(str(out))
     t_old, t_new = sd[transfer.TABLE], ck["ema"][transfer.TABLE]  # (11, D), (17, D)
     assert t_new.shape == (17, t_old.shape[1]) and ck["spec"]["semantic"]["null_id"] == 16
     assert torch.equal(t_new[cmap], t_old[:10])  # old class i lands on row cmap[i]

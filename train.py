@@ -1,14 +1,14 @@
 r"""
-Train a diffusion denoiser (SPEC §6): one process or torchrun DDP, bf16 on GPU, EMA, exact resume.
+Train a diffusion denoiser: one process or torchrun DDP, bf16 on GPU, EMA, exact resume.
 
-    python train.py                                   # tiny "ours" mmDiT, embedded data, 16 px pixels, CPU, < 10 min
+    python train.py                                   # tiny "ours" mmDiT, embedded data, 16 px pixels, CPU, minutes
     torchrun --nproc_per_node=8 train.py --recipe ours --size XL --data imagefolder --data-path /imagenet/train \
         --out-dir runs/in1k256                    # the paper's run: 256 px SD-VAE latents, batch 2048, lr 1e-3
-    python train.py --size XL --resolution 512 --print-config    # what a run resolves to, without running it
+    python train.py --size XL --resolution 512 --print-config    # what a run resolves to, and who set each value
 
-Rerunning the same command resumes from <out-dir>/ckpt.pt. `--recipe` sets the defaults of a whole
-recipe (Tab. A4) and `--size` those of the scale (tiny: the CPU job; S/B/L/XL: the paper's run, §4);
-any flag given explicitly overrides them.
+Rerunning the same command resumes from <out-dir>/ckpt.pt. Every setting comes from the first of: the flag given
+> the --recipe row (Tab. A4) > the --size scale (S/B/L/XL: the paper's run, §4) > the default below (the tiny CPU
+job); run.resolve_settings holds that one precedence and its tables.
 """
 import argparse
 import contextlib
@@ -33,307 +33,159 @@ import conditioning
 import data
 import diffusion
 import models
-
-# ----------------------------------------------------------------------------- recipes (Tab. A4)
-# "ours" = mmDiT++: class/text only through attention, control (crop, size, flip) in adaLN with the cosine
-# schedule (alpha 8, Tab. 2a), noisy replicate text padding (beta_txt 0.02, Tab. 3), AdamW (0.9, 0.95), wd 0.03.
-RECIPES = {
-    "ours": dict(arch="mmdit", class_in="attn", control=["crop", "size", "flip"], gamma="cosine", gamma_alpha=8.0,
-                 text_pad="noisy", beta_txt=0.02, adam_betas=[0.9, 0.95], weight_decay=0.03, pe_grid="resample",
-                 objective="eps"),
-    "sd3": dict(arch="mmdit", class_in="attn", control=[], gamma="uniform", gamma_alpha=8.0,  # SD3 baseline column
-                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
-                objective="rf"),  # SD3's own paradigm: rectified flow, logit-normal t (Tab. A4)
-    "dit": dict(arch="dit", class_in="adaln", control=[], gamma="uniform", gamma_alpha=8.0,  # plain DiT (Peebles & Xie)
-                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
-                objective="eps"),
-}
-# The tiny CPU default's deviations from Tab. A4, chosen by the tiny-default study (RESULTS.md "What makes the tiny
-# default learn", every row measured with the judge): SD3's rectified flow instead of DDPM-eps, and the class embedding also
-# in adaLN (the paper's class-in-attention alone is barely used by a 64-wide model in a few thousand steps). On only
-# for `--recipe ours --size tiny`; --no-tiny-recipe gives the paper's recipe at tiny size; explicit flags win.
-TINY_RECIPE = dict(objective="rf", class_in="adaln")
-# Defaults by scale. --size tiny keeps the CPU job (the parser's own defaults: embedded data, 16 px pixels, lr 2e-3,
-# batch 32, 2400 steps). At S/B/L/XL every default is the paper's run (§4, Tab. A2, Tab. A4); explicit flags win.
-PAPER_SCALE = dict(
-    resolution=256,  # §4: pre-training at 256 x 256 (512 is fine-tuned from it, transfer.py)
-    vae=data.DEFAULT_VAE,  # §3.1 / SPEC §5: latent diffusion on the SD VAE's latents (sd-vae-ft-ema)
-    lr=1e-3,  # §4: "a constant learning rate of 10 x 10^-4" at batch 2048; Tab. A2: the largest that does not diverge
-    max_steps=600_000,  # §4: 500k-1M iterations on ImageNet-1k (300k-500k on CC12M); 600k = Tab. 4a's IN1k run
-    ema_decay=0.9999,  # deviation: the paper states no EMA; DiT's 0.9999
-    warmup=1000,  # deviation: the paper's lr is constant from step 0; 1000 linear warm-up steps guard the first updates
-)
-PAPER_BATCH = {256: 2048, 512: 384}  # §4: global batch 2048 at 256 px (2 x 8 A100), 384 at 512 px (16 A100)
-PAPER_CROP = {"ours": "local", "sd3": "global", "dit": "global"}  # Tab. A4 "low res. pretrain. crop scale": at 256
+import run as runlib
 
 LOSS_BINS = 4  # loss logged in 4 bins of t (minRF-style diagnostic)
+_UNSET = object()  # marks a flag not given on the command line
+
+
+def default_text(dest, default):
+    """'(default: ...)' of a flag, written from the layer tables themselves (run.py) so that help cannot drift."""
+    parts = [] if default is None else [f"{default}" if not isinstance(default, list) else " ".join(map(str, default))
+                                        or "none"]
+    scale = runlib.scale_layer("XL", "ours", runlib.PAPER_SCALE["resolution"])
+    if dest == "global_batch":
+        parts.append("S/B/L/XL: " + ", ".join(f"{b} at {r} px" for r, b in runlib.PAPER_BATCH.items()))
+    elif dest == "crop":
+        parts.append("S/B/L/XL at 256 px: " + ", ".join(f"{c} for {r}" for r, c in runlib.PAPER_CROP.items())
+                     + "; above 256 px: global")
+    elif dest in scale:
+        parts.append(f"S/B/L/XL: {scale[dest]}")
+    rows = {r: row[dest] for r, row in runlib.RECIPES.items() if dest in row}
+    if rows:
+        parts.append("--recipe " + ", ".join(f"{r} {v}" for r, v in rows.items()))
+    if dest in runlib.TINY_RECIPE:
+        parts.append(f"ours at --size tiny {runlib.TINY_RECIPE[dest]}")
+    return f" (default: {'; '.join(parts)})" if parts else ""
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    R = "(default: set by --recipe)"
-    p.add_argument("--recipe", choices=list(RECIPES), default="ours", help="preset of Tab. A4: ours (mmDiT++), sd3 "
-                   "(mmDiT baseline, rectified flow) or dit (plain DiT); explicit flags override it (default: ours)")
-    p.add_argument("--tiny-recipe", action=argparse.BooleanOptionalAction, default=True, help="with --recipe ours "
-                   f"--size tiny, apply the CPU study's deviations {TINY_RECIPE} (default: on)")
+
+    def add(g, flag, help, default=None, **kw):  # every flag's default text comes from default_text
+        dest = flag[2:].replace("-", "_")
+        g.add_argument(flag, default=default, help=help + default_text(dest, default).replace("%", "%%"), **kw)
+
+    add(p, "--recipe", "a system of the paper's Tab. 1 / Tab. A4: ours (mmDiT++), sd3 (mmDiT baseline, rectified "
+        "flow) or dit (plain DiT); its row sets the defaults of the flags it names", "ours", choices=list(runlib.RECIPES))
+    add(p, "--tiny-recipe", f"with --recipe ours --size tiny, apply the CPU job's deviations {runlib.TINY_RECIPE}",
+        True, action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=data.SOURCES, default="embedded", help="dataset source; 'embedded' needs no files")
-    g.add_argument("--data-path", default=None, help="dataset root / shard pattern (unused for 'embedded')")
-    g.add_argument("--resolution", type=int, default=data.RESOLUTION, help="training resolution in pixels (default: "
-                   f"{data.RESOLUTION} at --size tiny, the CPU run; 256 at S/B/L/XL, §4)")
-    g.add_argument("--crop", choices=data.CROPS, default="global",
-                   help="crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2); center: the centred "
-                   "min(H,W) square, flipped like the others unless --no-flip (default: global; at "
-                   "S/B/L/XL local for --recipe ours, Tab. A4)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="random h-flip, p=0.5 (on)")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank (default: 0)")
-    g.add_argument("--vae", default="none", help="'none' = pixel space; else a diffusers AutoencoderKL name/path, "
-                   f"e.g. {data.DEFAULT_VAE}, to train on its latents (default: none at --size tiny; "
-                   f"{data.DEFAULT_VAE} at S/B/L/XL)")
-    g.add_argument("--semantic", choices=["class", "text"], default="class", help="semantic condition (default: class)")
-    g.add_argument("--num-classes", type=int, default=None, help="class count (default: taken from the dataset)")
+    add(g, "--data", "dataset source; 'embedded' needs no files", "embedded", choices=data.SOURCES)
+    add(g, "--data-path", "dataset root / shard pattern (unused for 'embedded')")
+    add(g, "--resolution", "training resolution in pixels", data.RESOLUTION, type=int)
+    add(g, "--crop", "crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2); center: the "
+        "centred min(H,W) square, flipped like the others unless --no-flip", "global", choices=data.CROPS)
+    add(g, "--flip", "random horizontal flip, p = 0.5", True, action=argparse.BooleanOptionalAction)
+    add(g, "--num-workers", "DataLoader worker processes per rank", 0, type=int)
+    add(g, "--vae", f"'none' = pixel space; else a diffusers AutoencoderKL name/path (e.g. {data.DEFAULT_VAE}) "
+        "whose latents the model is trained on", "none")
+    add(g, "--semantic", "semantic condition", "class", choices=["class", "text"])
+    add(g, "--num-classes", "class count (none: taken from the dataset)", type=int)
     g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=list(models.MODELS), default=None, help=f"denoiser {R}")
-    g.add_argument("--size", choices=list(models.SIZES), default="tiny", help="size preset (default: tiny)")
-    g.add_argument("--width", type=int, default=None, help="transformers: hidden width instead of the preset's, heads "
-                   "keep the preset's head width (default: the preset's; tiny 64)")
-    g.add_argument("--depth", type=int, default=None, help="transformers: blocks instead of the preset's (default: "
-                   "the preset's; tiny 4)")
-    g.add_argument("--patch-size", type=int, default=2, help="transformer patch size (default: 2)")
-    g.add_argument("--class-in", choices=["adaln", "attn"], default=None, help=f"class via adaLN or attention {R}")
-    g.add_argument("--pe-grid", choices=["extrapolate", "resample"], default=None, help=f"2-D sin-cos PE grid {R}")
-    g.add_argument("--pe-base", type=int, default=None, help="PE grid size of pre-training (default: this grid)")
-    g.add_argument("--mask-ratio", type=float, default=0.3, help="mDT latent mask ratio (default: 0.3)")
-    g.add_argument("--class-tokens", type=int, default=None, help="context tokens made from the class embedding "
-                   "(learned offsets tell them apart): more attention mass on the class (default: the arch's own, "
-                   "1 for dit/mmdit, 4 for pixart/unet)")
-    g.add_argument("--stem", type=int, default=0, help="transformers: width of a two-layer 3x3 conv stem before "
-                   "patchify (minRF), 0 = plain patchify as DiT/SD3 (default: 0)")
-    g.add_argument("--head", type=int, default=0, help="transformers: width of a two-layer 3x3 conv head after "
-                   "unpatchify that also sees x_t (U-ViT's output conv), 0 = linear output as DiT/SD3 (default: 0)")
+    add(g, "--arch", "denoiser", choices=list(models.MODELS))
+    add(g, "--size", "size preset (tiny: the CPU job; S/B/L/XL: DiT's widths and the paper's run)", "tiny",
+        choices=list(models.SIZES))
+    add(g, "--width", "transformers: hidden width instead of the preset's; heads keep the preset's head width "
+        "(none: the preset's)", type=int)
+    add(g, "--depth", "transformers: blocks instead of the preset's (none: the preset's)", type=int)
+    add(g, "--patch-size", "transformer patch size", 2, type=int)
+    add(g, "--class-in", "class via adaLN or attention", choices=["adaln", "attn"])
+    add(g, "--pe-grid", "2-D sin-cos PE grid: arange(n) or linspace over the pre-training grid (§2.2)",
+        choices=list(models.PE_GRIDS))
+    add(g, "--pe-base", "PE grid size of pre-training (none: this grid)", type=int)
+    add(g, "--mask-ratio", "mDT latent mask ratio", 0.3, type=float)
+    add(g, "--class-tokens", "context tokens made from the class embedding, told apart by learned offsets (none: "
+        "the arch's own, 1 for dit/mmdit, 4 for pixart/unet)", type=int)
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule-scale", type=float, default=1.0, help="noise schedule scale s'/s, Eq. 3; for rf it "
-                   "multiplies --shift (the same operation) (default: 1)")
-    g.add_argument("--base-resolution", type=int, default=None, help="pre-training resolution in pixels of a "
-                   "fine-tuning run: evaluate.py's guidance default follows Eq. 4 from it (transfer.py sets it; "
-                   "default: none = this resolution)")
-    g.add_argument("--objective", choices=diffusion.OBJECTIVES, default=None, help="model output: eps, v, x0 (DDPM "
-                   f"schedule) or rf (rectified flow, v = eps - x0, Euler sampler) {R}: eps for ours/dit, rf for sd3")
-    g.add_argument("--t-density", choices=diffusion.T_DENSITIES, default=None, help="training density of t "
-                   "(logit-normal over t/T for the DDPM schedule) (default: logit-normal for rf, uniform otherwise)")
-    g.add_argument("--t-mean", type=float, default=0.0, help="m of the logit-normal pi(t; m, s) (default: 0)")
-    g.add_argument("--t-std", type=float, default=1.0, help="s of the logit-normal pi(t; m, s) (default: 1)")
-    g.add_argument("--shift", type=float, default=1.0, help="rf only: SD3's t' = shift t / (1 + (shift-1) t), in "
-                   "training and sampling (default: 1 = none)")
-    g.add_argument("--loss-weight", choices=diffusion.LOSS_WEIGHTS, default="none", help="none, or min-snr: "
-                   "min(SNR, gamma) in x0 space, expressed for the objective (Hang et al. 2023) (default: none)")
-    g.add_argument("--min-snr-gamma", type=float, default=diffusion.MIN_SNR_GAMMA,
-                   help=f"gamma of min-snr (default: {diffusion.MIN_SNR_GAMMA:g})")
-    g.add_argument("--zero-snr", action=argparse.BooleanOptionalAction, default=False, help="rescale betas to zero "
-                   "terminal SNR (Lin et al. 2024); needs --objective v or x0 (default: off)")
-    g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=False, help="clamp predicted x0 to "
-                   "[-1, 1] while sampling; pixel space only (default: off)")
+    add(g, "--schedule-scale", "noise schedule scale s'/s, Eq. 3; for rf it multiplies --shift (the same "
+        "operation)", 1.0, type=float)
+    add(g, "--base-resolution", "pre-training resolution in pixels of a fine-tuning run: evaluate.py's guidance "
+        "default follows Eq. 4 from it (transfer.py sets it; none: this resolution)", type=int)
+    add(g, "--objective", "model output: eps, v, x0 (DDPM schedule) or rf (rectified flow, v = eps - x0, Euler "
+        "sampler)", choices=diffusion.OBJECTIVES)
+    add(g, "--t-density", "training density of t (logit-normal over t/T for the DDPM schedule; none: logit-normal "
+        "for rf, uniform otherwise)", choices=diffusion.T_DENSITIES)
+    add(g, "--t-mean", "m of the logit-normal pi(t; m, s)", 0.0, type=float)
+    add(g, "--t-std", "s of the logit-normal pi(t; m, s)", 1.0, type=float)
+    add(g, "--shift", "rf only: SD3's t' = shift t / (1 + (shift-1) t), in training and sampling", 1.0, type=float)
+    add(g, "--loss-weight", "none, or min-snr: min(SNR, gamma) in x0 space, expressed for the objective (Hang et "
+        "al. 2023)", "none", choices=diffusion.LOSS_WEIGHTS)
+    add(g, "--min-snr-gamma", "gamma of min-snr", diffusion.MIN_SNR_GAMMA, type=float)
+    add(g, "--zero-snr", "rescale betas to zero terminal SNR (Lin et al. 2024); needs --objective v or x0", False,
+        action=argparse.BooleanOptionalAction)
+    add(g, "--clip-x0", "clamp predicted x0 to [-1, 1] while sampling; pixel space only", False,
+        action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("conditioning")
-    g.add_argument("--control", nargs="*", choices=conditioning.CONTROL_SIGNALS, default=None,
-                   help=f"control signals in adaLN; give none for no control {R}")
-    g.add_argument("--gamma", choices=conditioning.GAMMA_SCHEDULES, default=None, help=f"gamma_c(t) of Eq. 1 {R}")
-    g.add_argument("--gamma-alpha", type=float, default=None, help=f"alpha of the cosine gamma_c {R}")
-    g.add_argument("--gamma-step-sigma", type=float, default=1.0, help="threshold of the 'step' gamma_c (default: 1)")
-    g.add_argument("--p-drop-sem", type=float, default=0.1, help="semantic dropout prob. for CFG (default: 0.1)")
-    g.add_argument("--p-drop-ctrl", type=float, default=0.1, help="control dropout prob. for Eq. 2 (default: 0.1)")
-    g.add_argument("--text-encoder", default="ViT-L-14", help="open_clip text tower, or 'tiny' (default: ViT-L-14)")
-    g.add_argument("--text-encoder-path", default="openai", help="open_clip pretrained tag or weights file "
-                   "(default: openai)")
-    g.add_argument("--text-pad", choices=conditioning.TEXT_PADDINGS, default=None, help=f"text padding §2.1 {R}")
-    g.add_argument("--beta-txt", type=float, default=None, help=f"noise of noisy replicate padding, Eq. 7 {R}")
+    add(g, "--control", "control signals in adaLN (Eq. 1); give none for no control", nargs="*",
+        choices=conditioning.CONTROL_SIGNALS)
+    add(g, "--gamma", "gamma_c(t) of Eq. 1", choices=conditioning.GAMMA_SCHEDULES)
+    add(g, "--gamma-alpha", "alpha of the cosine gamma_c", type=float)
+    add(g, "--gamma-step-sigma", "threshold of the 'step' gamma_c", 1.0, type=float)
+    add(g, "--p-drop-sem", "semantic dropout probability, for CFG", 0.1, type=float)
+    add(g, "--p-drop-ctrl", "control dropout probability, for Eq. 2", 0.1, type=float)
+    add(g, "--text-encoder", "open_clip text tower, or 'tiny' (a random 2-layer tower)", "ViT-L-14")
+    add(g, "--text-encoder-path", "open_clip pretrained tag or weights file", "openai")
+    add(g, "--text-pad", "text padding (§2.1, Tab. 3)", choices=conditioning.TEXT_PADDINGS)
+    add(g, "--beta-txt", "noise of noisy replicate padding, Eq. 7", type=float)
     g = p.add_argument_group("optim")
-    g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, constant after warm-up "
-                   "(default: 2e-3 at --size tiny, the CPU run; 1e-3 at S/B/L/XL, §4 at batch 2048)")
-    g.add_argument("--adam-betas", type=float, nargs=2, default=None, help=f"AdamW betas {R}")
-    g.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay {R}")
-    g.add_argument("--global-batch", type=int, default=32, help="images per optimiser step, all ranks "
-                   "(default: 32 at --size tiny; at S/B/L/XL 2048 at 256 px and 384 at 512 px, §4)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step (default: 1)")
-    g.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(d, (1+n)/(10+n)) "
-                   "(default: 0.999 at --size tiny; 0.9999 at S/B/L/XL)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip grad norm; 0 = off (default: 1)")
-    g.add_argument("--warmup", type=int, default=100, help="linear lr warm-up steps (default: 100 at "
-                   "--size tiny; 1000 at S/B/L/XL)")
-    g.add_argument("--lr-decay", type=int, default=0, help="linear lr decay to 0 over the last N steps before "
-                   "--max-steps; 0 = constant lr, as the paper (default: 0)")
-    g.add_argument("--max-steps", type=int, default=2400, help="optimiser steps to train (default: 2400 at "
-                   "--size tiny, which with sample.py fits the 10-minute CPU budget on a 2-core Zen 1; 600000 at "
-                   "S/B/L/XL, §4)")
+    add(g, "--lr", "AdamW learning rate, constant after warm-up", 2e-3, type=float)
+    add(g, "--adam-betas", "AdamW betas", type=float, nargs=2)
+    add(g, "--weight-decay", "AdamW weight decay", type=float)
+    add(g, "--global-batch", "images per optimiser step, all ranks", 32, type=int)
+    add(g, "--grad-accum", "micro-steps per optimiser step", 1, type=int)
+    add(g, "--ema-decay", "EMA decay, warmed up as min(d, (1+n)/(10+n))", 0.999, type=float)
+    add(g, "--grad-clip", "clip the gradient norm; 0 = off", 1.0, type=float)
+    add(g, "--warmup", "linear lr warm-up steps", 100, type=int)
+    add(g, "--lr-decay", "linear lr decay to 0 over the last N steps before --max-steps; 0 = constant lr, as the "
+        "paper", 0, type=int)
+    add(g, "--max-steps", "optimiser steps to train", 2400, type=int)
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="autocast dtype; master weights stay fp32 (default: auto = bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model "
-                   "(default: off; on 2 idle CPU cores it buys the tiny default 1.2x for ~70 s of compiling)")
-    g.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (default: 0)")
+    add(g, "--device", "auto | cpu | cuda (auto: cuda if available)", "auto")
+    add(g, "--precision", "autocast dtype; master weights stay fp32 (auto: bf16 on CUDA, fp32 on the CPU)", "auto",
+        choices=["auto", "bf16", "fp32"])
+    add(g, "--compile", "torch.compile the model", False, action=argparse.BooleanOptionalAction)
+    add(g, "--seed", "base seed; rank r uses seed + r", 0, type=int)
     g = p.add_argument_group("io")
-    g.add_argument("--out-dir", default="out", help="checkpoints, config.json, log.jsonl, grids (default: out)")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="resume from <out-dir>/ckpt.pt when it exists (default: on)")
-    g.add_argument("--init-from", default=None, help="initialise weights from a checkpoint (e.g. transfer.py "
-                   "output), strict=False with a report of missing/unexpected keys")
-    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps (default: 500)")
-    g.add_argument("--sample-every", type=int, default=1000, help="sample grid interval in steps, and one at the "
-                   "end; 0 = no grids (default: 1000)")
-    g.add_argument("--log-every", type=int, default=50, help="log interval in steps (default: 50)")
-    g.add_argument("--sample-steps", type=int, default=50, help="sampling steps of the periodic grids (default: 50)")
-    g.add_argument("--sample-cfg", type=float, default=4.0,
-                   help="guidance lam of the periodic grids (default: 4, as DiT's sample grids; FID uses 1.5)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar (default: on)")
-    g.add_argument("--print-config", action="store_true", help="print {\"spec\": run spec, \"args\": ...} (what "
-                   "config.json would hold; spec entries that need the data or the VAE are null) and exit")
+    add(g, "--out-dir", "checkpoints, config.json, log.jsonl, grids", "out")
+    add(g, "--resume", "resume from <out-dir>/ckpt.pt when it exists", True, action=argparse.BooleanOptionalAction)
+    add(g, "--init-from", "initialise weights from a checkpoint (e.g. transfer.py output), strict=False with a "
+        "report of missing/unexpected keys")
+    add(g, "--ckpt-every", "checkpoint interval in steps", 500, type=int)
+    add(g, "--sample-every", "sample grid interval in steps, and one at the end; 0 = no grids", 1000, type=int)
+    add(g, "--log-every", "log interval in steps", 50, type=int)
+    add(g, "--sample-steps", "sampling steps of the periodic grids", 50, type=int)
+    add(g, "--sample-cfg", "guidance lam of the periodic grids (DiT's sample grids use 4, FID 1.5)", 4.0, type=float)
+    add(g, "--progress", "progress bar", True, action=argparse.BooleanOptionalAction)
+    add(g, "--print-config", "print {\"spec\": run spec, \"args\": ..., \"set_by\": the layer that set each "
+        "value} (what config.json would hold; spec entries that need the data or the VAE are null) and exit", False,
+        action="store_true")
     return p
 
 
-def parse_args(argv=None):
-    """Two passes: read --recipe, install its values as defaults, then parse; explicit flags win."""
+def parse(argv=None):
+    """(args, set_by): the flags given, over the layers of run.resolve_settings; set_by[k] names the layer
+    ("flag", "recipe", "scale" or "tiny") that set args.k."""
     p = get_parser()
-    first = p.parse_known_args(argv)[0]
-    p.set_defaults(**RECIPES[first.recipe])
-    if first.recipe == "ours" and first.size == "tiny" and first.tiny_recipe:
-        p.set_defaults(**TINY_RECIPE)
-    if first.size != "tiny":  # the paper's run; the global batch follows the resolution (§4)
-        p.set_defaults(**PAPER_SCALE)
-        res = p.parse_known_args(argv)[0].resolution
-        p.set_defaults(global_batch=PAPER_BATCH.get(res, PAPER_BATCH[256]),  # fine-tuning above 256: global crops
-                       crop=PAPER_CROP[first.recipe] if res <= PAPER_SCALE["resolution"] else "global")
-    args = p.parse_args(argv)
+    defaults = vars(p.parse_args([]))  # the parser's own defaults: the tiny CPU job
+    given = vars(p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(defaults, _UNSET))))
+    settings, set_by = runlib.resolve_settings(defaults, {k: v for k, v in given.items() if v is not _UNSET})
+    args = argparse.Namespace(**settings)
     args.t_density = args.t_density or diffusion.default_t_density(args.objective)  # stored resolved
     try:  # refuse combinations the schedule cannot sample (eps + zero-snr, shift without rf) before any work
         diffusion.schedule_from_args(vars(args))
     except ValueError as e:
         p.error(str(e))
-    return args
+    return args, set_by
+
+
+def parse_args(argv=None):
+    return parse(argv)[0]
 
 
 def explicit_flags(argv=None):
     """dests of the flags given on the command line (not from a default or the recipe)."""
-    p = get_parser()
-    for a in p._actions:
-        a.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
-
-
-# ----------------------------------------------------------------------------- the run spec
-# One plain dict, resolved once right after parsing; it goes into config.json and every checkpoint, and
-# sample.py / evaluate.py / transfer.py / resume rebuild from it, never from their own defaults:
-#   model    build_model's arguments: arch, size and exactly the constructor keywords (models.build_model(**m))
-#   latent   vae (None = pixels), scale, channels, down  (from the shards' meta.json for --data latents)
-#   semantic class: num_classes, null_id | text: encoder, pretrained, pad, beta_txt, dim, pooled_dim
-#   schedule make_schedule's arguments: scale (Eq. 3), objective, shift, t density, loss weight, zero-snr, clip
-#   data     source, path, resolution, crop, flip, seed, orig_size (sample.py's default size condition)
-MODEL_FLAGS = ("patch_size", "class_in", "pe_grid", "pe_base", "mask_ratio", "control", "gamma", "gamma_alpha",
-               "gamma_step_sigma", "stem", "head", "class_tokens")  # constructor keywords (where the arch takes them)
-SPEC_KEYS = ("model", "latent", "semantic", "schedule")  # what a resumed run must share with its checkpoint
-
-
-def refuse(msg):
-    raise SystemExit(f"train.py: {msg}")
-
-
-def _flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
-def resolve_latent(args, ds, vae, explicit):
-    """Pixels, the --vae's latents, or for --data latents the VAE the shards were encoded with (meta.json)."""
-    if args.data != "latents":
-        if args.vae == "none":
-            return dict(data.PIXELS)
-        if vae is not None:
-            return data.vae_latent(args.vae, vae)
-        sd = args.vae == data.DEFAULT_VAE  # --print-config: no VAE loaded; the SD VAE's constants are known
-        return dict(vae=args.vae, scale=data.VAE_SCALE if sd else None, channels=data.LATENT_CH if sd else None,
-                    down=data.VAE_DOWN if sd else None)
-    if ds is None:  # --print-config: the shards' meta.json is not read
-        return dict(vae=None, scale=None, channels=None, down=None)
-    lat = dict(ds.latent)
-    if "vae" in explicit and args.vae != (lat["vae"] or "none"):
-        refuse(f"--vae {args.vae}: these latent shards were encoded with {lat['vae']!r} (meta.json); drop --vae")
-    if "resolution" in explicit and ds.resolution and args.resolution != ds.resolution:
-        refuse(f"--resolution {args.resolution}: these latent shards are {ds.resolution} px (meta.json)")
-    return lat
-
-
-def resolve_semantic(args, ds, encoder):
-    """Class count and null id (the dataset's own count unless --num-classes), or the text encoder set-up."""
-    if args.semantic == "text":
-        if ds is not None and "caption" not in (data.first_items(ds, 1) or [{}])[0]:
-            refuse(f"--semantic text: --data {args.data} has no captions (embedded, captions, wds and latent shards of "
-                   "captioned data have)")
-        return dict(kind="text", encoder=args.text_encoder, pretrained=args.text_encoder_path, pad=args.text_pad,
-                    beta_txt=args.beta_txt, dim=encoder and encoder.dim, pooled_dim=encoder and encoder.pooled_dim)
-    n = args.num_classes or getattr(ds, "num_classes", None)
-    if not n and ds is not None:
-        refuse(f"--semantic class: --data {args.data} has no class labels; pass --num-classes or --semantic text")
-    return dict(kind="class", num_classes=n, null_id=n)  # null = the last row of the label table
-
-
-def resolve_model(args, latent, semantic, explicit):
-    """build_model's arguments. A flag the arch does not take (or a --class-in it has no mode for) is dropped when
-    it comes from a default or the recipe, and refused in one line when given explicitly. Class flags do not apply
-    in text mode, gamma flags not without control."""
-    arch, cls = args.arch, models.MODELS[args.arch]
-    takes = models.arch_kwargs(arch)
-    if semantic["kind"] == "text" and not cls.supports_text:
-        refuse(f"--semantic text: --arch {arch} is class-conditional only (paper Tab. 1)")
-    C, R, _ = data.latent_shape(latent, args.resolution) if latent["down"] else (None, None, None)
-    kw = {k: v for k, v in dict(input_size=R, in_channels=C).items() if k in takes}
-    kw.update(dict(num_classes=semantic["num_classes"]) if semantic["kind"] == "class" else
-              dict(text_dim=semantic["dim"], pooled_dim=semantic["pooled_dim"]))
-    for k in MODEL_FLAGS:
-        v = getattr(args, k)
-        if k in ("class_in", "class_tokens") and semantic["kind"] == "text" or v is None and k == "class_tokens":
-            continue  # the class embedding does not exist in text mode; None = the arch's own token count
-        if k.startswith("gamma") and not args.control:
-            if k in explicit:
-                refuse(f"{_flag(k)} needs control conditioning (--control crop size flip)")
-            continue
-        if k in takes and (k != "class_in" or v in cls.class_in_modes):
-            kw[k] = list(v) if k == "control" else v
-        elif k in explicit:
-            modes = f" (it has {', '.join(cls.class_in_modes)})" if k == "class_in" and k in takes else ""
-            refuse(f"{_flag(k)} {v} does not apply to --arch {arch}{modes}")
-    if kw.get("gamma") == "step" and "schedule_scale" in takes:  # its delta(sigma_t <= c) reads the Eq. 3 sigma
-        kw["schedule_scale"] = args.schedule_scale
-    return dict(arch=arch, size=resolve_size(args), **kw)
-
-
-def resolve_size(args):
-    """The --size preset's name, or its dict with --width / --depth put in (heads keep the preset's head width)."""
-    if args.width is None and args.depth is None:
-        return args.size
-    if args.arch == "unet":
-        refuse("--width / --depth: the UNet's size is its channel tuple; pick --size")
-    size = dict(models.SIZES[args.size])
-    head_dim = size["hidden"] // size["heads"]
-    if args.width is not None:
-        if args.width % head_dim:
-            refuse(f"--width {args.width}: must be a multiple of the {args.size} preset's head width {head_dim}")
-        size.update(hidden=args.width, heads=args.width // head_dim)
-    if args.depth is not None:
-        size["depth"] = args.depth
-    return size
-
-
-def resolve_spec(args, ds, vae=None, encoder=None, explicit=frozenset()):
-    """The run spec of parsed args over dataset ds (+ the loaded VAE / text encoder whose widths it records)."""
-    latent = resolve_latent(args, ds, vae, explicit)
-    if args.data == "latents" and ds is not None and ds.resolution:
-        args.resolution = ds.resolution
-    semantic = resolve_semantic(args, ds, encoder)
-    d = dict(source=args.data, path=args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
-             seed=args.seed, orig_size=data.typical_orig_size(ds) if ds is not None else None,
-             base_resolution=args.base_resolution)
-    if args.data == "latents":  # the images the shards came from (evaluate.py --ref train)
-        d["images"] = ds.meta.get("source") if ds is not None else None
-    return dict(model=resolve_model(args, latent, semantic, explicit), latent=latent, semantic=semantic,
-                schedule=diffusion.schedule_spec(vars(args)), data=d)
+    return {k for k, v in parse(argv)[1].items() if v == "flag"}
 
 
 # ----------------------------------------------------------------------------- data position & randomness
@@ -441,27 +293,12 @@ def loss_by_t(bin_sum, bin_cnt):
     return (bin_sum / bin_cnt.clamp(min=1)).tolist()
 
 
-def rng_state(device):
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(device)
-    return s
-
-
-def set_rng_state(s, device):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if device.type == "cuda" and "cuda" in s:
-        torch.cuda.set_rng_state(s["cuda"], device)
-
-
 # ----------------------------------------------------------------------------- main, in steps
 def setup(args):
-    """DDP (models.init_distributed: torchrun sets RANK, one process takes the same path), print0, micro-batch,
+    """DDP (run.init_distributed: torchrun sets RANK, one process takes the same path), print0, micro-batch,
     seed, precision, out dir."""
     run = types.SimpleNamespace(bar=None)
-    run.ddp, run.rank, run.world, run.device = models.init_distributed(args.device)
+    run.ddp, run.rank, run.world, run.device = runlib.init_distributed(args.device)
     run.master = run.rank == 0
 
     def print0(*a):
@@ -477,8 +314,8 @@ def setup(args):
     if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    run.dtype = models.get_dtype(args.precision, run.device)
-    run.autocast = models.autocast(run.device, run.dtype)
+    run.dtype = runlib.get_dtype(args.precision, run.device)
+    run.autocast = runlib.autocast(run.device, run.dtype)
     os.makedirs(args.out_dir, exist_ok=True)
     run.ckpt_path, run.log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     return run
@@ -510,24 +347,22 @@ def resume(args, run, spec, model, ema, optimizer):
     """Resume from <out-dir>/ckpt.pt (same run spec required), or take weights from --init-from. Returns the
     checkpoint resumed from (None for a fresh run) and the step."""
     if args.resume and os.path.exists(run.ckpt_path):
-        ck = models.read_checkpoint(run.ckpt_path)
-        old = {**ck["spec"], "schedule": diffusion.schedule_spec(ck["spec"]["schedule"])}  # older: fewer keys
-        diff = [f"{k}.{f}: {old[k].get(f)!r} -> {spec[k].get(f)!r}" for k in SPEC_KEYS
-                for f in sorted(set(old[k]) | set(spec[k])) if old[k].get(f) != spec[k].get(f)]
+        ck = runlib.read_checkpoint(run.ckpt_path)
+        diff = runlib.spec_diff(ck["spec"], spec)
         if diff:
-            refuse(f"{run.ckpt_path} has another run spec ({'; '.join(diff)}); use a new --out-dir or --no-resume")
+            runlib.refuse(f"{run.ckpt_path} has another run spec ({'; '.join(diff)}); use a new --out-dir or --no-resume")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         optimizer.load_state_dict(ck["optimizer"])
         rngs = ck["rng"]
-        set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0], run.device)
+        runlib.set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0], run.device)
         run.print0(f"resumed from {run.ckpt_path} at step {ck['step']} (data position {ck['data']})")
         if run.master and os.path.exists(run.log_path):  # drop log lines of the lost steps
             keep = [ln for ln in open(run.log_path) if json.loads(ln)["step"] <= ck["step"]]
             open(run.log_path, "w").writelines(keep)
         return ck, ck["step"]
     if args.init_from:
-        src = models.read_checkpoint(args.init_from, "--init-from")
+        src = runlib.read_checkpoint(args.init_from, "--init-from")
         sd = src.get("ema", src.get("model", src)) if isinstance(src, dict) else src
         res = model.load_state_dict(sd, strict=False)
         ema.load_state_dict(model.state_dict())
@@ -575,7 +410,7 @@ def stream_position(ck, run):
     if isinstance(pos, dict):
         return dict(pos)
     if len(pos) != run.world:
-        refuse(f"{run.ckpt_path} holds the shard-stream positions of {len(pos)} ranks; resume with "
+        runlib.refuse(f"{run.ckpt_path} holds the shard-stream positions of {len(pos)} ranks; resume with "
                f"--nproc_per_node {len(pos)} (a stream position does not carry over to another world size)")
     return dict(pos[run.rank])
 
@@ -603,14 +438,14 @@ def get_micro_batch(batches, meter, args, run, spec, nets, null_sem, g):
 def flops_per_image(run, spec, nets, sched):
     """Training FLOPs of one image, counted once by torch's FlopCounterMode on a synthetic batch (for MFU; GPU
     only: None where the device's peak is unknown)."""
-    if models.device_peak(run.device)[1] is None:
+    if runlib.device_peak(run.device)[1] is None:
         return None
     sem, device = spec["semantic"], run.device
     x0 = torch.randn(1, *data.latent_shape(spec["latent"], spec["data"]["resolution"]), device=device)
     cond = conditioning.semantic_cond(sem, [0] if sem["kind"] == "class" else ["a photo"], nets.encoder, device)
-    cond.update(phi=conditioning.default_phi(spec, 1).to(device), keep_ctrl=torch.ones(1, device=device))
+    cond.update(phi=runlib.default_phi(spec, 1).to(device), keep_ctrl=torch.ones(1, device=device))
     with run.autocast:
-        flops = models.count_flops(lambda: diffusion.loss_fn(nets.model, sched, x0, cond)[0])[1]
+        flops = runlib.count_flops(lambda: diffusion.loss_fn(nets.model, sched, x0, cond)[0])[1]
     nets.model.zero_grad(set_to_none=True)
     return flops
 
@@ -618,14 +453,9 @@ def flops_per_image(run, spec, nets, sched):
 def checkpoint_state(args, run, spec, nets, step, data_pos, stream=False):
     """What a checkpoint holds: the unwrapped model, EMA, optimiser, step, run spec, args, every rank's RNG state
     (so a resumed rank continues its own stream) and the data position."""
-    rngs = [rng_state(run.device)]
-    if run.ddp:
-        rngs = [None] * run.world
-        dist.all_gather_object(rngs, rng_state(run.device))
-        if stream:  # shard streams: every rank's own position
-            ranks = [None] * run.world
-            dist.all_gather_object(ranks, data_pos)
-            data_pos = ranks
+    rngs = runlib.gather_ranks(runlib.rng_state(run.device), run.ddp, run.world)
+    if run.ddp and stream:  # shard streams: every rank's own position
+        data_pos = runlib.gather_ranks(data_pos, run.ddp, run.world)
     return {"model": nets.model.state_dict(), "ema": nets.ema.state_dict(), "optimizer": nets.optimizer.state_dict(),
             "step": step, "spec": spec, "args": vars(args), "rng": rngs, "data": data_pos}
 
@@ -646,7 +476,7 @@ def check_finite(meter, run, step):
 def write_grid(args, run, spec, ema, grid, tag):
     """EMA samples of the grid's labels (grid_labels) to <out-dir>/grid_<tag>.png, and the loss curve so far."""
     labels, cols = grid
-    imgs = models.generate(ema, spec, seeds=list(range(len(labels))), labels=labels, steps=args.sample_steps,
+    imgs = runlib.generate(ema, spec, seeds=list(range(len(labels))), labels=labels, steps=args.sample_steps,
                            cfg=args.sample_cfg, device=run.device, precision=run.dtype)
     data.save_grid(imgs, os.path.join(args.out_dir, f"grid_{tag}.png"), nrow=cols)
     recs = [json.loads(line) for line in open(run.log_path)] if os.path.exists(run.log_path) else []
@@ -695,7 +525,7 @@ def log_record(meter, run, step, lr, gnorm, flops_img):
     mem = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     bins = loss_by_t(stats[1:1 + LOSS_BINS], stats[1 + LOSS_BINS:])
-    peak = models.device_peak(run.device)[1]
+    peak = runlib.device_peak(run.device)[1]
     rec = dict(step=step, loss=stats[0].item(), lr=lr, grad_norm=gnorm.item(), img_per_s=ips, mem_gb=mem,
                n_bad=meter.n_bad, n_noorig=meter.n_noorig, mfu=flops_img * ips / run.world / peak if flops_img else None, loss_by_t=bins)
     mfu = f" | mfu {100 * rec['mfu']:5.1f}%" if rec["mfu"] is not None else ""
@@ -737,7 +567,7 @@ def train_loop(args, run, spec, ds, nets, ck, step):
                 check_finite(meter, run, step)
                 state = checkpoint_state(args, run, spec, nets, step, data_position(step), stream)
                 if run.master:
-                    models.save_checkpoint(state, run.ckpt_path)
+                    runlib.save_checkpoint(state, run.ckpt_path)
                     run.print0(f"step {step}: checkpoint saved to {run.ckpt_path}")
         meter.t0 += time.time() - t_io  # img/s counts training time only
         if last:
@@ -794,13 +624,15 @@ def settings_table(args, run, spec, n_params):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, set_by = parse(argv)
+    explicit = {k for k, v in set_by.items() if v == "flag"}
     if args.print_config:  # before any data, VAE, text encoder or model is loaded
-        print(json.dumps({"spec": resolve_spec(args, None, explicit=explicit_flags(argv)), "args": vars(args)}))
+        spec = runlib.resolve_spec(args, None, explicit=explicit)
+        print(json.dumps({"spec": spec, "args": vars(args), "set_by": set_by}))
         return
     run = setup(args)
     ds, vae, encoder = load_data(args, run)
-    spec = resolve_spec(args, ds, vae, encoder, explicit_flags(argv))
+    spec = runlib.resolve_spec(args, ds, vae, encoder, explicit)
     model, ema, optimizer = build(args, run, spec)
     ck, step = resume(args, run, spec, model, ema, optimizer)
     run.print0(settings_table(args, run, spec, sum(p.numel() for p in model.parameters())))

@@ -39,6 +39,7 @@ import torch
 import conditioning
 import data
 import models
+import run
 
 TABLE = "y_embedder.embedding_table.weight"  # the class table (num_classes + 1 rows, last = null)
 
@@ -84,7 +85,7 @@ def transfer_resolution(spec, sd, resolution, pe_grid="resample"):
     b["data"]["base_resolution"] = flags["--base-resolution"] = spec["data"].get("base_resolution") or \
         spec["data"]["resolution"]
     new, report = carry_over(models.build_model(**b["model"]), sd)
-    report["guidance_lam"] = conditioning.default_lam(b)  # Eq. 4: what evaluate.py will use at r'
+    report["guidance_lam"] = run.default_lam(b)  # Eq. 4: what evaluate.py will use at r'
     return b, new, report, flags
 
 
@@ -472,7 +473,7 @@ def main(argv=None):
         raise SystemExit("--class-map needs --num-classes (the new class count, 21841 for ImageNet-22k)")
     cmap = read_class_map(args.class_map) if args.class_map else None  # before the checkpoint: fail fast
     torch.manual_seed(args.seed)
-    ck = models.read_checkpoint(args.ckpt)
+    ck = run.read_checkpoint(args.ckpt)
     if "spec" not in ck:
         raise SystemExit(f"{args.ckpt}: no run spec in this checkpoint (written by an older train.py)")
     spec, sd = ck["spec"], ck.get("ema", ck.get("model"))  # EMA weights: what train.py --init-from prefers
@@ -498,8 +499,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out = {"model": sd, "ema": sd, "spec": spec, "args": ck.get("args"), "step": 0,
            "transfer": {"from": args.ckpt, "from_step": ck.get("step"), "reports": reports,
-                        "guidance_lam": conditioning.default_lam(spec)}}
-    models.save_checkpoint(out, args.out)
+                        "guidance_lam": run.default_lam(spec)}}
+    run.save_checkpoint(out, args.out)
     cmd = " ".join(f"{k} {_fmt(v)}" for k, v in flags.items())
     print(f"wrote {args.out}\nfine-tune: python train.py <pre-training flags> --init-from {args.out} {cmd} "
           f"--out-dir NEW_DIR")

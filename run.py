@@ -1,0 +1,418 @@
+"""
+The run: what a training run is (its presets and the run spec resolved from flags), what it writes and reads
+(checkpoints), where it runs (device, DDP, autocast, FLOP counting) and how a trained model is sampled
+(`generate`, with the run's defaults for the control φ, the control guidance β and the guidance λ).
+
+train.py, sample.py, evaluate.py, transfer.py and bench.py all go through this file, so a checkpoint is read one
+way and a model is rebuilt from its run spec alone (nanoGPT's GPT(GPTConfig(**model_args))). Imports point one way:
+diffusion <- conditioning <- data, models <- run <- scripts.
+
+    python -c "import run; print(run.resolve_settings({'recipe': 'ours', 'size': 'tiny', 'resolution': 16}, {})[1])"
+"""
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+import conditioning
+import data
+import diffusion
+import models
+from conditioning import PHI_KEYS
+
+# ----------------------------------------------------------------------------- presets: one precedence
+# A setting's value is the first of: the flag given on the command line > the recipe's row > the scale's (the
+# paper's run at S/B/L/XL) > train.py's parser default (the tiny CPU job). resolve_settings applies the layers in
+# that order and records which one set each value (train.py --print-config shows it).
+#
+# Recipe rows (Tab. A4). "ours" = mmDiT++: class/text only through attention, control (crop, size, flip) in adaLN
+# with the cosine schedule (alpha 8, Tab. 2a), noisy replicate text padding (beta_txt 0.02, Tab. 3), AdamW
+# (0.9, 0.95), wd 0.03.
+RECIPES = {
+    "ours": dict(arch="mmdit", class_in="attn", control=["crop", "size", "flip"], gamma="cosine", gamma_alpha=8.0,
+                 text_pad="noisy", beta_txt=0.02, adam_betas=[0.9, 0.95], weight_decay=0.03, pe_grid="resample",
+                 objective="eps"),
+    "sd3": dict(arch="mmdit", class_in="attn", control=[], gamma="uniform", gamma_alpha=8.0,  # SD3 baseline column
+                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
+                objective="rf"),  # SD3's own paradigm: rectified flow, logit-normal t (Tab. A4)
+    "dit": dict(arch="dit", class_in="adaln", control=[], gamma="uniform", gamma_alpha=8.0,  # plain DiT (Peebles & Xie)
+                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
+                objective="eps"),
+}
+# The tiny CPU job's deviations from "ours" (part of its row at --size tiny; --no-tiny-recipe drops them): SD3's
+# rectified flow instead of DDPM-eps, and the class embedding also in adaLN, where a 64-wide model in a few
+# thousand steps barely uses a class that enters through attention alone (RESULTS.md, the tiny default's study).
+TINY_RECIPE = dict(objective="rf", class_in="adaln")
+# The scale layer: at S/B/L/XL every default is the paper's run (§4, Tab. A2, Tab. A4).
+PAPER_SCALE = dict(
+    resolution=256,  # §4: pre-training at 256 x 256 (512 is fine-tuned from it, transfer.py)
+    vae=data.DEFAULT_VAE,  # §3.1: latent diffusion on the SD VAE's latents (sd-vae-ft-ema)
+    lr=1e-3,  # §4: "a constant learning rate of 10 x 10^-4" at batch 2048; Tab. A2: the largest that does not diverge
+    max_steps=600_000,  # §4: 500k-1M iterations on ImageNet-1k (300k-500k on CC12M); 600k = Tab. 4a's IN1k run
+    ema_decay=0.9999,  # deviation: the paper states no EMA; DiT's 0.9999
+    warmup=1000,  # deviation: the paper's lr is constant from step 0; 1000 linear warm-up steps guard the first updates
+)
+PAPER_BATCH = {256: 2048, 512: 384}  # §4: global batch 2048 at 256 px (2 x 8 A100), 384 at 512 px (16 A100)
+PAPER_CROP = {"ours": "local", "sd3": "global", "dit": "global"}  # Tab. A4 "low res. pretrain. crop scale": at 256
+LAYERS = ("tiny", "scale", "recipe", "flag")  # lowest first
+
+
+def scale_layer(size, recipe, resolution):
+    """The paper's run at S/B/L/XL (nothing at tiny): PAPER_SCALE, the global batch of the resolution (§4) and
+    the recipe's pre-training crop at 256 px; fine-tuning above 256 px uses global crops."""
+    if size == "tiny":
+        return {}
+    crop = PAPER_CROP[recipe] if resolution <= PAPER_SCALE["resolution"] else "global"
+    return dict(PAPER_SCALE, resolution=resolution, global_batch=PAPER_BATCH.get(resolution, PAPER_BATCH[256]),
+                crop=crop)
+
+
+def recipe_layer(recipe, size, tiny_recipe):
+    """The recipe's row of Tab. A4 (with the tiny job's deviations for ours at --size tiny)."""
+    row = dict(RECIPES[recipe])
+    if recipe == "ours" and size == "tiny" and tiny_recipe:
+        row.update(TINY_RECIPE)
+    return row
+
+
+def resolve_settings(defaults, flags):
+    """(settings, set_by): every setting from the first layer that has it, highest first: flags (given on the
+    command line) > recipe row > scale > defaults (the parser's own, the tiny CPU job). set_by[k] names the layer."""
+    pick = {**defaults, **flags}  # recipe, size and resolution choose the layers above the defaults
+    res = flags.get("resolution", PAPER_SCALE["resolution"] if pick["size"] != "tiny" else defaults["resolution"])
+    layers = dict(tiny=defaults, scale=scale_layer(pick["size"], pick["recipe"], res),
+                  recipe=recipe_layer(pick["recipe"], pick["size"], pick.get("tiny_recipe", True)), flag=flags)
+    settings, set_by = {}, {}
+    for name in LAYERS:
+        for k, v in layers[name].items():
+            settings[k], set_by[k] = v, name
+    return settings, set_by
+
+
+# ----------------------------------------------------------------------------- the run spec
+# One plain dict, resolved once right after parsing; it goes into config.json and every checkpoint, and
+# sample.py / evaluate.py / transfer.py / resume rebuild from it, never from their own defaults:
+#   model    build_model's arguments: arch, size and exactly the constructor keywords (models.build_model(**m))
+#   latent   vae (None = pixels), scale, channels, down  (from the shards' meta.json for --data latents)
+#   semantic class: num_classes, null_id | text: encoder, pretrained, pad, beta_txt, dim, pooled_dim
+#   schedule make_schedule's arguments: scale (Eq. 3), objective, shift, t density, loss weight, zero-snr, clip
+#   data     source, path, resolution, crop, flip, seed, orig_size (sample.py's default size condition)
+MODEL_FLAGS = ("patch_size", "class_in", "pe_grid", "pe_base", "mask_ratio", "control", "gamma", "gamma_alpha",
+               "gamma_step_sigma", "class_tokens")  # constructor keywords (where the arch takes them)
+SPEC_KEYS = ("model", "latent", "semantic", "schedule")  # what a resumed run must share with its checkpoint
+
+
+def refuse(msg):
+    raise SystemExit(f"train.py: {msg}")
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def resolve_latent(args, ds, vae, explicit):
+    """Pixels, the --vae's latents, or for --data latents the VAE the shards were encoded with (meta.json)."""
+    if args.data != "latents":
+        if args.vae == "none":
+            return dict(data.PIXELS)
+        if vae is not None:
+            return data.vae_latent(args.vae, vae)
+        sd = args.vae == data.DEFAULT_VAE  # --print-config: no VAE loaded; the SD VAE's constants are known
+        return dict(vae=args.vae, scale=data.VAE_SCALE if sd else None, channels=data.LATENT_CH if sd else None,
+                    down=data.VAE_DOWN if sd else None)
+    if ds is None:  # --print-config: the shards' meta.json is not read
+        return dict(vae=None, scale=None, channels=None, down=None)
+    lat = dict(ds.latent)
+    if "vae" in explicit and args.vae != (lat["vae"] or "none"):
+        refuse(f"--vae {args.vae}: these latent shards were encoded with {lat['vae']!r} (meta.json); drop --vae")
+    if "resolution" in explicit and ds.resolution and args.resolution != ds.resolution:
+        refuse(f"--resolution {args.resolution}: these latent shards are {ds.resolution} px (meta.json)")
+    return lat
+
+
+def resolve_semantic(args, ds, encoder):
+    """Class count and null id (the dataset's own count unless --num-classes), or the text encoder set-up."""
+    if args.semantic == "text":
+        if ds is not None and "caption" not in (data.first_items(ds, 1) or [{}])[0]:
+            refuse(f"--semantic text: --data {args.data} has no captions (embedded, captions, wds and latent shards of "
+                   "captioned data have)")
+        return dict(kind="text", encoder=args.text_encoder, pretrained=args.text_encoder_path, pad=args.text_pad,
+                    beta_txt=args.beta_txt, dim=encoder and encoder.dim, pooled_dim=encoder and encoder.pooled_dim)
+    n = args.num_classes or getattr(ds, "num_classes", None)
+    if not n and ds is not None:
+        refuse(f"--semantic class: --data {args.data} has no class labels; pass --num-classes or --semantic text")
+    return dict(kind="class", num_classes=n, null_id=n)  # null = the last row of the label table
+
+
+def model_flag_kwargs(args, semantic, takes, cls, explicit):
+    """The MODEL_FLAGS the arch takes. A flag it does not take (or a --class-in it has no mode for) is dropped when
+    it comes from a default or the recipe, and refused in one line when given explicitly. Class flags do not apply
+    in text mode, gamma flags not without control."""
+    kw = {}
+    for k in MODEL_FLAGS:
+        v = getattr(args, k)
+        text_mode_class_flag = k in ("class_in", "class_tokens") and semantic["kind"] == "text"
+        if text_mode_class_flag or (k == "class_tokens" and v is None):
+            continue  # the class embedding does not exist in text mode; None = the arch's own token count
+        if k.startswith("gamma") and not args.control:
+            if k in explicit:
+                refuse(f"{_flag(k)} needs control conditioning (--control crop size flip)")
+            continue
+        if k in takes and (k != "class_in" or v in cls.class_in_modes):
+            kw[k] = list(v) if k == "control" else v
+        elif k in explicit:
+            modes = f" (it has {', '.join(cls.class_in_modes)})" if k == "class_in" and k in takes else ""
+            refuse(f"{_flag(k)} {v} does not apply to --arch {args.arch}{modes}")
+    return kw
+
+
+def resolve_model(args, latent, semantic, explicit):
+    """build_model's arguments: arch, size, input geometry, semantic widths and the model flags it takes."""
+    arch, cls = args.arch, models.MODELS[args.arch]
+    takes = models.arch_kwargs(arch)
+    if semantic["kind"] == "text" and not cls.supports_text:
+        refuse(f"--semantic text: --arch {arch} is class-conditional only (paper Tab. 1)")
+    C, R, _ = data.latent_shape(latent, args.resolution) if latent["down"] else (None, None, None)
+    kw = {k: v for k, v in dict(input_size=R, in_channels=C).items() if k in takes}
+    kw.update(dict(num_classes=semantic["num_classes"]) if semantic["kind"] == "class" else
+              dict(text_dim=semantic["dim"], pooled_dim=semantic["pooled_dim"]))
+    kw.update(model_flag_kwargs(args, semantic, takes, cls, explicit))
+    if kw.get("gamma") == "step" and "schedule_scale" in takes:  # its delta(sigma_t <= c) reads the Eq. 3 sigma
+        kw["schedule_scale"] = args.schedule_scale
+    return dict(arch=arch, size=resolve_size(args), **kw)
+
+
+def resolve_size(args):
+    """The --size preset's name, or its dict with --width / --depth put in (heads keep the preset's head width)."""
+    if args.width is None and args.depth is None:
+        return args.size
+    if args.arch == "unet":
+        refuse("--width / --depth: the UNet's size is its channel tuple; pick --size")
+    size = dict(models.SIZES[args.size])
+    head_dim = size["hidden"] // size["heads"]
+    if args.width is not None:
+        if args.width % head_dim:
+            refuse(f"--width {args.width}: must be a multiple of the {args.size} preset's head width {head_dim}")
+        size.update(hidden=args.width, heads=args.width // head_dim)
+    if args.depth is not None:
+        size["depth"] = args.depth
+    return size
+
+
+def resolve_spec(args, ds, vae=None, encoder=None, explicit=frozenset()):
+    """The run spec of parsed args over dataset ds (+ the loaded VAE / text encoder whose widths it records)."""
+    latent = resolve_latent(args, ds, vae, explicit)
+    if args.data == "latents" and ds is not None and ds.resolution:
+        args.resolution = ds.resolution
+    semantic = resolve_semantic(args, ds, encoder)
+    d = dict(source=args.data, path=args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
+             seed=args.seed, orig_size=data.typical_orig_size(ds) if ds is not None else None,
+             base_resolution=args.base_resolution)
+    if args.data == "latents":  # the images the shards came from (evaluate.py --ref train)
+        d["images"] = ds.meta.get("source") if ds is not None else None
+    return dict(model=resolve_model(args, latent, semantic, explicit), latent=latent, semantic=semantic,
+                schedule=diffusion.schedule_spec(vars(args)), data=d)
+
+
+def spec_diff(old, new):
+    """The SPEC_KEYS entries in which two run specs differ, as 'key.field: old -> new' strings."""
+    return [f"{k}.{f}: {old[k].get(f)!r} -> {new[k].get(f)!r}" for k in SPEC_KEYS
+            for f in sorted(set(old[k]) | set(new[k])) if old[k].get(f) != new[k].get(f)]
+
+
+# ----------------------------------------------------------------------------- checkpoints (the one loader)
+def read_checkpoint(path, flag="--ckpt"):
+    """The checkpoint dict of train.py / transfer.py; a missing file is a one-line error naming `flag`."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint {path!r} not found: pass {flag} PATH (train.py writes <out-dir>/ckpt.pt)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(path, device="cpu", ema=True, flag="--ckpt"):
+    """(model in eval mode on device, checkpoint dict): the model is rebuilt from the checkpoint's run spec
+    (ck["spec"]["model"] = build_model's arguments), EMA weights unless ema=False."""
+    ck = read_checkpoint(path, flag)
+    model = models.build_model(**ck["spec"]["model"])
+    model.load_state_dict(ck["ema" if ema else "model"])
+    return model.to(device).eval(), ck
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically (data.atomic_write): a crash at any point leaves the old file intact."""
+    with data.atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def rng_state(device):
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def set_rng_state(s, device):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def gather_ranks(obj, ddp, world):
+    """[obj of every rank] under DDP, [obj] in one process."""
+    if not ddp:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- device, precision, FLOPs
+# Dense bf16 tensor-core peaks, FLOP/s (datasheets quote 2x these "with sparsity"). Sources: NVIDIA H100 datasheet
+# (SXM 989 TF, PCIe 756 TF, NVL 835 TF), NVIDIA H200 datasheet (989 TF, same GH100 compute as H100 SXM),
+# NVIDIA A100 datasheet (312 TF, SXM and PCIe). First key whose words all appear in the device name wins.
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# CPU flash attention is not in FlopCounterMode's registry (torch 2.14): count it like the CUDA kernels
+# (arguments arrive as shapes: q, k, v[, ...] forward; grad_out, q, k, v[, ...] backward)
+FLOP_MAP = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(g, q, k, v)}
+
+
+def get_device(name="auto"):
+    """--device: auto = cuda when available, else cpu."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def init_distributed(name="auto"):
+    """DDP the nanoGPT way: torchrun sets RANK; one process runs the same code path with rank 0 of 1.
+    Returns (ddp, rank, world, device): NCCL and this rank's GPU on CUDA, gloo on the CPU."""
+    device = get_device(name)
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 1, device
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}")
+        torch.cuda.set_device(device)
+    return True, dist.get_rank(), dist.get_world_size(), device
+
+
+def get_dtype(precision, device):
+    """--precision: auto = bf16 autocast on CUDA, fp32 elsewhere (CPUs without native bf16 crawl under it)."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else torch.float32
+
+
+def autocast(device, dtype):
+    """The one autocast context: dtype autocast over fp32 master weights, or nothing for fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def device_peak(device):
+    """(device name, dense bf16 peak FLOP/s, or None when unknown / CPU)."""
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((v for k, v in PEAK_BF16.items() if all(w in name for w in k.split())), None)
+
+
+def count_flops(fn):
+    """(forward FLOPs, forward+backward FLOPs) of fn() -> loss, as counted by torch's FlopCounterMode."""
+    with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
+        loss = fn()
+        fwd = fc.get_total_flops()
+        loss.backward()
+    return fwd, fc.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- the run's φ, β and λ at sampling
+EVAL_LAM = 1.5  # App. C: guidance lam 1.5 at the pre-training resolution (Eq. 4 -> 2.0 at 2x)
+PAPER_BETA = 1.375  # Tab. A3 / Fig. 7 right: the control guidance beta the paper's model is evaluated at
+
+
+def default_phi(spec, n, orig_size=None, crop_tl=(0, 0), flip=False):
+    """φ (n, 5) for inference: crop (top, left), flip and original size (h, w) in pixels (default: the typical
+    original size of the training data recorded in the spec, else the resolution)."""
+    d = spec["data"]
+    h, w = orig_size or d.get("orig_size") or (d["resolution"], d["resolution"])
+    vals = dict(crop_top=crop_tl[0], crop_left=crop_tl[1], flip=flip, orig_h=h, orig_w=w)
+    return torch.tensor([float(vals[k]) for k in PHI_KEYS]).repeat(n, 1)
+
+
+def default_beta(run_args):
+    """Control guidance beta of Eq. 2 for a checkpoint, by one rule: PAPER_BETA for a --recipe ours run at
+    S/B/L/XL (the paper's model), 1 (plain CFG) otherwise, tiny CPU runs included. run_args: the checkpoint's
+    "args". Returns (beta, the rule's words, for the log)."""
+    if run_args.get("recipe") == "ours" and run_args.get("size", "tiny") != "tiny":
+        return PAPER_BETA, f"beta {PAPER_BETA:g}: a --recipe ours checkpoint at --size {run_args['size']} (Tab. A3)"
+    return 1.0, "beta 1 (plain CFG): not a full-size --recipe ours checkpoint"
+
+
+def default_lam(spec):
+    """Eq. 4 from lam = 1.5 at the pre-training resolution: s = resolution / base_resolution, the pre-training
+    resolution that transfer.py records for every arch (train.py --base-resolution); without it s = patch grid /
+    pe_base (a run given only --pe-base); s = 1 without either (no transfer)."""
+    d, m = spec["data"], spec["model"]
+    if d.get("base_resolution"):
+        return diffusion.guidance_law(EVAL_LAM, d["resolution"] / d["base_resolution"])
+    if not m.get("pe_base"):
+        return EVAL_LAM
+    return diffusion.guidance_law(EVAL_LAM, m["input_size"] // m.get("patch_size", 2) / m["pe_base"])
+
+
+# ----------------------------------------------------------------------------- generation (as nanoGPT GPT.generate)
+@torch.no_grad()
+def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cfg=1.0, sampler="ddim", device="cpu",
+             batch_size=16, precision=torch.float32, schedule_scale=None, progress=False, images=None, t_start=None,
+             clip_x0=None):
+    """Images (N, 3, H, W) in [-1, 1] on the CPU, one per (seed, label), from a model and its run spec.
+    labels: class ids or prompts; phi: (N, 5) control (default: default_phi); cfg = lam, control_cfg = beta of
+    Eq. 2 (beta = 1: plain CFG). Sample i starts from noise drawn from torch.Generator().manual_seed(seeds[i]) on
+    the CPU (device independent, EDM2); the DDPM sampler's extra noise uses per-sample generators too (rf: Euler,
+    sampler "ddim" only); the model output is read as the run's objective (eps / v / x0 / rf). With images
+    (N, 3, H, W) in [-1, 1], sample i starts instead from images[i] noised to the first step <= t_start (SDEdit).
+    clip_x0: True / False overrides the run's x0 clamping while sampling (None: the run spec's)."""
+    device = torch.device(device)
+    t_start = diffusion.T - 1 if t_start is None else t_start
+    model.eval()
+    sem, lat, control = spec["semantic"], spec["latent"], spec["model"].get("control")
+    enc = conditioning.semantic_encoder(sem, device)
+    vae = data.get_vae(lat["vae"], str(device)) if lat["vae"] else None
+    null_sem = conditioning.semantic_null(sem, enc, device)
+    sched = diffusion.schedule_from_args(spec["schedule"], device, scale=schedule_scale, clip_x0=clip_x0)
+    phi = default_phi(spec, len(seeds)) if phi is None else phi
+    t0 = sched.timesteps(steps, t_start)[0].item()  # first step (pure noise unless SDEdit)
+    shape = data.latent_shape(lat, spec["data"]["resolution"])  # (C, H, W) the model sees
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        sl = slice(i, i + batch_size)
+        noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds[sl]])
+        cond = conditioning.semantic_cond(sem, labels[sl], enc, device)
+        if control:
+            cond["phi"] = phi[sl].to(device).float()
+            cond["keep_ctrl"] = torch.ones(len(noise), device=device)
+        cond, cond_s, cond_null = conditioning.guidance_conds(cond, null_sem)
+        if not control:  # without control, Eq. 2 reduces to CFG: the control-dropped branch equals cond
+            cond_s = cond
+        fn = diffusion.guided_eps_fn(model, cond, cond_s, cond_null, cfg, control_cfg)
+
+        def eps_fn(x, t):
+            with autocast(device, precision):
+                return fn(x, t).float()
+
+        x = noise.to(device)
+        if images is not None:  # SDEdit: data noised to the first sampling step
+            z = images[sl].to(device) if vae is None else data.encode(vae, images[sl].to(device), lat["scale"])
+            x = sched.q_sample(z.float(), torch.full((len(z),), t0, device=device), x)
+        if sampler == "ddim":
+            x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress, t_start=t_start)
+        else:
+            gens = [torch.Generator(device).manual_seed(s + (1 << 32)) for s in seeds[sl]]
+            x = diffusion.ddpm_sample(eps_fn, x, sched, steps, generator=gens, progress=progress, t_start=t_start)
+        if vae is not None:
+            x = data.decode(vae, x, lat["scale"])
+        out.append(x.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
