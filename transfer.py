@@ -386,7 +386,7 @@ def unet_kwargs_from_diffusers(config):
     return dict(channels=channels, layers=config["layers_per_block"], depth=depth, head_dim=channels[0] // heads[0],
                 in_channels=config["in_channels"], out_channels=config["out_channels"], text_dim=text_dim,
                 pooled_dim=config["projection_class_embeddings_input_dim"] - 6 * tid if time_ids else None,
-                time_ids=time_ids, time_id_dim=tid)
+                time_ids=time_ids, time_id_dim=tid, time_id_down=data.VAE_DOWN)  # SDXL runs on SD-VAE latents
 
 
 def import_diffusers_unet(model, diffusers_unet):
