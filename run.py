@@ -9,12 +9,17 @@ diffusion <- conditioning <- data, models <- run <- scripts.
 
     python -c "import run; print(run.resolve_settings({'recipe': 'ours', 'size': 'tiny', 'resolution': 16}, {})[1])"
 """
+import glob
+import json
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import conditioning
@@ -54,6 +59,14 @@ PAPER_SCALE = dict(
     max_steps=600_000,  # §4: 500k-1M iterations on ImageNet-1k (300k-500k on CC12M); 600k = Tab. 4a's IN1k run
     ema_decay=0.9999,  # deviation: the paper states no EMA; DiT's 0.9999
     warmup=1000,  # deviation: the paper's lr is constant from step 0; 1000 linear warm-up steps guard the first updates
+    # how the full-size run is served (not the paper's words; what 8 GPUs need):
+    num_workers=8,  # JPEG decode + crop for ~3,400 img/s over 8 ranks (batch 2048 at ~0.6 s a step) is ~425 img/s per
+    #                 rank, a few workers' worth; 8 per rank leaves headroom and fits a 64-core node
+    compile=True,  # torch.compile on CUDA (train.py keeps it off on the CPU unless --compile is given)
+    ckpt_every=5000,  # an XL ckpt.pt is ~21 GB (20 B/param of weights, AdamW moments, EMA): at ~1-2 GB/s ~10-20 s
+    #                   to write, ~0.5 % of the ~50 min that 5000 steps take on 8 H200 (~0.6 s a step), and a crash
+    #                   loses at most those 50 min
+    sample_every=5000,  # a grid with each checkpoint
 )
 PAPER_BATCH = {256: 2048, 512: 384}  # §4: global batch 2048 at 256 px (2 x 8 A100), 384 at 512 px (16 A100)
 PAPER_CROP = {"ours": "local", "sd3": "global", "dit": "global"}  # Tab. A4 "low res. pretrain. crop scale": at 256
@@ -223,11 +236,28 @@ def spec_diff(old, new):
             for f in sorted(set(old[k]) | set(new[k])) if old[k].get(f) != new[k].get(f)]
 
 
+SPEC_FLAGS = {"input_size": "--resolution", "scale": "--schedule-scale", "size": "--size/--width/--depth",
+              "vae": "--vae", "pad": "--text-pad", "pretrained": "--text-encoder-path", "encoder": "--text-encoder",
+              "kind": "--semantic", "dim": "--text-encoder", "pooled_dim": "--text-encoder"}  # spec field -> flag
+
+
+def init_conflicts(src_spec, spec):
+    """'--flag (field: file's -> this run's)' for every model / latent / semantic / schedule field in which the
+    run spec of an --init-from file and this run's differ (SPEC_FLAGS names the flag behind a field)."""
+    return [f"{SPEC_FLAGS.get(f, _flag(f))} ({k}.{f}: {src_spec[k].get(f)!r} in the file, {spec[k].get(f)!r} here)"
+            for k in SPEC_KEYS for f in sorted(set(src_spec[k]) | set(spec[k]))
+            if src_spec[k].get(f) != spec[k].get(f) and not (k == "latent" and spec[k].get(f) is None)]
+
+
 # ----------------------------------------------------------------------------- checkpoints (the one loader)
 def read_checkpoint(path, flag="--ckpt"):
-    """The checkpoint dict of train.py / transfer.py; a missing file is a one-line error naming `flag`."""
+    """The checkpoint dict of train.py / transfer.py (ckpt.pt, ckpt_<step>.pt), or of ema.safetensors as
+    {"ema", "spec", "args", "step"}; a missing file is a one-line error naming `flag`."""
     if not os.path.isfile(path):
-        raise SystemExit(f"checkpoint {path!r} not found: pass {flag} PATH (train.py writes <out-dir>/ckpt.pt)")
+        raise SystemExit(f"checkpoint {path!r} not found: pass {flag} PATH (train.py writes <out-dir>/ckpt.pt and "
+                         f"<out-dir>/{EMA_FILE})")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path, flag)
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -235,6 +265,8 @@ def load_checkpoint(path, device="cpu", ema=True, flag="--ckpt"):
     """(model in eval mode on device, checkpoint dict): the model is rebuilt from the checkpoint's run spec
     (ck["spec"]["model"] = build_model's arguments), EMA weights unless ema=False."""
     ck = read_checkpoint(path, flag)
+    if not ema and "model" not in ck:
+        raise SystemExit(f"{path}: holds the EMA weights only; drop --no-ema or pass the run's ckpt.pt")
     model = models.build_model(**ck["spec"]["model"])
     model.load_state_dict(ck["ema" if ema else "model"])
     return model.to(device).eval(), ck
@@ -244,6 +276,32 @@ def save_checkpoint(obj, path):
     """torch.save, atomically (data.atomic_write): a crash at any point leaves the old file intact."""
     with data.atomic_write(path) as f:
         torch.save(obj, f)
+
+
+# The weights to share: the EMA as safetensors (no pickle; loads in any framework), the run spec, args and step in
+# the file's string metadata as JSON, so sample.py / evaluate.py rebuild the model from this one file.
+EMA_FILE = "ema.safetensors"
+SAFETENSORS_KEYS = ("spec", "args", "step")
+
+
+def save_safetensors(state, spec, args, step, path):
+    """EMA state dict + run spec to `path` as safetensors, atomically (data.atomic_write)."""
+    meta = {"spec": json.dumps(spec), "args": json.dumps(args), "step": json.dumps(step)}
+    blob = safetensors_save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=meta)
+    with data.atomic_write(path) as f:
+        f.write(blob)
+
+
+def read_safetensors(path, flag="--ckpt"):
+    """{"ema": state dict, "spec", "args", "step"} of a file save_safetensors wrote; a safetensors file without
+    the run spec (another tool's) is a one-line error naming `flag`."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        if any(k not in meta for k in SAFETENSORS_KEYS):
+            raise SystemExit(f"{path}: a safetensors file without the run spec in its metadata; pass {flag} with a "
+                             f"train.py {EMA_FILE} or ckpt.pt")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    return {"ema": state, **{k: json.loads(meta[k]) for k in SAFETENSORS_KEYS}}
 
 
 def rng_state(device):
@@ -284,8 +342,21 @@ FLOP_MAP = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
 
 
 def get_device(name="auto"):
-    """--device: auto = cuda when available, else cpu."""
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    """--device: auto = cuda when available, else cpu; when a GPU is present but CUDA cannot be used (a driver
+    older than this torch's CUDA, a CPU-only build), one line says why before the run goes on on the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = torch.cuda.is_available()
+    if ok:
+        return torch.device("cuda")
+    present = glob.glob("/dev/nvidia[0-9]*")
+    if caught or present:
+        why = str(caught[0].message).strip().splitlines()[0] if caught else (
+            "this torch build has no CUDA" if not torch.backends.cuda.is_built() else "no usable CUDA device")
+        print(f"--device auto: CUDA not used ({why}); running on the CPU", flush=True)
+    return torch.device("cpu")
 
 
 def init_distributed(name="auto"):

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 import types
@@ -151,7 +152,14 @@ def get_parser():
     add(g, "--resume", "resume from <out-dir>/ckpt.pt when it exists", True, action=argparse.BooleanOptionalAction)
     add(g, "--init-from", "initialise weights from a checkpoint (e.g. transfer.py output), strict=False with a "
         "report of missing/unexpected keys")
-    add(g, "--ckpt-every", "checkpoint interval in steps", 500, type=int)
+    add(g, "--ckpt-every", f"checkpoint interval in steps: <out-dir>/ckpt.pt (to resume) and <out-dir>/{runlib.EMA_FILE} "
+        "(the EMA weights and the run spec, to share)", 500, type=int)
+    add(g, "--keep-every", "also keep <out-dir>/ckpt_<step>.pt every N steps (a multiple of --ckpt-every), for "
+        "evaluating along the training curve; 0 = only the latest", 0, type=int)
+    add(g, "--tensorboard", "write scalars (loss, lr, grad norm, img/s, loss per t bin, memory) and the sample grids "
+        "to <out-dir>/tb/ for `tensorboard --logdir <out-dir>/tb`", False, action=argparse.BooleanOptionalAction)
+    add(g, "--wandb", "also log the same to Weights & Biases (needs `pip install wandb`; project cond-diffusion)",
+        False, action=argparse.BooleanOptionalAction)
     add(g, "--sample-every", "sample grid interval in steps, and one at the end; 0 = no grids", 1000, type=int)
     add(g, "--log-every", "log interval in steps", 50, type=int)
     add(g, "--sample-steps", "sampling steps of the periodic grids", 50, type=int)
@@ -306,9 +314,9 @@ def setup(args):
             (run.bar.write if run.bar is not None else print)(" ".join(str(x) for x in a))
             sys.stdout.flush()
     run.print0 = print0
-    assert args.global_batch % (run.world * args.grad_accum) == 0, (
-        f"--global-batch {args.global_batch} must divide by world size {run.world} x --grad-accum {args.grad_accum}; "
-        f"pick a global batch that is a multiple of {run.world * args.grad_accum}")
+    if args.grad_accum < 1 or args.global_batch % (run.world * args.grad_accum):
+        runlib.refuse(f"--global-batch {args.global_batch} must divide by world size {run.world} x --grad-accum "
+                      f"{args.grad_accum}; pick a --grad-accum that divides {args.global_batch // run.world}")
     run.micro = args.global_batch // (run.world * args.grad_accum)
     torch.manual_seed(args.seed)  # the same model init on every rank; per-rank seeds follow in build()
     if run.device.type == "cuda":
@@ -318,7 +326,29 @@ def setup(args):
     run.autocast = runlib.autocast(run.device, run.dtype)
     os.makedirs(args.out_dir, exist_ok=True)
     run.ckpt_path, run.log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
+    run.tb, run.wandb = dashboards(args, run.master)
     return run
+
+
+def dashboards(args, master):
+    """(TensorBoard SummaryWriter or None, the wandb module or None), on the master only. A missing package is a
+    one-line error naming the flag, before any work."""
+    tb = wb = None
+    if args.tensorboard and master:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # optional: only --tensorboard needs the package
+        except ImportError:
+            runlib.refuse("--tensorboard needs the tensorboard package: pip install tensorboard")
+        tb = SummaryWriter(os.path.join(args.out_dir, "tb"))
+    if args.wandb and master:
+        try:
+            import wandb  # optional: only --wandb needs it
+        except ImportError:
+            runlib.refuse("--wandb needs the wandb package: pip install wandb")
+        wandb.init(project="cond-diffusion", dir=args.out_dir, config=vars(args), resume="allow",
+                   id=os.path.basename(os.path.abspath(args.out_dir)))
+        wb = wandb
+    return tb, wb
 
 
 def load_data(args, run):
@@ -343,7 +373,7 @@ def build(args, run, spec):
     return model, ema, optimizer
 
 
-def resume(args, run, spec, model, ema, optimizer):
+def resume(args, run, spec, model, ema, optimizer, src=None):
     """Resume from <out-dir>/ckpt.pt (same run spec required), or take weights from --init-from. Returns the
     checkpoint resumed from (None for a fresh run) and the step."""
     if args.resume and os.path.exists(run.ckpt_path):
@@ -361,8 +391,7 @@ def resume(args, run, spec, model, ema, optimizer):
             keep = [ln for ln in open(run.log_path) if json.loads(ln)["step"] <= ck["step"]]
             open(run.log_path, "w").writelines(keep)
         return ck, ck["step"]
-    if args.init_from:
-        src = runlib.read_checkpoint(args.init_from, "--init-from")
+    if src is not None:
         sd = src.get("ema", src.get("model", src)) if isinstance(src, dict) else src
         res = model.load_state_dict(sd, strict=False)
         ema.load_state_dict(model.state_dict())
@@ -460,6 +489,26 @@ def checkpoint_state(args, run, spec, nets, step, data_pos, stream=False):
             "step": step, "spec": spec, "args": vars(args), "rng": rngs, "data": data_pos}
 
 
+def save_checkpoints(args, run, state):
+    """ckpt.pt (atomically), ema.safetensors beside it, and with --keep-every a step-named hard link of ckpt.pt
+    (ckpt_<step>.pt: same bytes, no second copy on disk; the next atomic write replaces only ckpt.pt's name)."""
+    step = state["step"]
+    runlib.save_checkpoint(state, run.ckpt_path)
+    runlib.save_safetensors(state["ema"], state["spec"], state["args"], step,
+                            os.path.join(args.out_dir, runlib.EMA_FILE))
+    kept = ""
+    if args.keep_every and step % args.keep_every == 0:
+        path = os.path.join(args.out_dir, f"ckpt_{step:07d}.pt")
+        if os.path.exists(path):
+            os.remove(path)
+        try:
+            os.link(run.ckpt_path, path)
+        except OSError:  # file systems without hard links: a copy
+            shutil.copyfile(run.ckpt_path, path)
+        kept = f" (kept as {path})"
+    run.print0(f"step {step}: checkpoint saved to {run.ckpt_path} and {runlib.EMA_FILE}{kept}")
+
+
 def check_finite(meter, run, step):
     """NaN/inf anywhere since the last check stops the run before a bad checkpoint can be written."""
     bad = meter.nonfinite.clone()
@@ -479,6 +528,8 @@ def write_grid(args, run, spec, ema, grid, tag):
     imgs = runlib.generate(ema, spec, seeds=list(range(len(labels))), labels=labels, steps=args.sample_steps,
                            cfg=args.sample_cfg, device=run.device, precision=run.dtype)
     data.save_grid(imgs, os.path.join(args.out_dir, f"grid_{tag}.png"), nrow=cols)
+    if run.tb is not None:
+        run.tb.add_images("samples", (imgs + 1) / 2, int(tag) if tag.isdigit() else 0)
     recs = [json.loads(line) for line in open(run.log_path)] if os.path.exists(run.log_path) else []
     if len(recs) > 1:
         data.plot_lines({"loss": ([r["step"] for r in recs], [math.log10(max(r["loss"], 1e-8)) for r in recs])},
@@ -535,6 +586,19 @@ def log_record(meter, run, step, lr, gnorm, flops_img):
     if run.master:
         with open(run.log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        dashboard_scalars(run, rec)
+
+
+def dashboard_scalars(run, rec):
+    """One log record to TensorBoard / wandb (when on): every number of the record, loss per t bin as loss_t/k."""
+    scalars = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+    scalars.update({f"loss_t/{k}": v for k, v in enumerate(rec["loss_by_t"])})
+    if run.tb is not None:
+        for k, v in scalars.items():
+            run.tb.add_scalar(k, v, rec["step"])
+        run.tb.flush()
+    if run.wandb is not None:
+        run.wandb.log(scalars, step=rec["step"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -567,8 +631,7 @@ def train_loop(args, run, spec, ds, nets, ck, step):
                 check_finite(meter, run, step)
                 state = checkpoint_state(args, run, spec, nets, step, data_position(step), stream)
                 if run.master:
-                    runlib.save_checkpoint(state, run.ckpt_path)
-                    run.print0(f"step {step}: checkpoint saved to {run.ckpt_path}")
+                    save_checkpoints(args, run, state)
         meter.t0 += time.time() - t_io  # img/s counts training time only
         if last:
             break
@@ -603,6 +666,8 @@ def train_loop(args, run, spec, ds, nets, ck, step):
             log_record(meter, run, step, lr, gnorm, flops_img)
             meter.reset()
     run.bar.close()
+    if run.tb is not None:
+        run.tb.close()
 
 
 def settings_table(args, run, spec, n_params):
@@ -623,18 +688,54 @@ def settings_table(args, run, spec, n_params):
     return "\n".join(f"  {k:<10} {v}" for k, v in rows)
 
 
+def adopt_init_flags(args, set_by):
+    """--init-from a transfer.py file: the train.py flags its run spec needs (stored in the file) become this run's
+    settings, except where a flag is given (a given flag that disagrees is refused after the spec is resolved,
+    naming it). Returns the file's checkpoint dict, or None without --init-from."""
+    if not args.init_from:
+        return None
+    src = runlib.read_checkpoint(args.init_from, "--init-from")
+    for flag, v in (src.get("transfer") or {}).get("flags", {}).items():
+        dest = flag[2:].replace("-", "_")
+        if set_by.get(dest) != "flag":
+            setattr(args, dest, v)
+            set_by[dest] = "init-from"
+    return src
+
+
+def check_init_spec(args, src, spec):
+    """The fine-tune's run spec must be the --init-from file's (model, latent, semantic, schedule)."""
+    bad = runlib.init_conflicts(src["spec"], spec) if src is not None and "spec" in src else []
+    if bad:
+        runlib.refuse(f"--init-from {args.init_from}: its run spec differs; fix or drop " + "; ".join(bad))
+
+
+def check_flags(args, set_by):
+    """Flags that cannot make the run asked for: one line naming the flag, before anything is written."""
+    if args.size != "tiny" and set_by["data"] != "flag":
+        runlib.refuse(f"--size {args.size} trains the paper's run: pass its data, --data imagefolder|wds|captions|"
+                      "latents with --data-path (the embedded toy set is for --size tiny)")
+    if args.keep_every and (args.keep_every < 0 or args.keep_every % args.ckpt_every):
+        runlib.refuse(f"--keep-every {args.keep_every}: must be a multiple of --ckpt-every {args.ckpt_every}")
+
+
 def main(argv=None):
     args, set_by = parse(argv)
     explicit = {k for k, v in set_by.items() if v == "flag"}
+    src = adopt_init_flags(args, set_by)
     if args.print_config:  # before any data, VAE, text encoder or model is loaded
         spec = runlib.resolve_spec(args, None, explicit=explicit)
         print(json.dumps({"spec": spec, "args": vars(args), "set_by": set_by}))
         return
+    check_flags(args, set_by)
     run = setup(args)
+    if set_by["compile"] == "scale" and run.device.type != "cuda":
+        args.compile = False  # the scale's compile default is for CUDA; on the CPU only an explicit --compile
     ds, vae, encoder = load_data(args, run)
     spec = runlib.resolve_spec(args, ds, vae, encoder, explicit)
+    check_init_spec(args, src, spec)
     model, ema, optimizer = build(args, run, spec)
-    ck, step = resume(args, run, spec, model, ema, optimizer)
+    ck, step = resume(args, run, spec, model, ema, optimizer, src)
     run.print0(settings_table(args, run, spec, sum(p.numel() for p in model.parameters())))
     if run.master:
         with data.atomic_write(os.path.join(args.out_dir, "config.json"), "w") as f:

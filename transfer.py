@@ -499,7 +499,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out = {"model": sd, "ema": sd, "spec": spec, "args": ck.get("args"), "step": 0,
            "transfer": {"from": args.ckpt, "from_step": ck.get("step"), "reports": reports,
-                        "guidance_lam": run.default_lam(spec)}}
+                        "guidance_lam": run.default_lam(spec), "flags": flags}}  # train.py --init-from adopts flags
     run.save_checkpoint(out, args.out)
     cmd = " ".join(f"{k} {_fmt(v)}" for k, v in flags.items())
     print(f"wrote {args.out}\nfine-tune: python train.py <pre-training flags> --init-from {args.out} {cmd} "

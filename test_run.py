@@ -1,0 +1,178 @@
+"""
+Tests of run.py (the run: presets and their precedence, the run spec, checkpoints in both formats, --init-from,
+sampling from a checkpoint) and of the training CLI features that write the run's files (ema.safetensors,
+--keep-every, TensorBoard events). CPU, tiny models, a few training steps each.
+
+    HF_HUB_OFFLINE=1 python -m pytest -q test_run.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import run  # noqa: E402
+import train  # noqa: E402
+import transfer  # noqa: E402
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+# a few steps of the default job's tiny model: enough to move the weights away from their init
+TINY = ["--max-steps", "4", "--global-batch", "8", "--log-every", "2", "--ckpt-every", "2", "--sample-every", "0",
+        "--no-progress", "--device", "cpu"]
+
+
+def _train(out, *flags, check=True):
+    """python train.py TINY flags --out-dir out, one thread; (returncode, stdout + stderr)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "train.py", *TINY, "--out-dir", str(out), *flags], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One 4-step default-model run with the checkpoint history and TensorBoard on."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    _train(out, "--keep-every", "2", "--tensorboard")
+    return out
+
+
+def _one_line(code_out):
+    code, out = code_out
+    lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+    assert code != 0 and "Traceback" not in out, out[-2000:]
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------- presets: one precedence
+def test_precedence_flag_recipe_scale_tiny():
+    """Every setting from the first layer that has it: flag > recipe > scale > tiny, and set_by names it."""
+    defaults = vars(train.get_parser().parse_args([]))
+    s, by = run.resolve_settings(defaults, {"size": "XL", "lr": 3e-4})
+    assert (s["lr"], by["lr"]) == (3e-4, "flag")  # flag over the scale's 1e-3
+    assert (s["arch"], by["arch"]) == ("mmdit", "recipe")
+    assert (s["global_batch"], by["global_batch"]) == (run.PAPER_BATCH[256], "scale")
+    assert (s["crop"], by["crop"]) == (run.PAPER_CROP["ours"], "scale")
+    assert (s["sample_cfg"], by["sample_cfg"]) == (defaults["sample_cfg"], "tiny")
+    s, by = run.resolve_settings(defaults, {"size": "XL", "resolution": 512})
+    assert (s["global_batch"], s["crop"]) == (run.PAPER_BATCH[512], "global")  # fine-tuning above 256: global crops
+    s, by = run.resolve_settings(defaults, {})  # the tiny job: ours with its deviations
+    assert (s["objective"], by["objective"]) == (run.TINY_RECIPE["objective"], "recipe")
+    s, _ = run.resolve_settings(defaults, {"tiny_recipe": False})
+    assert s["objective"] == run.RECIPES["ours"]["objective"]
+
+
+def test_print_config_says_who_set_each_value(capsys):
+    train.main(["--size", "XL", "--lr", "5e-4", "--print-config"])
+    cfg = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(cfg) == {"spec", "args", "set_by"} and set(cfg["set_by"]) == set(cfg["args"])
+    assert cfg["set_by"]["lr"] == "flag" and cfg["args"]["lr"] == 5e-4
+    assert cfg["set_by"]["vae"] == "scale" and cfg["set_by"]["arch"] == "recipe"
+    assert cfg["set_by"]["seed"] == "tiny"
+
+
+def test_help_defaults_come_from_the_tables():
+    """Help states each layered default from the tables it is read from (it cannot drift from them)."""
+    text = " ".join(train.get_parser().format_help().split())
+    assert f"S/B/L/XL: {run.PAPER_SCALE['lr']}" in text
+    assert f"{run.PAPER_BATCH[512]} at 512 px" in text
+    assert "--recipe ours mmdit, sd3 mmdit, dit dit" in text
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_safetensors_roundtrip(tiny_run):
+    """ema.safetensors holds the EMA weights and the run spec; sampling from it equals sampling from ckpt.pt."""
+    ck = run.read_checkpoint(str(tiny_run / "ckpt.pt"))
+    st = run.read_checkpoint(str(tiny_run / run.EMA_FILE))
+    assert st["spec"] == ck["spec"] and st["step"] == ck["step"] == 4 and st["args"] == ck["args"]
+    assert set(st["ema"]) == set(ck["ema"]) and all(torch.equal(st["ema"][k], ck["ema"][k]) for k in ck["ema"])
+    imgs = []
+    for path in (tiny_run / "ckpt.pt", tiny_run / run.EMA_FILE):
+        model, c = run.load_checkpoint(str(path))
+        imgs.append(run.generate(model, c["spec"], seeds=[0, 1], labels=[3, 7], steps=4, cfg=2.0))
+    assert torch.equal(imgs[0], imgs[1])
+    with pytest.raises(SystemExit, match="EMA weights only"):
+        run.load_checkpoint(str(tiny_run / run.EMA_FILE), ema=False)
+
+
+def test_safetensors_without_spec_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SystemExit, match="without the run spec.*--ckpt"):
+        run.read_checkpoint(str(tmp_path / "other.safetensors"))
+
+
+def test_keep_every_keeps_step_named_checkpoints(tiny_run):
+    kept = sorted(p.name for p in tiny_run.glob("ckpt_*.pt"))
+    assert kept == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
+    a = run.read_checkpoint(str(tiny_run / "ckpt_0000002.pt"))
+    b = run.read_checkpoint(str(tiny_run / "ckpt.pt"))
+    assert (a["step"], b["step"]) == (2, 4)  # the history is not overwritten by later checkpoints
+    assert not all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_tensorboard_events(tiny_run):
+    """The event file holds the named scalars at the logged steps and the sample grids' images (none here)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tiny_run / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("loss", "lr", "grad_norm", "img_per_s", "mem_gb", "loss_t/0", "loss_t/3"):
+        assert tag in tags, tags
+    logged = [json.loads(line) for line in open(tiny_run / "log.jsonl")]
+    events = acc.Scalars("loss")
+    assert [e.step for e in events] == [r["step"] for r in logged] == [2, 4]
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in logged], rel=1e-6)  # float32 in events
+
+
+def test_grids_go_to_tensorboard(tmp_path):
+    out = tmp_path / "out"
+    _train(out, "--tensorboard", "--max-steps", "2", "--sample-every", "2", "--sample-steps", "2")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert "samples" in acc.Tags()["images"] or any(t.startswith("samples") for t in acc.Tags()["images"])
+
+
+# ----------------------------------------------------------------------------- bad flags: one line, nothing written
+@pytest.mark.parametrize("flags, names", [
+    (["--size", "S"], ["--size S", "--data"]),  # full size without a data source
+    (["--grad-accum", "3"], ["--grad-accum", "8"]),  # 8 images cannot split into 3 micro-steps
+    (["--keep-every", "3"], ["--keep-every 3", "--ckpt-every 2"]),
+    (["--wandb"], ["--wandb", "pip install wandb"]),
+])
+def test_bad_run_flags_one_line(tmp_path, flags, names):
+    pytest.importorskip("torch")
+    if flags == ["--wandb"]:
+        try:
+            import wandb  # noqa: F401
+            pytest.skip("wandb is installed here")
+        except ImportError:
+            pass
+    out = tmp_path / "out"
+    line = _one_line(_train(out, *flags, check=False))
+    assert all(n in line for n in names), line
+    assert not (out / "ckpt.pt").exists()
+
+
+# ----------------------------------------------------------------------------- --init-from adopts the file's spec
+def test_init_from_spec(tmp_path, tiny_run):
+    """A transferred checkpoint fine-tunes with its own spec without repeating transfer.py's flags; a conflicting
+    flag stops in one line naming it."""
+    moved = tmp_path / "r24.pt"
+    transfer.main(["--ckpt", str(tiny_run / "ckpt.pt"), "--resolution", "24", "--out", str(moved)])
+    src = run.read_checkpoint(str(moved))
+    out = tmp_path / "ft"
+    _train(out, "--init-from", str(moved), "--max-steps", "2")
+    spec = run.read_checkpoint(str(out / "ckpt.pt"))["spec"]
+    assert run.init_conflicts(src["spec"], spec) == []
+    assert spec["data"]["resolution"] == 24 and spec["schedule"]["scale"] == src["spec"]["schedule"]["scale"] != 1.0
+    line = _one_line(_train(tmp_path / "bad", "--init-from", str(moved), "--schedule-scale", "1", check=False))
+    assert "--schedule-scale" in line and "--init-from" in line, line
+    assert not (tmp_path / "bad" / "ckpt.pt").exists()
