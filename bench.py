@@ -16,7 +16,6 @@ The sampling step is one denoiser call with the three guidance branches of Eq. 2
     python bench.py --suite gpu-train        # ours-XL, 200 compiled steps on synthetic latents at the planned batch
 """
 import argparse
-import contextlib
 import functools
 import gc
 import io
@@ -35,7 +34,6 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import conditioning
@@ -498,54 +496,21 @@ def scale_suite(args):
 
 
 # ----------------------------------------------------------------------------- memory plan
-# The paper's run on one node of 8 cards. Per card: fixed memory + micro-batch x activation memory per image.
-#   fixed = fp32 weights, grads (views of DDP's all-reduce buckets: train.py sets gradient_as_bucket_view), AdamW's
-#           two moments and the EMA copy: 20 bytes per trainable parameter, plus
-#           autocast's bf16 weight copies and the frozen encoders (measured);
-#   activations = the bytes autograd saves for backward, measured on fake tensors (shapes and dtypes, no compute)
-#           under bf16 autocast at two batch sizes: the slope is per image, the intercept autocast's weight copies.
-# The cards' memory as CUDA reports it (GiB); a card keeps PLAN_RESERVE GiB for the CUDA context, NCCL and the
-# allocator's fragmentation, and the plan fills PLAN_FILL of the rest.
+# The paper's run on one node of 8 cards, by run.py's plan (fixed memory + micro-batch x activations per image;
+# run.memory_per_card / run.plan_micro_batch, which train.py --grad-accum auto uses at start). The cards' memory
+# as CUDA reports it (GiB).
 CARDS = {"A100-40GB": 40.0, "A100-80GB": 80.0, "H100-80GB": 79.6, "H200": 140.4}
-PLAN_RESERVE, PLAN_FILL, PLAN_GPUS = 2.0, 0.9, 8
-BYTES_PER_PARAM = 20  # fp32: weights 4 + grads 4 (the DDP buckets) + AdamW moments 8 + EMA 4
+PLAN_GPUS = 8
 PLAN_RUNS = {  # name -> train.py flags of the paper's run (the recipe's own defaults otherwise)
     "ImageNet-1k 256 (class)": ["--num-classes", "1000"],
     "ImageNet-1k 512 (class)": ["--num-classes", "1000", "--resolution", "512"],
     "CC12M 256 (text)": ["--semantic", "text"],
 }
-CLIP_L_TEXT_PARAMS = 123.65e6  # open_clip ViT-L-14 text tower (token embedding, 12 layers of 768, projection)
-SD_VAE_PARAMS = 83.65e6  # sd-vae-ft-ema AutoencoderKL (encoder + decoder, both kept by train.py)
-
-
 def print_config(flags):
     """{"spec", "args"} of `python train.py flags --print-config`: the run exactly as train.py resolves it."""
     out = subprocess.run([sys.executable, "train.py", *flags, "--print-config"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def saved_bytes(model_kw, B, R, text, fake=True):
-    """Bytes autograd saves for backward in one bf16-autocast training forward of B images (parameters excluded).
-    fake: on fake tensors (shapes and dtypes; nothing is computed or allocated, so an XL model costs seconds on a
-    CPU); fake=False runs the same forward for real, which is how the test checks the fake count."""
-    with FakeTensorMode() if fake else contextlib.nullcontext():
-        torch.manual_seed(0)
-        model = models.build_model(**model_kw)
-        params = {p.untyped_storage()._cdata for p in model.parameters()}
-        x0, cond = make_batch(model_kw["arch"], B, R, torch.device("cpu"), text=text,
-                              classes=model_kw.get("num_classes") or NUM_CLASSES)
-        saved = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            if s._cdata not in params:
-                saved[s._cdata] = (s.nbytes(), t)  # keep t: an id is unique only while its storage lives
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), torch.bfloat16):
-            diffusion.loss_fn(model, diffusion.Schedule(), x0, cond)
-        n_params = sum(p.numel() for p in model.parameters())
-    return sum(b for b, _ in saved.values()), n_params
 
 
 def measure_memory(run_flags):
@@ -557,17 +522,12 @@ def measure_memory(run_flags):
 @functools.lru_cache(maxsize=None)
 def _measure_memory(run_flags):
     cfg = print_config(["--size", "XL", *run_flags])
-    kw, args = dict(cfg["spec"]["model"]), cfg["args"]
+    spec, args = cfg["spec"], cfg["args"]
     text = args["semantic"] == "text"
     if text:  # the tower's widths are read from the loaded encoder at run time; CLIP ViT-L/14: 768 and 768
-        kw.update(text_dim=TEXT_DIM, pooled_dim=POOLED_DIM)
-    R = args["resolution"]
-    (b1, P), (b3, _) = saved_bytes(kw, 1, R, text), saved_bytes(kw, 3, R, text)
-    act = (b3 - b1) / 2
-    frozen = SD_VAE_PARAMS * 4 + (CLIP_L_TEXT_PARAMS * 4 if text else 0)  # fp32 frozen encoders, on the card
-    fixed = BYTES_PER_PARAM * P + (b1 - act) + frozen
-    return dict(params=P, fixed_gib=fixed / 2**30, act_gib=act / 2**30, global_batch=args["global_batch"],
-                bf16_gib=(b1 - act) / 2**30)
+        spec["model"].update(text_dim=TEXT_DIM, pooled_dim=POOLED_DIM)
+    frozen = run.SD_VAE_PARAMS + (run.CLIP_L_TEXT_PARAMS if text else 0)  # fp32 frozen encoders, on the card
+    return dict(run.memory_per_card(spec, frozen), global_batch=args["global_batch"])
 
 
 def bench_peak_gib(m, batch):
@@ -578,15 +538,8 @@ def bench_peak_gib(m, batch):
 
 
 def plan_card(m, card_gib, gpus=PLAN_GPUS):
-    """(micro-batch, --grad-accum, planned GiB) for one card: the largest divisor of the per-card batch whose memory
-    fits PLAN_FILL of the card less PLAN_RESERVE; None when not even one image fits."""
-    per_card = m["global_batch"] // gpus
-    room = PLAN_FILL * (card_gib - PLAN_RESERVE) - m["fixed_gib"]
-    fits = [b for b in range(1, per_card + 1) if per_card % b == 0 and b * m["act_gib"] <= room]
-    if not fits:
-        return None
-    micro = max(fits)
-    return micro, per_card // micro, m["fixed_gib"] + micro * m["act_gib"]
+    """run.plan_micro_batch for one of `gpus` cards sharing the run's global batch."""
+    return run.plan_micro_batch(m, m["global_batch"] // gpus, card_gib)
 
 
 PLAN_COLS = ["run", "card", "params_M", "fixed_GiB", "act_GiB_per_img", "per_card_batch", "micro_batch",

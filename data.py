@@ -694,17 +694,43 @@ def image_files(folder):
                   if f.lower().endswith(IMG_EXTS))
 
 
-def iter_images(source, res=None, limit=None):
+def balanced_subset(files, n, seed=0):
+    """n of the files, seeded and balanced over their folders (ImageNet's class folders): each folder's files
+    shuffled by (seed), then taken round-robin over the folders until n; the same n and seed give the same subset.
+    The first n sorted files would be the first n / 1300 classes of ImageNet and bias FID. n above the count is
+    a one-line error naming --ref-max."""
+    if n > len(files):
+        raise SystemExit(f"--ref-max {n}: the reference holds only {len(files)} images")
+    groups = {}
+    for f in files:
+        groups.setdefault(os.path.dirname(f), []).append(f)
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(g)) for _, g in sorted(groups.items())]
+    out = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop())
+    return sorted(out)
+
+
+def iter_images(source, res=None, limit=None, seed=0):
     """uint8 (3,H,W) tensors from a folder / ImageFolder tree (recursive, sorted), an ADM-style .npz batch
     (arr_0, NHWC uint8) or tar shards (expand_shards: a folder of .tar is read as images first, so give shards
-    as a glob, a brace pattern or a comma list), centre-cropped to res if given."""
+    as a glob, a brace pattern or a comma list), centre-cropped to res if given. limit: a folder gives the
+    seeded class-balanced subset (balanced_subset), an .npz a seeded random subset, shards their first images."""
     if source.endswith(".npz"):
-        return (torch.from_numpy(x).permute(2, 0, 1) for x in np.load(source)["arr_0"][:limit])
+        arr = np.load(source)["arr_0"]
+        if limit is not None and limit > len(arr):
+            raise SystemExit(f"--ref-max {limit}: {source} holds only {len(arr)} images")
+        idx = np.sort(np.random.default_rng(seed).permutation(len(arr))[:limit]) if limit else range(len(arr))
+        return (torch.from_numpy(arr[i]).permute(2, 0, 1) for i in idx)
     if os.path.isdir(source):
         files = image_files(source)
         if not files:
             raise SystemExit(f"no images in {source}")
-        return (image_uint8(Image.open(f), res) for f in files[:limit])
+        files = balanced_subset(files, limit, seed) if limit else files
+        return (image_uint8(Image.open(f), res) for f in files)
     shards = expand_shards(source)
     if not shards or not all(s.endswith(".tar") and os.path.isfile(s) for s in shards):
         raise SystemExit(f"{source!r} is not a folder, .tar shard(s), .npz, 'train' or 'embedded'")

@@ -215,7 +215,8 @@ def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
     if os.path.exists(source):
         st = os.stat(source)
         key = f"{os.path.abspath(source)}:{st.st_mtime_ns}:{st.st_size}"
-    key = hashlib.sha1(f"{key}:{res}:{limit}:{INCEPTION_SHA1}".encode()).hexdigest()[:16]
+    subset = "balanced" if limit else "all"  # which images a limit takes is part of the key (data.balanced_subset)
+    key = hashlib.sha1(f"{key}:{res}:{limit}:{subset}:{INCEPTION_SHA1}".encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"fid_ref_{key}.npz") if cache_dir else None
     if path and os.path.isfile(path):
         f = np.load(path)
@@ -476,8 +477,9 @@ def get_parser():
                    "centre crop), 'heldout' (items of the training source the run never saw, centre crop; "
                    "embedded data), 'embedded', an image folder / ImageFolder root, .tar shards, or an .npz with "
                    "mu/sigma or an ADM image batch arr_0 (default: train)")
-    g.add_argument("--ref-max", type=int, default=None, help="images of the reference to use (default: all; "
-                   "10000 for the embedded dataset; 2000 for heldout)")
+    g.add_argument("--ref-max", type=int, default=None, help="images of the reference to use: a folder gives a "
+                   "seeded subset balanced over its class folders, an .npz batch a seeded random one, shards their "
+                   "first images (default: all; 10000 for the embedded dataset; 2000 for heldout)")
     g.add_argument("--fid-floor", action=argparse.BooleanOptionalAction, default=None, help="also score "
                    "--num-samples real held-out images against the reference: the real-vs-real FID at the same N "
                    "(default: on with --ref heldout)")
@@ -627,6 +629,9 @@ def fid_reference(args, net, spec, res, n_gen):
                                 flip=False, seed=src["seed"], **({"length": n} if n else {}))
         key = f"{src['source']}:{src['path']}:{src['seed']}"
         return (*ref_stats(net, key, res, n, args.cache_dir, data.dataset_images(ds, n)), n, out)
+    if args.ref_max:  # say which images of the reference were used
+        out["fid_ref_subset"] = ("seeded (0) class-balanced subset over the folders" if os.path.isdir(args.ref) else
+                                 "seeded (0) random subset" if args.ref.endswith(".npz") else "first images")
     return (*ref_stats(net, args.ref, res, args.ref_max, args.cache_dir), args.ref_max, out)
 
 

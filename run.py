@@ -9,6 +9,7 @@ diffusion <- conditioning <- data, models <- run <- scripts.
 
     python -c "import run; print(run.resolve_settings({'recipe': 'ours', 'size': 'tiny', 'resolution': 16}, {})[1])"
 """
+import contextlib
 import glob
 import json
 import os
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from torch._subclasses.fake_tensor import FakeTensorMode
 from safetensors.torch import save as safetensors_save
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -397,6 +399,81 @@ def count_flops(fn):
         fwd = fc.get_total_flops()
         loss.backward()
     return fwd, fc.get_total_flops()
+
+
+# ----------------------------------------------------------------------------- memory plan (--grad-accum auto)
+# Per card: fixed memory + micro-batch x activation memory per image.
+#   fixed = fp32 weights, grads (views of DDP's all-reduce buckets: train.py sets gradient_as_bucket_view), AdamW's
+#           two moments and the EMA copy: BYTES_PER_PARAM per trainable parameter, plus autocast's bf16 weight
+#           copies (measured) and the frozen encoders (fp32);
+#   activations = the bytes autograd saves for backward, measured on fake tensors (shapes and dtypes, no compute)
+#           under bf16 autocast at two batch sizes: the slope is per image, the intercept autocast's weight copies.
+# A card keeps PLAN_RESERVE GiB for the CUDA context, NCCL and the allocator's fragmentation; the plan fills
+# PLAN_FILL of the rest. bench.py --suite memory tabulates it for the paper's runs; its calibration against a
+# measured H200 step is in RESULTS.md ("Memory plan").
+PLAN_RESERVE, PLAN_FILL = 2.0, 0.9
+BYTES_PER_PARAM = 20  # fp32: weights 4 + grads 4 (the DDP buckets) + AdamW moments 8 + EMA 4
+CLIP_L_TEXT_PARAMS = 123.65e6  # open_clip ViT-L-14 text tower (token embedding, 12 layers of 768, projection)
+SD_VAE_PARAMS = 83.65e6  # sd-vae-ft-ema AutoencoderKL (encoder + decoder, both kept by train.py)
+
+
+def synthetic_batch(spec, B):
+    """(x0, cond) of B random images shaped as the run spec's model sees them (latents or pixels, class ids or
+    text features, φ of an uncropped flipped original), for counting FLOPs and memory."""
+    g = torch.Generator().manual_seed(0)
+    m, R = spec["model"], spec["data"]["resolution"]
+    x0 = torch.randn(B, *data.latent_shape(spec["latent"], R), generator=g)
+    if m.get("text_dim"):
+        cond = {"text": torch.randn(B, 77, m["text_dim"], generator=g)}
+        if m.get("pooled_dim"):
+            cond["pooled"] = torch.randn(B, m["pooled_dim"], generator=g)
+    else:
+        cond = {"y": torch.randint(0, m["num_classes"], (B,), generator=g)}
+    if m.get("control"):
+        cond.update(phi=default_phi(spec, B, flip=True), keep_ctrl=torch.ones(B))
+    return x0, cond
+
+
+def saved_bytes(spec, B, fake=True):
+    """(bytes autograd saves for backward in one bf16-autocast training forward of B images, parameters excluded;
+    parameter count). fake: on fake tensors (nothing is computed or allocated, so an XL model costs seconds on a
+    CPU); fake=False runs the same forward for real, which is how the tests check the fake count."""
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        torch.manual_seed(0)
+        model = models.build_model(**spec["model"])
+        params = {p.untyped_storage()._cdata for p in model.parameters()}
+        x0, cond = synthetic_batch(spec, B)
+        saved = {}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s._cdata not in params:
+                saved[s._cdata] = (s.nbytes(), t)  # keep t: an id is unique only while its storage lives
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), torch.bfloat16):
+            diffusion.loss_fn(model, diffusion.Schedule(), x0, cond)
+        n_params = sum(p.numel() for p in model.parameters())
+    return sum(b for b, _ in saved.values()), n_params
+
+
+def memory_per_card(spec, frozen_params):
+    """dict(params, fixed_gib, act_gib per image, bf16_gib) of a run spec's training step on one card, with
+    frozen_params parameters of frozen fp32 encoders (VAE, text tower) beside it."""
+    (b1, P), (b3, _) = saved_bytes(spec, 1), saved_bytes(spec, 3)
+    act = (b3 - b1) / 2
+    fixed = BYTES_PER_PARAM * P + (b1 - act) + 4 * frozen_params
+    return dict(params=P, fixed_gib=fixed / 2**30, act_gib=act / 2**30, bf16_gib=(b1 - act) / 2**30)
+
+
+def plan_micro_batch(m, per_card, card_gib):
+    """(micro-batch, --grad-accum, planned GiB) for one card: the largest divisor of the per-card batch whose memory
+    fits PLAN_FILL of the card less PLAN_RESERVE; None when not even one image fits."""
+    room = PLAN_FILL * (card_gib - PLAN_RESERVE) - m["fixed_gib"]
+    fits = [b for b in range(1, per_card + 1) if per_card % b == 0 and b * m["act_gib"] <= room]
+    if not fits:
+        return None
+    micro = max(fits)
+    return micro, per_card // micro, m["fixed_gib"] + micro * m["act_gib"]
 
 
 # ----------------------------------------------------------------------------- the run's φ, β and λ at sampling

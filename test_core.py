@@ -711,6 +711,20 @@ def test_latent_shards_roundtrip(tmp_path):
     assert x.shape == (1, 3, 32, 32) and x.abs().max() <= 1
 
 
+def test_ref_max_is_class_balanced(tmp_path):
+    """--ref-max on an ImageFolder takes a seeded subset balanced over the class folders (not the first classes of
+    the sorted list), the same for the same seed; above the folder's size it is a one-line error."""
+    files = [str(tmp_path / f"c{c}" / f"{i:03d}.png") for c in range(4) for i in range(10)]
+    sub = data.balanced_subset(files, 8, seed=0)
+    per_class = [sum(f.startswith(str(tmp_path / f"c{c}") + os.sep) for f in sub) for c in range(4)]
+    assert per_class == [2, 2, 2, 2] and len(set(sub)) == 8
+    assert sub == data.balanced_subset(files, 8, seed=0) != data.balanced_subset(files, 8, seed=1)
+    assert sorted(data.balanced_subset(files, 40)) == sorted(files)
+    assert sum(f.startswith(str(tmp_path / "c0") + os.sep) for f in data.balanced_subset(files, 6)) == 2  # 2,2,1,1
+    with pytest.raises(SystemExit, match="--ref-max 41: the reference holds only 40 images"):
+        data.balanced_subset(files, 41)
+
+
 # ----------------------------------------------------------------------------- models.py
 
 _MDL_CTRL = ("crop", "size", "flip")
@@ -2354,12 +2368,14 @@ def test_scale_xl_forward(arch):
 def test_activation_count_fake_equals_real(text):
     """The memory plan counts autograd's saved bytes on fake tensors; the same forward on real tensors saves
     exactly as many bytes (a tiny latent mmDiT at 256 px), and the count grows with the batch."""
-    kw = dict(arch="mmdit", size="tiny", input_size=32, in_channels=4, num_classes=None if text else 10,
-              control=["crop", "size", "flip"], **(dict(text_dim=bench.TEXT_DIM, pooled_dim=bench.POOLED_DIM) if text else {}))
+    kw = dict(arch="mmdit", size="tiny", input_size=32, in_channels=4,
+              control=["crop", "size", "flip"], **(dict(text_dim=bench.TEXT_DIM, pooled_dim=bench.POOLED_DIM) if text
+                                                    else dict(num_classes=10)))
+    spec = {"model": kw, "latent": dict(vae="sd", scale=0.18215, channels=4, down=8), "data": {"resolution": 256}}
     counts = {}
     for B in (1, 3):
-        fake, n_fake = bench.saved_bytes(kw, B, 256, text, fake=True)
-        real, n_real = bench.saved_bytes(kw, B, 256, text, fake=False)
+        fake, n_fake = run.saved_bytes(spec, B, fake=True)
+        real, n_real = run.saved_bytes(spec, B, fake=False)
         assert (fake, n_fake) == (real, n_real), f"B={B}: fake {fake} B != real {real} B"
         counts[B] = real
     assert counts[3] > counts[1] > 0
@@ -2369,7 +2385,7 @@ def test_memory_plan_rule():
     """plan_card: the largest micro-batch dividing the per-card batch that fits PLAN_FILL of the card less
     PLAN_RESERVE; None when one image does not fit."""
     m = dict(global_batch=256, fixed_gib=10.0, act_gib=1.0)
-    room = bench.PLAN_FILL * (40.0 - bench.PLAN_RESERVE) - 10.0  # 24.2 GiB: 24 images, 16 divides 32
+    room = run.PLAN_FILL * (40.0 - run.PLAN_RESERVE) - 10.0  # 24.2 GiB: 24 images, 16 divides 32
     assert 16 <= room < 32
     assert bench.plan_card(m, 40.0, gpus=8) == (16, 2, 26.0)
     assert bench.plan_card(m, 40.0, gpus=16) == (16, 1, 26.0)
@@ -2414,8 +2430,8 @@ def test_readme_full_scale(tmp_path):
     assert f"--grad-accum {accum['ImageNet-1k 256 (class)', 'A100-80GB']} " in cmd and "--data latents" in cmd
     named = re.findall(r"8 × ([\w-]+): (\d+)", section)
     assert named and all(int(n) == accum["ImageNet-1k 256 (class)", card] for card, n in named), named
-    assert f"{bench.BYTES_PER_PARAM} bytes per\nparameter" in section or f"{bench.BYTES_PER_PARAM} bytes per parameter" in section
-    assert f"{100 * bench.PLAN_FILL:.0f} % of the card less {bench.PLAN_RESERVE:.0f} GiB" in section
+    assert f"{run.BYTES_PER_PARAM} bytes per\nparameter" in section or f"{run.BYTES_PER_PARAM} bytes per parameter" in section
+    assert f"{100 * run.PLAN_FILL:.0f} % of the card less {run.PLAN_RESERVE:.0f} GiB" in section
     # calibration: the plan's prediction for the H200 bench's eager mmDiT-XL/2 text step vs its measured peak
     row = re.search(r"\| mmDiT-XL/2 \(1\.33 B\) \| (\d+) \| no \|[^|]*\|[^|]*\|[^|]*\| ([\d.]+) \|", results)
     text_m = bench.measure_memory(bench.PLAN_RUNS["CC12M 256 (text)"])

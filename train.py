@@ -60,6 +60,15 @@ def default_text(dest, default):
     return f" (default: {'; '.join(parts)})" if parts else ""
 
 
+def grad_accum_arg(v):
+    """--grad-accum: 'auto' or a positive int."""
+    if v == "auto":
+        return v
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"{v!r}: give a positive integer or auto")
+    return int(v)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
@@ -134,7 +143,9 @@ def get_parser():
     add(g, "--adam-betas", "AdamW betas", type=float, nargs=2)
     add(g, "--weight-decay", "AdamW weight decay", type=float)
     add(g, "--global-batch", "images per optimiser step, all ranks", 32, type=int)
-    add(g, "--grad-accum", "micro-steps per optimiser step", 1, type=int)
+    add(g, "--grad-accum", "micro-steps per optimiser step, or auto: on CUDA the largest per-card micro-batch that "
+        "the memory plan (run.plan_micro_batch) fits on this card, printed at start; 1 on the CPU", "auto",
+        type=grad_accum_arg)
     add(g, "--ema-decay", "EMA decay, warmed up as min(d, (1+n)/(10+n))", 0.999, type=float)
     add(g, "--grad-clip", "clip the gradient norm; 0 = off", 1.0, type=float)
     add(g, "--warmup", "linear lr warm-up steps", 100, type=int)
@@ -314,10 +325,6 @@ def setup(args):
             (run.bar.write if run.bar is not None else print)(" ".join(str(x) for x in a))
             sys.stdout.flush()
     run.print0 = print0
-    if args.grad_accum < 1 or args.global_batch % (run.world * args.grad_accum):
-        runlib.refuse(f"--global-batch {args.global_batch} must divide by world size {run.world} x --grad-accum "
-                      f"{args.grad_accum}; pick a --grad-accum that divides {args.global_batch // run.world}")
-    run.micro = args.global_batch // (run.world * args.grad_accum)
     torch.manual_seed(args.seed)  # the same model init on every rank; per-rank seeds follow in build()
     if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -349,6 +356,28 @@ def dashboards(args, master):
                    id=os.path.basename(os.path.abspath(args.out_dir)))
         wb = wandb
     return tb, wb
+
+
+def split_batch(args, run, spec, frozen_params):
+    """The global batch over ranks and micro-steps: --grad-accum as given, or auto (on CUDA the memory plan's
+    largest micro-batch for this card, printed; 1 elsewhere). Sets run.micro and args.grad_accum (an int)."""
+    if args.global_batch % run.world:
+        runlib.refuse(f"--global-batch {args.global_batch} must divide by the world size {run.world}")
+    per_rank = args.global_batch // run.world
+    if args.grad_accum == "auto":
+        args.grad_accum = 1
+        if run.device.type == "cuda":
+            card = torch.cuda.get_device_properties(run.device).total_memory / 2**30
+            plan = runlib.plan_micro_batch(runlib.memory_per_card(spec, frozen_params), per_rank, card)
+            if plan is None:
+                runlib.refuse(f"--grad-accum auto: not one image of this model fits the card's {card:.1f} GiB")
+            args.grad_accum = plan[1]
+            run.print0(f"--grad-accum auto: per-card batch {per_rank} = micro-batch {plan[0]} x {plan[1]} "
+                       f"(plan {plan[2]:.1f} GiB of the card's {card:.1f} GiB)")
+    if per_rank % args.grad_accum:
+        runlib.refuse(f"--grad-accum {args.grad_accum}: the per-rank batch {per_rank} (--global-batch "
+                      f"{args.global_batch} over {run.world} rank(s)) does not divide by it")
+    run.micro = per_rank // args.grad_accum
 
 
 def load_data(args, run):
@@ -731,9 +760,14 @@ def main(argv=None):
     run = setup(args)
     if set_by["compile"] == "scale" and run.device.type != "cuda":
         args.compile = False  # the scale's compile default is for CUDA; on the CPU only an explicit --compile
+    if args.grad_accum != "auto":  # a given --grad-accum is checked before anything is loaded
+        split_batch(args, run, None, 0)
     ds, vae, encoder = load_data(args, run)
     spec = runlib.resolve_spec(args, ds, vae, encoder, explicit)
     check_init_spec(args, src, spec)
+    if args.grad_accum == "auto":  # the memory plan needs the model's spec and the frozen encoders' size
+        split_batch(args, run, spec, sum(p.numel() for net in (vae, encoder) if net is not None
+                                         for p in net.parameters()))
     model, ema, optimizer = build(args, run, spec)
     ck, step = resume(args, run, spec, model, ema, optimizer, src)
     run.print0(settings_table(args, run, spec, sum(p.numel() for p in model.parameters())))
