@@ -2601,7 +2601,7 @@ def _evaluate(prompt_runs, tmp_path, prompts, *flags):
         return generate(model, spec, seeds, labels, **kw)
     out = str(tmp_path / f"{os.path.basename(prompts)}_eval.json")
     mp = pytest.MonkeyPatch()
-    mp.setattr(models, "generate", spy)
+    mp.setattr(run, "generate", spy)
     try:
         evaluate.main(["--ckpt", prompt_runs["text"], "--prompts", prompts, "--ref", prompt_runs["ref"], "--cache-dir",
                        str(tmp_path / "cache"), "--out", out, "--device", "cpu", *prompt_runs["clip"], *flags])
