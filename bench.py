@@ -565,13 +565,15 @@ def card_of(total_gib):
     return min(CARDS, key=lambda c: abs(CARDS[c] - total_gib))
 
 
-def gpu_train_argv(data_path, out_dir, per_card, accum, steps, cuda=True):
+def gpu_train_argv(data_path, out_dir, per_card, accum, steps, cuda=True, save_ckpt=False):
     """train.py's flags for the GPU run: the paper's recipe at XL on the given latents, this card's share of the
-    8-card batch as --global-batch per_card in `accum` micro-steps; compiled on CUDA (as the paper's run would be)."""
+    8-card batch as --global-batch per_card in `accum` micro-steps; compiled on CUDA (as the paper's run would be);
+    no checkpoint (an XL ckpt.pt is ~21 GB) unless save_ckpt, then one at the end."""
     return ["--recipe", "ours", "--size", "XL", "--data", "latents", "--data-path", data_path,
             "--global-batch", str(per_card), "--grad-accum", str(accum), "--max-steps", str(steps),
-            "--log-every", str(max(1, steps // 10)), "--sample-every", "0", "--ckpt-every", str(steps),
-            "--no-progress", "--out-dir", out_dir] + (["--compile"] if cuda else ["--device", "cpu"])
+            "--log-every", str(max(1, steps // 10)), "--sample-every", "0", "--ckpt-every",
+            str(steps if save_ckpt else 0), "--no-progress", "--out-dir", out_dir] + (
+                ["--compile"] if cuda else ["--device", "cpu"])
 
 
 def gpu_train_report(log_path, card, planned, global_batch):
@@ -601,7 +603,7 @@ def gpu_train(args, device):
     dry = args.dry_run or not cuda
     root = args.out_dir or ("TMP" if dry else tempfile.mkdtemp(prefix="gpu_train_"))
     argv = gpu_train_argv(os.path.join(root, "latents"), os.path.join(root, "run"), per_card, accum,
-                          args.train_steps)
+                          args.train_steps, save_ckpt=args.save_ckpt)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py", *argv]
     print(f"{card_of(total)} ({total:.1f} GiB): {name}, per-card batch {per_card} = micro {micro} x grad-accum "
           f"{accum}, planned {planned:.1f} GiB\n  torchrun --standalone --nproc_per_node 1 train.py {' '.join(argv)}",
@@ -676,7 +678,10 @@ def main():
                    "of each B step (default: a temporary folder, deleted afterwards)")
     p.add_argument("--gpus", type=int, default=PLAN_GPUS, help="memory suite: cards the global batch is split over "
                    "(default 8, one node; the paper's runs use 16, two nodes of 8)")
-    p.add_argument("--train-steps", type=int, default=200, help="gpu-train suite: training steps")
+    p.add_argument("--train-steps", type=int, default=120, help="gpu-train suite: training steps (120: compile + "
+                   "steps + start-up within 5 minutes on one H100 or H200)")
+    p.add_argument("--save-ckpt", action="store_true", help="gpu-train suite: also write the ~21 GB XL checkpoint "
+                   "at the end (default: none, so the run measures training alone)")
     p.add_argument("--dry-run", action="store_true", help="gpu-train suite: print the plan and the command, run nothing")
     p.add_argument("--out-dir", default=None, help="gpu-train suite: folder for the synthetic latents and the run "
                    "(default: a temporary folder; deleted afterwards)")

@@ -2456,14 +2456,16 @@ def test_gpu_train_ready(tmp_path, monkeypatch, capsys):
     assert f"micro {micro} x grad-accum {accum}, planned {planned:.1f} GiB" in out
     argv = shlex.split(out.split(" train.py ")[1].splitlines()[0])
     a = vars(train.parse_args(argv))
-    assert (a["recipe"], a["size"], a["data"], a["compile"], a["max_steps"]) == ("ours", "XL", "latents", True, 200)
+    assert (a["recipe"], a["size"], a["data"], a["compile"], a["max_steps"]) == ("ours", "XL", "latents", True, 120)
     assert a["global_batch"] == 2048 // bench.PLAN_GPUS and a["grad_accum"] == accum and a["resolution"] == 256
+    assert a["ckpt_every"] == 0  # no 21 GB checkpoint unless --save-ckpt
     # the same pipeline at tiny size: synthetic latents in extract_latents' format -> train.py -> the report
     meta = data.synthetic_latents(str(tmp_path / "lat"), n=12, resolution=32, num_classes=10, shard_size=5)
     assert meta["shards"] == 3 and data.LatentDataset(str(tmp_path / "lat"))[11]["latent"].shape == (4, 4, 4)
     train.main(["--size", "tiny", "--data", "latents", "--data-path", str(tmp_path / "lat"), "--global-batch", "4",
                 "--max-steps", "3", "--log-every", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",
-                "--out-dir", str(tmp_path / "run")])
+                "--ckpt-every", "0", "--out-dir", str(tmp_path / "run")])
+    assert not any(f.endswith((".pt", ".safetensors")) for f in os.listdir(tmp_path / "run"))  # --ckpt-every 0
     row = bench.gpu_train_report(str(tmp_path / "run" / "log.jsonl"), "cpu", None, m["global_batch"])
     assert row["steps"] == 3 and row["finite"] and row["img_per_s"] > 0
     assert row["hours_per_100k"] == pytest.approx(100_000 * 2048 / (bench.PLAN_GPUS * row["img_per_s"]) / 3600, rel=1e-12)

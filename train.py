@@ -164,7 +164,8 @@ def get_parser():
     add(g, "--init-from", "initialise weights from a checkpoint (e.g. transfer.py output), strict=False with a "
         "report of missing/unexpected keys")
     add(g, "--ckpt-every", f"checkpoint interval in steps: <out-dir>/ckpt.pt (to resume) and <out-dir>/{runlib.EMA_FILE} "
-        "(the EMA weights and the run spec, to share)", 500, type=int)
+        "(the EMA weights and the run spec, to share), and at the end; 0 = none at all (a benchmark: nothing to resume)",
+        500, type=int)
     add(g, "--keep-every", "also keep <out-dir>/ckpt_<step>.pt every N steps (a multiple of --ckpt-every), for "
         "evaluating along the training curve; 0 = only the latest", 0, type=int)
     add(g, "--tensorboard", "write scalars (loss, lr, grad norm, img/s, loss per t bin, memory) and the sample grids "
@@ -656,7 +657,7 @@ def train_loop(args, run, spec, ds, nets, ck, step):
         if step != start_step or (last and ck is None):
             if run.master and args.sample_every > 0 and (step % args.sample_every == 0 or last):
                 write_grid(args, run, spec, nets.ema, grid, f"{step:07d}")
-            if step % args.ckpt_every == 0 or last:
+            if args.ckpt_every and (step % args.ckpt_every == 0 or last):
                 check_finite(meter, run, step)
                 state = checkpoint_state(args, run, spec, nets, step, data_position(step), stream)
                 if run.master:
@@ -744,7 +745,7 @@ def check_flags(args, set_by):
     if args.size != "tiny" and set_by["data"] != "flag":
         runlib.refuse(f"--size {args.size} trains the paper's run: pass its data, --data imagefolder|wds|captions|"
                       "latents with --data-path (the embedded toy set is for --size tiny)")
-    if args.keep_every and (args.keep_every < 0 or args.keep_every % args.ckpt_every):
+    if args.keep_every and (args.keep_every < 0 or not args.ckpt_every or args.keep_every % args.ckpt_every):
         runlib.refuse(f"--keep-every {args.keep_every}: must be a multiple of --ckpt-every {args.ckpt_every}")
 
 
