@@ -561,6 +561,16 @@ def check_latent_shard(meta, arrays, info, where):
         bad(f"{n} rows vs its keys/captions", SHARD_INFO)
 
 
+def latents_resolution(root):
+    """The image resolution latent shards were extracted at (their meta.json), or None when it cannot be read
+    (LatentDataset then says why in one line)."""
+    try:
+        with open(os.path.join(root, "meta.json")) as f:
+            return json.load(f).get("resolution")
+    except (OSError, ValueError):
+        return None
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """Shards written by extract_latents: K augmented crops per image with their φ; epoch e uses crop
     rng(seed, e, i) of image i, so control conditioning still works from cached latents. The arrays are

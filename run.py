@@ -31,9 +31,10 @@ import models
 from conditioning import PHI_KEYS
 
 # ----------------------------------------------------------------------------- presets: one precedence
-# A setting's value is the first of: the flag given on the command line > the recipe's row > the scale's (the
-# paper's run at S/B/L/XL) > train.py's parser default (the tiny CPU job). resolve_settings applies the layers in
-# that order and records which one set each value (train.py --print-config shows it).
+# A setting's value is the first of: the flag given on the command line > what the data says of itself (latent
+# shards' resolution) > the recipe's row > the scale's (the paper's run at S/B/L/XL) > train.py's parser default
+# (the tiny CPU job). resolve_settings applies the layers in that order and records which one set each value
+# (train.py --print-config shows it).
 #
 # Recipe rows (Tab. A4). "ours" = mmDiT++: class/text only through attention, control (crop, size, flip) in adaLN
 # with the cosine schedule (alpha 8, Tab. 2a), noisy replicate text padding (beta_txt 0.02, Tab. 3), AdamW
@@ -72,7 +73,7 @@ PAPER_SCALE = dict(
 )
 PAPER_BATCH = {256: 2048, 512: 384}  # §4: global batch 2048 at 256 px (2 x 8 A100), 384 at 512 px (16 A100)
 PAPER_CROP = {"ours": "local", "sd3": "global", "dit": "global"}  # Tab. A4 "low res. pretrain. crop scale": at 256
-LAYERS = ("tiny", "scale", "recipe", "flag")  # lowest first
+LAYERS = ("tiny", "scale", "recipe", "data", "flag")  # lowest first
 
 
 def scale_layer(size, recipe, resolution):
@@ -93,13 +94,16 @@ def recipe_layer(recipe, size, tiny_recipe):
     return row
 
 
-def resolve_settings(defaults, flags):
+def resolve_settings(defaults, flags, from_data=None):
     """(settings, set_by): every setting from the first layer that has it, highest first: flags (given on the
-    command line) > recipe row > scale > defaults (the parser's own, the tiny CPU job). set_by[k] names the layer."""
-    pick = {**defaults, **flags}  # recipe, size and resolution choose the layers above the defaults
-    res = flags.get("resolution", PAPER_SCALE["resolution"] if pick["size"] != "tiny" else defaults["resolution"])
+    command line) > what the data says of itself (from_data: the resolution in latent shards' meta.json) > recipe
+    row > scale > defaults (the parser's own, the tiny CPU job). set_by[k] names the layer."""
+    pick = {**defaults, **(from_data or {}), **flags}  # recipe, size and resolution choose the layers below
+    res = pick["resolution"] if "resolution" in {**(from_data or {}), **flags} else (
+        PAPER_SCALE["resolution"] if pick["size"] != "tiny" else defaults["resolution"])
     layers = dict(tiny=defaults, scale=scale_layer(pick["size"], pick["recipe"], res),
-                  recipe=recipe_layer(pick["recipe"], pick["size"], pick.get("tiny_recipe", True)), flag=flags)
+                  recipe=recipe_layer(pick["recipe"], pick["size"], pick.get("tiny_recipe", True)),
+                  data=from_data or {}, flag=flags)
     settings, set_by = {}, {}
     for name in LAYERS:
         for k, v in layers[name].items():

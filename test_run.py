@@ -176,3 +176,16 @@ def test_init_from_spec(tmp_path, tiny_run):
     line = _one_line(_train(tmp_path / "bad", "--init-from", str(moved), "--schedule-scale", "1", check=False))
     assert "--schedule-scale" in line and "--init-from" in line, line
     assert not (tmp_path / "bad" / "ckpt.pt").exists()
+
+
+def test_resolution_follows_latent_shards(tmp_path, capsys):
+    """--data latents at full size without --resolution: the shards' 512 px (meta.json) sets the resolution, and with
+    it the scale's batch (384) and crops (global): not 256 px's 2048 on local crops."""
+    import data
+    data.synthetic_latents(str(tmp_path / "lat"), n=4, resolution=512, num_classes=10, shard_size=4)
+    args, by = train.parse(["--size", "XL", "--data", "latents", "--data-path", str(tmp_path / "lat")])
+    assert (args.resolution, by["resolution"]) == (512, "data")
+    assert (args.global_batch, args.crop) == (run.PAPER_BATCH[512], "global")
+    args, by = train.parse(["--size", "XL", "--data", "latents", "--data-path", str(tmp_path / "lat"),
+                            "--global-batch", "64"])
+    assert (args.global_batch, by["global_batch"]) == (64, "flag")

@@ -189,7 +189,12 @@ def parse(argv=None):
     p = get_parser()
     defaults = vars(p.parse_args([]))  # the parser's own defaults: the tiny CPU job
     given = vars(p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(defaults, _UNSET))))
-    settings, set_by = runlib.resolve_settings(defaults, {k: v for k, v in given.items() if v is not _UNSET})
+    flags = {k: v for k, v in given.items() if v is not _UNSET}
+    from_data = {}
+    if flags.get("data") == "latents" and flags.get("data_path"):  # the shards' own resolution (meta.json)
+        res = data.latents_resolution(flags["data_path"])
+        from_data = {"resolution": res} if res else {}
+    settings, set_by = runlib.resolve_settings(defaults, flags, from_data)
     args = argparse.Namespace(**settings)
     args.t_density = args.t_density or diffusion.default_t_density(args.objective)  # stored resolved
     try:  # refuse combinations the schedule cannot sample (eps + zero-snr, shift without rf) before any work
