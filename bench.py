@@ -9,7 +9,7 @@ The sampling step is one denoiser call with the three guidance branches of Eq. 2
     python bench.py --arch dit --size S --resolution 256 --batch 8 --device cpu     # one configuration
     python bench.py --suite cpu-compare --threads 1 --warmup 1 --reps 7   # DiT / PixArt / mmDiT S/2 vs diffusers
     python bench.py --suite gpu              # DiT-XL/2 and mmDiT-XL/2 at 256 px, bf16, eager and compiled
-    python bench.py --suite flops            # params and forward GFLOPs of every arch at XL/2 (paper Tab. A1)
+    python bench.py --suite flops            # paper Tab. A1 cell by cell: params, GFLOPs at 256 / 512 px, beside the paper
     python bench.py --suite cpu-default --threads 2   # the reference CPU step: this machine's share of the CPU budget
     python bench.py --suite scale --threads 2   # real-size SD VAE + CLIP-L (random weights): mmDiT-B steps, XL fwds
     python bench.py --suite memory           # the paper's run on 8 cards: micro-batch and --grad-accum per card
@@ -55,6 +55,15 @@ LAM, BETA = 1.5, 1.375  # guidance of the sampling benchmark (paper: lam 1.5 at 
 # class-conditional (ImageNet) values are copied, in the table's column order.
 PAPER_A1 = {("unet", False): 95.38, ("pixart", False): 275.14, ("mmdit", False): 237.93, ("mdt", False): 259.08,
             ("dit", False): 237.4}
+# Paper Tab. A1 cell by cell: (column, cond) -> (params M, GFLOPs @256, GFLOPs @512), as printed (the 512 px
+# figures are given to 3 significant digits). The text row's four numbers are UNet, PixArt, mmDiT, Att-DiT.
+TAB_A1_PAPER = {
+    ("UNet-SDXL", "class"): (401.75, 95.38, 390), ("UNet-SDXL", "text"): (864.31, 189.78, 819.56),
+    ("PixArt-XL/2", "class"): (611.7, 275.14, 1200), ("PixArt-XL/2", "text"): (610.12, 314.68, 1140),
+    ("mmDiT-XL/2", "class"): (679.09, 237.93, 1050), ("mmDiT-XL/2", "text"): (791.64, 397.06, 1260),
+    ("Att-DiT-XL/2", "class"): (792.44, 237.93, 1050), ("Att-DiT-XL/2", "text"): (940.49, 407.88, 1500),
+    ("mdT-XL/2", "class"): (748.07, 259.08, 1140), ("DiT-XL/2", "class"): (679.09, 237.4, 1050),
+}
 # The CPU budget: `python train.py` + `python sample.py` within 10 min on a 2-core AMD EPYC (Zen 1), where the
 # reference job (the first default: mmDiT-tiny, 24 px pixels, batch 32, 10 classes + control, fp32) trains at
 # 2.5 steps/s.
@@ -243,22 +252,31 @@ def cpu_compare(size, B, R, reps, warmup, archs, dtypes):
 
 
 # ----------------------------------------------------------------------------- flops suite
-def flops_table(size):
-    """Params and forward GFLOPs of one image (inference, no control) for every arch at 256 and 512 px, class- and,
-    where the arch takes text, text-conditional: the counterpart of paper Tab. A1. Runs on meta tensors (no compute)."""
-    meta, rows = torch.device("meta"), []
-    for arch in models.MODELS:
-        for text in (False, True) if arch in TEXT_ARCHS else (False,):
-            row = dict(arch=arch, size=size, cond="text" if text else "class",
-                       paper_gflops_256=PAPER_A1.get((arch, text)))
-            for R in (256, 512):
-                model = build_ours(arch, size, R, control=False, device=meta, text=text).eval()
-                x0, cond = make_batch(arch, 1, R, meta, control=False, text=text)
-                with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc, torch.no_grad():
-                    model(x0, torch.zeros(1, dtype=torch.long, device=meta), cond)
-                row[f"gflops_{R}"] = fc.get_total_flops() / 1e9
-            row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
-            rows.append(row)
+def tab_a1_count(column, cond, R, size="XL", device="meta"):
+    """(params M, forward GFLOPs) of one image through the model of a Tab. A1 cell (models.tab_a1_model) at R px,
+    batch 1, inference, with its control / time-id inputs. On the meta device nothing is computed or allocated."""
+    device = torch.device(device)
+    with torch.device(device):
+        model = run.tab_a1_model(column, cond, R, size).eval()
+    x0, batch = make_batch(models.TAB_A1[(column, cond)]["arch"], 1, R, device, control=True, text=cond == "text",
+                           classes=models.TAB_A1_CLASSES)
+    with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc, torch.no_grad():
+        model(x0, torch.zeros(1, dtype=torch.long, device=device), batch)
+    return sum(p.numel() for p in model.parameters()) / 1e6, fc.get_total_flops() / 1e9
+
+
+def flops_table(size="XL"):
+    """One row per column and conditioning of paper Tab. A1: params and forward GFLOPs at 256 and 512 px beside
+    the paper's (at size XL; other sizes build the same configurations smaller, without paper numbers)."""
+    rows = []
+    for (column, cond), paper in TAB_A1_PAPER.items():
+        (params, g256), (_, g512) = (tab_a1_count(column, cond, R, size) for R in (256, 512))
+        row = dict(column=column, cond=cond, arch=models.TAB_A1[(column, cond)]["arch"], size=size,
+                   params_M=params, gflops_256=g256, gflops_512=g512)
+        for key, want in zip(("params_M", "gflops_256", "gflops_512"), paper if size == "XL" else (None,) * 3):
+            row[f"paper_{key}"] = want
+            row[f"dev_{key}"] = None if want is None else row[key] / want - 1  # relative deviation from the paper
+        rows.append(row)
     return rows
 
 
@@ -623,7 +641,8 @@ def gpu_train(args, device):
 # ----------------------------------------------------------------------------- report
 TRAIN_COLS = ["arch", "size", "resolution", "batch", "dtype", "compile", "params_M", "fwd_gflops_per_img",
               "train_gflops_per_img", "step_ms", "img_per_s", "peak_mem_mb", "mfu", "sample_step_ms"]
-FLOPS_COLS = ["arch", "size", "cond", "params_M", "gflops_256", "paper_gflops_256", "gflops_512"]
+FLOPS_COLS = ["column", "cond", "arch", "params_M", "paper_params_M", "gflops_256", "paper_gflops_256", "gflops_512",
+              "paper_gflops_512"]
 COMPARE_COLS = ["arch", "size", "batch", "dtype", "ours_s", "diffusers_s", "ratio", "cpu_ratio", "ours_params_M",
                 "diffusers_params_M", "ours_train_gflops_per_img", "diffusers_train_gflops_per_img"]
 

@@ -15,7 +15,8 @@ One interface for every model:  eps = model(x_t, t, cond)   (eps has the shape o
                    cond["keep_ctrl"] (B,) 1 = use, 0 = dropped. Either key may be absent (= no control).
       training   : cond["mask_generator"] CPU torch.Generator of mDT's token mask (optional; train.py sets it).
     In train mode mDT-v2 returns (eps of the full input, eps of a masked copy); the loss sums their losses.
-Presets: SIZES (tiny for CPU, S/B/L/XL with DiT's widths/depths); registry MODELS; build_model(arch, size, ...).
+Presets: SIZES (tiny for CPU, S/B/L/XL with DiT's widths/depths); registry MODELS; build_model(arch, size, ...);
+TAB_A1: the XL models of the paper's Tab. A1, cell by cell, as build_model arguments (run.tab_a1_spec).
 
 Example: python -c "import models, torch; m = models.build_model('dit', 'tiny', num_classes=10);
                     print(m(torch.randn(2, 3, 32, 32), torch.tensor([3, 999]), {'y': torch.tensor([0, 10])}).shape)"
@@ -48,14 +49,61 @@ TIME_ID_DIM = 256  # SDXL: each micro-conditioning scalar -> 256 Fourier feature
 # crop+size+flip control adds 3.4M at XL). S..XL are SDXL's 3-level layout at
 # ImageNet latent size (32x32 at 256 px) with base width c = 64/128/192/256 and widths (c, 2c, 4c). XL reproduces
 # the paper's class-conditional UNet (Tab. A1: 401.75M params, 95.38 / 390 GFLOPs at 256 / 512) as 400.1M params,
-# 95.4 / 390.4 GFLOPs (1000 classes, batch 1, FLOPs = 2 x MACs). The paper's text UNet (864.31M, 189.78 GFLOPs)
-# is nearer SDXL's own widths: channels=(320, 640, 1280), depth=(0, 2, 2) gives 840.9M, 197.0 GFLOPs (CLIP-L text).
+# 95.4 / 390.4 GFLOPs (1000 classes, batch 1, FLOPs = 2 x MACs). The paper's text UNet (864.31M) is SD 1.x's
+# layout, UNET_SD1 below (TAB_A1).
 UNET_SIZES = {
     "tiny": dict(channels=(32, 64), layers=1, depth=(0, 1), head_dim=16, class_dim=32),  # 1.0M (text), the test config
     "S": dict(channels=(64, 128, 256), layers=2, depth=(0, 1, 1), head_dim=64, class_dim=256),  # 25.8M
     "B": dict(channels=(128, 256, 512), layers=2, depth=(0, 1, 1), head_dim=64, class_dim=512),  # 101.1M
     "L": dict(channels=(192, 384, 768), layers=2, depth=(0, 1, 1), head_dim=64, class_dim=768),  # 225.9M
     "XL": dict(channels=(256, 512, 1024), layers=2, depth=(0, 1, 1), head_dim=64, class_dim=1024),  # 400.1M
+}
+
+# ----------------------------------------------------------------------------- paper Tab. A1 (App. "Computational
+# comparison"): the XL models whose parameters and FLOPs (batch 1, 2 x multiply-adds) the paper lists, as
+# build_model arguments. D = 1152, 28 blocks, N = 256 / 1024 image tokens at 256 / 512 px (SD VAE latents, patch 2),
+# L = 77 CLIP ViT-L/14 tokens of width 768 (+ pooled 768), 1000 ImageNet classes. Per token and block a DiT-XL
+# block costs 2 x 12 D^2 = 31.85 MFLOPs, attention 2 x 2 x D per query-key pair. Exact counts in RESULTS.md.
+# Size conditioning is counted in every model: the transformers carry the paper's control embedder (crop, size,
+# flip: 2 MLPs, 768 -> D -> D and 512 -> D -> D = 4.13 M), the UNets SDXL's micro-conditioning (time_ids).
+#  DiT-XL/2      DiT's XL/2 + control: 674.82 + 4.13 = 678.95 M (paper 679.09); 237.24 / 1049.05 G.
+#  mdT-XL/2      mDT-v2 (12 + 12 encoder blocks, side block, 4 decoder blocks) + control: 745.34 M (748.07),
+#                258.98 / 1136.02 G.
+#  PixArt-XL/2   adaLN-single + 28 cross-attentions (4 D^2 each) + control: 610.08 M class (611.7), 611.14 M text
+#                (610.12); class FLOPs = DiT + 28 x 2 x 2 D^2 x N (cross-attention q, out) = 275.58 / 1201.94 G.
+#  mmDiT-XL/2    class: the class token joins the joint attention through the image stream's own weights
+#                (context_weights "shared"): DiT's params, 678.95 M (679.09), 238.17 / 1050.17 G (237.93 / 1,050).
+#                text: the 77 text tokens own their q/k/v (context_weights "qkv"): 27 x (3 D^2 + 3 D) + (2 D^2 + 2 D)
+#                (last block: k, v only) = 110.25 M, so 678.95 + 110.25 + text embedders 0.89 + 2.21 - label table
+#                1.15 = 791.15 M (791.64); 309.74 / 1136.53 G.
+#  Att-DiT-XL/2  DiT w/ Att = DiT + "mmDiT attention" (Tab. A3): the class token owns its q/k/v in every block,
+#                674.82 + 110.25 + 4.13 = 789.20 M (792.44) at the one-token FLOPs, 238.17 / 1050.17 G (237.93 / 1,050).
+#                text: the same blocks with 77 text tokens (= the text mmDiT column).
+#  UNet-SDXL     class: the XL preset (SDXL's 3-level layout at width 256) + SDXL time ids (2.62 M) = 402.73 M
+#                (401.75), 95.42 / 390.43 G. text: SD 1.x's layout ("similar size to the original LDM", §3.1):
+#                widths (320, 640, 1280, 1280), 2 ResBlocks, one transformer layer at the three finest levels and the
+#                mid block, CLIP-L cross-attention, + SDXL's text_time add-embedding (pooled + 6 time ids: 4.59 M)
+#                = 859.52 + 4.59 = 864.11 M (864.31); 180.12 / 803.28 G.
+# Cells no configuration consistent with the others meets (measured numbers and arithmetic: RESULTS.md, "Tab. A1,
+# cell by cell"): text FLOPs of PixArt (314.68 / 1,140: the 512 px figure is below the class model's 1,200), of
+# mmDiT (397.06 / 1,260: 77 context tokens add 28 x 31.85 M x 77 + attention = 74.6 G at 256 px whatever weights
+# they own; SD3's two full streams count the same), of Att-DiT (all three), and the text UNet at 256 px (189.78).
+TAB_A1_CONTROL = ("crop", "size", "flip")  # the paper's control signals (Eq. 1, §3.3)
+TAB_A1_CLASSES, TAB_A1_TEXT_DIM = 1000, 768  # ImageNet-1k; CLIP ViT-L/14 token and pooled width (§3.1)
+UNET_SD1 = dict(channels=(320, 640, 1280, 1280), layers=2, depth=(1, 1, 1, 0), head_dim=64, class_dim=1024)
+TAB_A1 = {  # (column, cond) -> build_model arguments besides input size, channels and classes / text widths
+    ("UNet-SDXL", "class"): dict(arch="unet", size="XL", time_ids=True),
+    ("UNet-SDXL", "text"): dict(arch="unet", size=UNET_SD1, mid_depth=1, time_ids=True),
+    ("PixArt-XL/2", "class"): dict(arch="pixart", size="XL", control=TAB_A1_CONTROL),
+    ("PixArt-XL/2", "text"): dict(arch="pixart", size="XL", control=TAB_A1_CONTROL),
+    ("mmDiT-XL/2", "class"): dict(arch="mmdit", size="XL", class_in="attn", context_weights="shared",
+                                  control=TAB_A1_CONTROL),
+    ("mmDiT-XL/2", "text"): dict(arch="mmdit", size="XL", context_weights="qkv", control=TAB_A1_CONTROL),
+    ("Att-DiT-XL/2", "class"): dict(arch="mmdit", size="XL", class_in="attn", context_weights="qkv",
+                                    control=TAB_A1_CONTROL),
+    ("Att-DiT-XL/2", "text"): dict(arch="mmdit", size="XL", context_weights="qkv", control=TAB_A1_CONTROL),
+    ("mdT-XL/2", "class"): dict(arch="mdt", size="XL", control=TAB_A1_CONTROL),
+    ("DiT-XL/2", "class"): dict(arch="dit", size="XL", control=TAB_A1_CONTROL),
 }
 
 
@@ -145,14 +193,15 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention, fused qkv, optional q/k RMSNorm (SD3 §5.3.2; paper §2 'w/ Att' needs it)."""
 
-    def __init__(self, dim, heads, qk_norm=False, kv_only=False):
+    def __init__(self, dim, heads, qk_norm=False, kv_only=False, proj=True):
         super().__init__()
         self.heads, self.kv_only = heads, kv_only
         # kv_only: SD3's last context stream only feeds keys/values, its queries/outputs would be discarded
         self.qkv = nn.Linear(dim, (2 if kv_only else 3) * dim)
         self.q_norm = nn.RMSNorm(dim // heads, eps=LN_EPS) if qk_norm and not kv_only else None
         self.k_norm = nn.RMSNorm(dim // heads, eps=LN_EPS) if qk_norm else None
-        self.proj = None if kv_only else nn.Linear(dim, dim)
+        # proj=False: only the input projections (an mmDiT context whose output goes through the image stream's)
+        self.proj = None if kv_only or not proj else nn.Linear(dim, dim)
 
     def project(self, x):
         """(B, N, D) -> q, k, v (B, H, N, D/H); q is None for kv_only."""
@@ -244,22 +293,42 @@ class JointStream(nn.Module):
         return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
-class MMDiTBlock(nn.Module):
-    """SD3 joint block: one attention over [image; context] tokens, separate weights per stream (SD3 §4)."""
+CONTEXT_WEIGHTS = ("full", "qkv", "shared")  # MMDiT's context-stream weights (MMDiTBlock)
 
-    def __init__(self, dim, heads, mlp_ratio=4.0, qk_norm=True, last=False):
+
+class MMDiTBlock(nn.Module):
+    """SD3 joint block: one attention over [image; context] tokens (SD3 §4). `context` says which weights the context
+    tokens own: "full" = SD3, a whole second stream (adaLN, qkv, q/k norm, out-projection, MLP: 18 D^2 per block);
+    "qkv" = only their own q/k/v projection and q/k norm (3 D^2), modulated by and continuing through the image
+    stream's adaLN, out-projection and MLP; "shared" = none, the context tokens go through the image stream's weights
+    (as the class token of DiT w/ Att). FLOPs are the same in the three: every token passes one set of weights."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, qk_norm=True, last=False, context="full"):
         super().__init__()
+        assert context in CONTEXT_WEIGHTS, f"context must be one of {CONTEXT_WEIGHTS}"
+        self.last = last  # the last block needs no context queries: its context output is discarded
         self.x_stream = JointStream(dim, heads, mlp_ratio, qk_norm)
-        self.c_stream = JointStream(dim, heads, mlp_ratio, qk_norm, pre_only=last)
+        self.c_stream = JointStream(dim, heads, mlp_ratio, qk_norm, pre_only=last) if context == "full" else None
+        self.c_attn = Attention(dim, heads, qk_norm, kv_only=last, proj=False) if context == "qkv" else None
+
+    def context_pre(self, ctx, c, mx):
+        """Context q, k, v (q None in the last block) and the adaLN modulation its post-attention half uses."""
+        if self.c_stream is not None:
+            return self.c_stream.pre(ctx, c)
+        h = modulate(self.x_stream.norm1(ctx), mx[0], mx[1])  # the image stream's adaLN shift / scale
+        q, k, v = (self.c_attn or self.x_stream.attn).project(h)
+        return (None if self.last else q, k, v), mx
 
     def forward(self, x, ctx, c):
         (qx, kx, vx), mx = self.x_stream.pre(x, c)
-        (qc, kc, vc), mc = self.c_stream.pre(ctx, c)
+        (qc, kc, vc), mc = self.context_pre(ctx, c, mx)
         q = qx if qc is None else torch.cat([qx, qc], 2)  # (B, H, N(+L), D/H): last block needs no context queries
         o = F.scaled_dot_product_attention(q, torch.cat([kx, kc], 2), torch.cat([vx, vc], 2))
         N = x.shape[1]
         x = self.x_stream.post(x, o[:, :, :N], mx)
-        return x, (None if qc is None else self.c_stream.post(ctx, o[:, :, N:], mc))
+        if qc is None:
+            return x, None
+        return x, (self.c_stream or self.x_stream).post(ctx, o[:, :, N:], mc)
 
 
 class FinalLayer(nn.Module):
@@ -601,14 +670,18 @@ class MMDiT(_Transformer):
     supports_text = True
     class_in_modes = ("adaln", "attn")
 
-    def __init__(self, *, qk_norm=True, **kw):
+    def __init__(self, *, qk_norm=True, context_weights="full", **kw):
         super().__init__(**kw)
+        if context_weights not in CONTEXT_WEIGHTS:
+            raise ValueError(f"context_weights must be one of {CONTEXT_WEIGHTS}, got {context_weights!r}")
         D, text_dim, pooled_dim = self.hidden, kw.get("text_dim"), kw.get("pooled_dim")
         self.context_embedder = nn.Linear(text_dim, D) if text_dim is not None else None
         self.pooled_embedder = (nn.Sequential(nn.Linear(pooled_dim, D), nn.SiLU(), nn.Linear(D, D))
                                 if pooled_dim is not None else None)
-        self.blocks = nn.ModuleList(MMDiTBlock(D, self.heads, self.mlp_ratio, qk_norm, last=i == self.depth - 1)
-                                    for i in range(self.depth))
+        # context_weights: "full" = SD3 (default; diffusers' SD3Transformer2DModel), "qkv" / "shared" = the lighter
+        # context streams that land on the paper's Tab. A1 (see TAB_A1)
+        self.blocks = nn.ModuleList(MMDiTBlock(D, self.heads, self.mlp_ratio, qk_norm, last=i == self.depth - 1,
+                                               context=context_weights) for i in range(self.depth))
         self.init_weights()
 
     def forward(self, x, t, cond):
@@ -636,11 +709,14 @@ class UNet(nn.Module):
     def __init__(self, channels=(32, 64), layers=1, depth=(0, 1), head_dim=16, class_dim=32, *, in_channels=3,
                  out_channels=None, num_classes=None, text_dim=None, pooled_dim=None, class_tokens=4, control=(),
                  gamma="cosine", gamma_alpha=8.0, gamma_step_sigma=1.0, schedule_scale=1.0, time_ids=False,
-                 time_id_dim=TIME_ID_DIM, time_id_down=1):
+                 time_id_dim=TIME_ID_DIM, time_id_down=1, mid_depth=None):
         super().__init__()
         if (num_classes is None) == (text_dim is None):
             raise ValueError("give exactly one of num_classes (class mode) / text_dim (text mode)")
-        assert depth[-1] > 0, "the mid block (and SDXL's coarsest level) has cross-attention"
+        # mid_depth: transformer layers of the mid block; None = those of the coarsest level (SDXL). SD 1.x has no
+        # attention at its coarsest level but one layer in the mid block: depth=(1, 1, 1, 0), mid_depth=1.
+        mid_depth = depth[-1] if mid_depth is None else mid_depth
+        assert mid_depth > 0, "the mid block has cross-attention (SD 1.x and SDXL)"
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
         self.num_classes, self.class_tokens = num_classes, class_tokens
         self.time_ids, self.time_id_dim = time_ids, time_id_dim
@@ -663,7 +739,7 @@ class UNet(nn.Module):
             skips += [co] * layers + [co] * (i < n - 1)
             c = co
         self.mid_res = nn.ModuleList(ResBlock(c, c, emb_dim) for _ in range(2))
-        self.mid_attn = SpatialTransformer(c, ctx_dim, head_dim, depth[-1])
+        self.mid_attn = SpatialTransformer(c, ctx_dim, head_dim, mid_depth)
         self.up = nn.ModuleList()
         for i, co in enumerate(reversed(channels)):
             cins = [(c if j == 0 else co) + skips.pop() for j in range(layers + 1)]  # concat with encoder skip

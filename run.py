@@ -255,6 +255,30 @@ def init_conflicts(src_spec, spec):
             if src_spec[k].get(f) != spec[k].get(f) and not (k == "latent" and spec[k].get(f) is None)]
 
 
+# ----------------------------------------------------------------------------- Tab. A1 models
+def tab_a1_spec(column, cond, resolution=256, size="XL"):
+    """models.build_model's arguments for a column of paper Tab. A1 ("DiT-XL/2", ..., cond "class" or "text") on SD VAE
+    latents of a resolution-px image: the paper's model at size XL, the same configuration at another SIZES preset
+    (the text UNet then takes models.UNET_SIZES[size]). Unknown cells are a one-line error listing the known ones."""
+    if (column, cond) not in models.TAB_A1:
+        raise SystemExit(f"Tab. A1 has no cell ({column!r}, {cond!r}); it has {sorted(models.TAB_A1)}")
+    kw = dict(models.TAB_A1[(column, cond)])
+    if size != "XL":
+        kw["size"] = size
+    if kw["arch"] != "unet":  # the UNet is fully convolutional
+        kw["input_size"] = resolution // data.VAE_DOWN
+    elif kw.get("time_ids"):  # SDXL's target size in image pixels: 8 x the latent's
+        kw["time_id_down"] = data.VAE_DOWN
+    kw.update(dict(num_classes=models.TAB_A1_CLASSES) if cond == "class" else
+              dict(text_dim=models.TAB_A1_TEXT_DIM, pooled_dim=models.TAB_A1_TEXT_DIM))
+    return dict(kw, in_channels=data.LATENT_CH, control=list(kw.get("control", ())))
+
+
+def tab_a1_model(column, cond, resolution=256, size="XL"):
+    """The model of a Tab. A1 cell (tab_a1_spec); build it under torch.device("meta") to count it for free."""
+    return models.build_model(**tab_a1_spec(column, cond, resolution, size))
+
+
 # ----------------------------------------------------------------------------- checkpoints (the one loader)
 def read_checkpoint(path, flag="--ckpt"):
     """The checkpoint dict of train.py / transfer.py (ckpt.pt, ckpt_<step>.pt), or of ema.safetensors as

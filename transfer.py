@@ -373,17 +373,19 @@ _DIFFUSERS_UNET_KEYS = [
 
 
 def unet_kwargs_from_diffusers(config):
-    """UNet(...) kwargs that reproduce an SDXL-style diffusers UNet2DConditionModel config (text mode)."""
+    """UNet(...) kwargs that reproduce an SDXL- or SD 1.x-style diffusers UNet2DConditionModel config (text mode)."""
     channels = tuple(config["block_out_channels"])
     heads = config["num_attention_heads"] or config["attention_head_dim"]  # SDXL's 'attention_head_dim' = #heads
     heads = [heads] * len(channels) if isinstance(heads, int) else heads
     depth = config["transformer_layers_per_block"]
     depth = [depth] * len(channels) if isinstance(depth, int) else depth
+    mid_depth = depth[-1]  # diffusers' mid block has the coarsest level's layers even where that level has none (SD 1.x)
     depth = tuple(d * ("CrossAttn" in b) for d, b in zip(depth, config["down_block_types"]))
     text_dim, time_ids = config["cross_attention_dim"], config["addition_embed_type"] == "text_time"
     tid = config["addition_time_embed_dim"] or models.TIME_ID_DIM
     assert len({c // h for c, h in zip(channels, heads)}) == 1, "one head width across levels expected"
-    return dict(channels=channels, layers=config["layers_per_block"], depth=depth, head_dim=channels[0] // heads[0],
+    return dict(channels=channels, layers=config["layers_per_block"], depth=depth, mid_depth=mid_depth,
+                head_dim=channels[0] // heads[0],
                 in_channels=config["in_channels"], out_channels=config["out_channels"], text_dim=text_dim,
                 pooled_dim=config["projection_class_embeddings_input_dim"] - 6 * tid if time_ids else None,
                 time_ids=time_ids, time_id_dim=tid, time_id_down=data.VAE_DOWN)  # SDXL runs on SD-VAE latents
