@@ -400,6 +400,7 @@ def scale_argv(path, data_path, out_dir, ranks=1):
     argv = ["--recipe", "ours", "--size", "B", "--resolution", str(SCALE_R), "--vae", SCALE_VAE,
             "--global-batch", "2", "--grad-accum", str(2 // ranks), "--max-steps", "1", "--warmup", "0",
             "--log-every", "1", "--sample-every", "0", "--ckpt-every", "1", "--no-progress", "--device", "cpu",
+            "--num-workers", "0",  # the step is measured, not the loader: no worker processes on a 2-core CPU
             "--out-dir", out_dir]  # warm-up 0: the step moves the weights by ~lr, far above fp32 rounding
     if path == "image":
         return argv + ["--data", "imagefolder", "--data-path", data_path]

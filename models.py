@@ -91,9 +91,10 @@ UNET_SIZES = {
 TAB_A1_CONTROL = ("crop", "size", "flip")  # the paper's control signals (Eq. 1, §3.3)
 TAB_A1_CLASSES, TAB_A1_TEXT_DIM = 1000, 768  # ImageNet-1k; CLIP ViT-L/14 token and pooled width (§3.1)
 UNET_SD1 = dict(channels=(320, 640, 1280, 1280), layers=2, depth=(1, 1, 1, 0), head_dim=64, class_dim=1024)
+UNET_TEXT_SIZES = {"XL": dict(UNET_SD1, mid_depth=1)}  # the text UNet at XL (Tab. A1 text column): SD 1.x's layout
 TAB_A1 = {  # (column, cond) -> build_model arguments besides input size, channels and classes / text widths
     ("UNet-SDXL", "class"): dict(arch="unet", size="XL", time_ids=True),
-    ("UNet-SDXL", "text"): dict(arch="unet", size=UNET_SD1, mid_depth=1, time_ids=True),
+    ("UNet-SDXL", "text"): dict(arch="unet", size=UNET_TEXT_SIZES["XL"], time_ids=True),
     ("PixArt-XL/2", "class"): dict(arch="pixart", size="XL", control=TAB_A1_CONTROL),
     ("PixArt-XL/2", "text"): dict(arch="pixart", size="XL", control=TAB_A1_CONTROL),
     ("mmDiT-XL/2", "class"): dict(arch="mmdit", size="XL", class_in="attn", context_weights="shared",

@@ -36,24 +36,42 @@ from conditioning import PHI_KEYS
 # (the tiny CPU job). resolve_settings applies the layers in that order and records which one set each value
 # (train.py --print-config shows it).
 #
-# Recipe rows (Tab. A4). "ours" = mmDiT++: class/text only through attention, control (crop, size, flip) in adaLN
-# with the cosine schedule (alpha 8, Tab. 2a), noisy replicate text padding (beta_txt 0.02, Tab. 3), AdamW
-# (0.9, 0.95), wd 0.03.
+# Recipe rows: one per system the paper trains (Tab. 1: its re-implementations and ours), each with that
+# system's architecture (the Tab. A1 column it is, models.TAB_A1), conditioning and training paradigm (Tab. A4).
+# A value that depends on the conditioning is written {"class": ..., "text": ...}.
+_BASELINE_OPT = dict(adam_betas=[0.9, 0.999], weight_decay=0.0)  # Tab. A4, SDXL / SD3 columns: (0.9, 0.999), no wd
+_NO_CONTROL = dict(control=[], gamma="uniform", gamma_alpha=8.0, text_pad="zero", beta_txt=0.0)  # Tab. A4: zero pad
 RECIPES = {
-    "ours": dict(arch="mmdit", class_in="attn", control=["crop", "size", "flip"], gamma="cosine", gamma_alpha=8.0,
-                 text_pad="noisy", beta_txt=0.02, adam_betas=[0.9, 0.95], weight_decay=0.03, pe_grid="resample",
-                 objective="eps"),
-    "sd3": dict(arch="mmdit", class_in="attn", control=[], gamma="uniform", gamma_alpha=8.0,  # SD3 baseline column
-                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
-                objective="rf"),  # SD3's own paradigm: rectified flow, logit-normal t (Tab. A4)
-    "dit": dict(arch="dit", class_in="adaln", control=[], gamma="uniform", gamma_alpha=8.0,  # plain DiT (Peebles & Xie)
-                text_pad="zero", beta_txt=0.0, adam_betas=[0.9, 0.999], weight_decay=0.0, pe_grid="extrapolate",
-                objective="eps"),
+    # mmDiT-XL/2 (ours), Tab. 1 last row / Tab. A4 "mmDiT++": class or text only through attention, the class token
+    # through the image stream's weights and the text tokens with their own q/k/v (Tab. A1's mmDiT-XL/2 column),
+    # control (crop, size, flip) in adaLN with the cosine gamma_c (alpha 8, Tab. 2a / A6), noisy replicate text
+    # padding (beta_txt 0.02, Tab. 3), resampled PE (§2.2), AdamW (0.9, 0.95), wd 0.03, DDPM-eps (Tab. A4).
+    "ours": dict(arch="mmdit", class_in="attn", context_weights={"class": "shared", "text": "qkv"},
+                 control=["crop", "size", "flip"], gamma="cosine", gamma_alpha=8.0, text_pad="noisy", beta_txt=0.02,
+                 adam_betas=[0.9, 0.95], weight_decay=0.03, pe_grid="resample", objective="eps"),
+    # mmDiT-XL/2 (SD3), Tab. 1: the same network without control, SD3's rectified flow with logit-normal t, zero
+    # padding, interpolated (here extrapolated) PE (Tab. A4 middle column)
+    "sd3": dict(arch="mmdit", class_in="attn", context_weights={"class": "shared", "text": "qkv"}, **_NO_CONTROL,
+                **_BASELINE_OPT, pe_grid="extrapolate", objective="rf"),
+    # UNet (SDXL), Tab. 1: SDXL's UNet with its own size/crop micro-conditioning (time ids at gamma_c = 1, Tab. A4
+    # left column), cross-attention to the class tokens or the text, DDPM-eps; no flip conditioning
+    "sdxl": dict(arch="unet", time_ids=True, **_NO_CONTROL, **_BASELINE_OPT, objective="eps"),
+    # DiT-XL/2 w/ LN, Tab. 1: DiT with the class in adaLN (Peebles & Xie), DDPM-eps
+    "dit": dict(arch="dit", class_in="adaln", **_NO_CONTROL, **_BASELINE_OPT, pe_grid="extrapolate", objective="eps"),
+    # DiT-XL/2 w/ Att, Tab. 1 / Tab. A3 "+ mmDiT attention": the class token joins the attention with q/k/v of its
+    # own (Tab. A1's Att-DiT-XL/2 column: 792 M against DiT's 679 M), q/k RMSNorm (§2)
+    "dit-att": dict(arch="mmdit", class_in="attn", context_weights="qkv", **_NO_CONTROL, **_BASELINE_OPT,
+                    pe_grid="extrapolate", objective="eps"),
+    # mDT-v2-XL/2 w/ LN, Tab. 1: masked latent modelling (mask ratio 0.3, MDTv2), class in adaLN
+    "mdt": dict(arch="mdt", **_NO_CONTROL, **_BASELINE_OPT, pe_grid="extrapolate", mask_ratio=0.3, objective="eps"),
+    # PixArt-alpha-XL/2, Tab. 1: adaLN-single + cross-attention to the text (or the class tokens)
+    "pixart": dict(arch="pixart", **_NO_CONTROL, **_BASELINE_OPT, pe_grid="extrapolate", objective="eps"),
 }
 # The tiny CPU job's deviations from "ours" (part of its row at --size tiny; --no-tiny-recipe drops them): SD3's
-# rectified flow instead of DDPM-eps, and the class embedding also in adaLN, where a 64-wide model in a few
-# thousand steps barely uses a class that enters through attention alone (RESULTS.md, the tiny default's study).
-TINY_RECIPE = dict(objective="rf", class_in="adaln")
+# rectified flow instead of DDPM-eps, the class embedding also in adaLN (a 64-wide model in a few thousand steps
+# barely uses a class that enters through attention alone; RESULTS.md, the tiny default's study), and SD3's full
+# context stream.
+TINY_RECIPE = dict(objective="rf", class_in="adaln", context_weights="full")
 # The scale layer: at S/B/L/XL every default is the paper's run (§4, Tab. A2, Tab. A4).
 PAPER_SCALE = dict(
     resolution=256,  # §4: pre-training at 256 x 256 (512 is fine-tuned from it, transfer.py)
@@ -72,23 +90,28 @@ PAPER_SCALE = dict(
     sample_every=5000,  # a grid with each checkpoint
 )
 PAPER_BATCH = {256: 2048, 512: 384}  # §4: global batch 2048 at 256 px (2 x 8 A100), 384 at 512 px (16 A100)
-PAPER_CROP = {"ours": "local", "sd3": "global", "dit": "global"}  # Tab. A4 "low res. pretrain. crop scale": at 256
+# Crops at 256 px: global [0.9, 1] for every row. Tab. 1's 256 px numbers are standalone 256 px models, and §3.4 /
+# Fig. 8c find global crops best at 256 (local crops see no image whole); local crops [0.4, 0.6] (Tab. A4, ours)
+# pay off only in the 512 px model fine-tuned from them (Fig. 8c, ~0.2 FID after 50k steps), so the pre-training
+# command of the 256 -> 512 transfer asks for them (--crop local). Above 256 px (fine-tuning): whole images.
+PAPER_CROP = "global"
 LAYERS = ("tiny", "scale", "recipe", "data", "flag")  # lowest first
 
 
 def scale_layer(size, recipe, resolution):
     """The paper's run at S/B/L/XL (nothing at tiny): PAPER_SCALE, the global batch of the resolution (§4) and
-    the recipe's pre-training crop at 256 px; fine-tuning above 256 px uses global crops."""
+    global crops (PAPER_CROP)."""
     if size == "tiny":
         return {}
-    crop = PAPER_CROP[recipe] if resolution <= PAPER_SCALE["resolution"] else "global"
+    crop = PAPER_CROP
     return dict(PAPER_SCALE, resolution=resolution, global_batch=PAPER_BATCH.get(resolution, PAPER_BATCH[256]),
                 crop=crop)
 
 
-def recipe_layer(recipe, size, tiny_recipe):
-    """The recipe's row of Tab. A4 (with the tiny job's deviations for ours at --size tiny)."""
-    row = dict(RECIPES[recipe])
+def recipe_layer(recipe, size, tiny_recipe, semantic):
+    """The recipe's row, its conditioning-dependent values taken for `semantic` (with the tiny job's deviations for
+    ours at --size tiny)."""
+    row = {k: v[semantic] if isinstance(v, dict) else v for k, v in RECIPES[recipe].items()}
     if recipe == "ours" and size == "tiny" and tiny_recipe:
         row.update(TINY_RECIPE)
     return row
@@ -102,7 +125,7 @@ def resolve_settings(defaults, flags, from_data=None):
     res = pick["resolution"] if "resolution" in {**(from_data or {}), **flags} else (
         PAPER_SCALE["resolution"] if pick["size"] != "tiny" else defaults["resolution"])
     layers = dict(tiny=defaults, scale=scale_layer(pick["size"], pick["recipe"], res),
-                  recipe=recipe_layer(pick["recipe"], pick["size"], pick.get("tiny_recipe", True)),
+                  recipe=recipe_layer(pick["recipe"], pick["size"], pick.get("tiny_recipe", True), pick["semantic"]),
                   data=from_data or {}, flag=flags)
     settings, set_by = {}, {}
     for name in LAYERS:
@@ -120,7 +143,8 @@ def resolve_settings(defaults, flags, from_data=None):
 #   schedule make_schedule's arguments: scale (Eq. 3), objective, shift, t density, loss weight, zero-snr, clip
 #   data     source, path, resolution, crop, flip, seed, orig_size (sample.py's default size condition)
 MODEL_FLAGS = ("patch_size", "class_in", "pe_grid", "pe_base", "mask_ratio", "control", "gamma", "gamma_alpha",
-               "gamma_step_sigma", "class_tokens")  # constructor keywords (where the arch takes them)
+               "gamma_step_sigma", "class_tokens", "context_weights", "time_ids")  # constructor keywords (where taken)
+OPTIONAL_FLAGS = ("class_tokens", "context_weights", "time_ids")  # None: the arch's own default, not in the spec
 SPEC_KEYS = ("model", "latent", "semantic", "schedule")  # what a resumed run must share with its checkpoint
 
 
@@ -174,8 +198,8 @@ def model_flag_kwargs(args, semantic, takes, cls, explicit):
     for k in MODEL_FLAGS:
         v = getattr(args, k)
         text_mode_class_flag = k in ("class_in", "class_tokens") and semantic["kind"] == "text"
-        if text_mode_class_flag or (k == "class_tokens" and v is None):
-            continue  # the class embedding does not exist in text mode; None = the arch's own token count
+        if text_mode_class_flag or (k in OPTIONAL_FLAGS and v is None):
+            continue  # the class embedding does not exist in text mode; None = the arch's own default
         if k.startswith("gamma") and not args.control:
             if k in explicit:
                 refuse(f"{_flag(k)} needs control conditioning (--control crop size flip)")
@@ -201,11 +225,16 @@ def resolve_model(args, latent, semantic, explicit):
     kw.update(model_flag_kwargs(args, semantic, takes, cls, explicit))
     if kw.get("gamma") == "step" and "schedule_scale" in takes:  # its delta(sigma_t <= c) reads the Eq. 3 sigma
         kw["schedule_scale"] = args.schedule_scale
-    return dict(arch=arch, size=resolve_size(args), **kw)
+    if kw.get("time_ids"):  # SDXL's target size is in image pixels: the VAE's factor x the latent's size
+        kw["time_id_down"] = latent["down"] or 1
+    return dict(arch=arch, size=resolve_size(args, semantic["kind"]), **kw)
 
 
-def resolve_size(args):
-    """The --size preset's name, or its dict with --width / --depth put in (heads keep the preset's head width)."""
+def resolve_size(args, kind="class"):
+    """The --size preset's name, or its dict with --width / --depth put in (heads keep the preset's head width);
+    the text UNet at a size of UNET_TEXT_SIZES is that layout (Tab. A1's text UNet-SDXL column)."""
+    if args.arch == "unet" and kind == "text" and args.size in models.UNET_TEXT_SIZES:
+        return dict(models.UNET_TEXT_SIZES[args.size])
     if args.width is None and args.depth is None:
         return args.size
     if args.arch == "unet":

@@ -228,7 +228,7 @@ def test_tab_a1_text_unet_is_sd1():
     ctx = dict(encoder_hidden_states=torch.randn(1, 77, 768, device=meta),
                added_cond_kwargs={"text_embeds": torch.randn(1, 768, device=meta),
                                   "time_ids": torch.randn(1, 6, device=meta)})
-    with FlopCounterMode(display=False, custom_mapping=models.FLOP_MAP) as fc, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=run.FLOP_MAP) as fc, torch.no_grad():
         ref(torch.randn(1, 4, 32, 32, device=meta), torch.zeros(1, device=meta), **ctx)
     want = (sum(p.numel() for p in ref.parameters()) / 1e6, fc.get_total_flops() / 1e9)
     assert bench.tab_a1_count("UNet-SDXL", "text", 256) == pytest.approx(want, rel=1e-12)

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import models  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
 import transfer  # noqa: E402
@@ -58,7 +59,7 @@ def test_precedence_flag_recipe_scale_tiny():
     assert (s["lr"], by["lr"]) == (3e-4, "flag")  # flag over the scale's 1e-3
     assert (s["arch"], by["arch"]) == ("mmdit", "recipe")
     assert (s["global_batch"], by["global_batch"]) == (run.PAPER_BATCH[256], "scale")
-    assert (s["crop"], by["crop"]) == (run.PAPER_CROP["ours"], "scale")
+    assert (s["crop"], by["crop"]) == (run.PAPER_CROP, "scale") == ("global", "scale")
     assert (s["sample_cfg"], by["sample_cfg"]) == (defaults["sample_cfg"], "tiny")
     s, by = run.resolve_settings(defaults, {"size": "XL", "resolution": 512})
     assert (s["global_batch"], s["crop"]) == (run.PAPER_BATCH[512], "global")  # fine-tuning above 256: global crops
@@ -82,7 +83,7 @@ def test_help_defaults_come_from_the_tables():
     text = " ".join(train.get_parser().format_help().split())
     assert f"S/B/L/XL: {run.PAPER_SCALE['lr']}" in text
     assert f"{run.PAPER_BATCH[512]} at 512 px" in text
-    assert "--recipe ours mmdit, sd3 mmdit, dit dit" in text
+    assert "--recipe ours mmdit, sd3 mmdit, sdxl unet, dit dit, dit-att mmdit, mdt mdt, pixart pixart" in text
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -189,3 +190,44 @@ def test_resolution_follows_latent_shards(tmp_path, capsys):
     args, by = train.parse(["--size", "XL", "--data", "latents", "--data-path", str(tmp_path / "lat"),
                             "--global-batch", "64"])
     assert (args.global_batch, by["global_batch"]) == (64, "flag")
+
+
+# ----------------------------------------------------------------------------- one preset per Tab. 1 row
+# recipe -> (its Tab. A1 column, the paper's parameters in M for class / text (Tab. A1), settings of its Tab. 1 / Tab. A4
+# row); the rows' words are Tab. A4's (optimiser, padding, gamma_c, objective) and Tab. 1's (which architecture)
+TAB1_ROWS = {
+    "ours": ("mmDiT-XL/2", {"class": 679.09, "text": 791.64},
+             dict(arch="mmdit", control=["crop", "size", "flip"], gamma="cosine", gamma_alpha=8.0, text_pad="noisy",
+                  beta_txt=0.02, adam_betas=[0.9, 0.95], weight_decay=0.03, objective="eps", pe_grid="resample")),
+    "sd3": ("mmDiT-XL/2", {"class": 679.09, "text": 791.64},
+            dict(arch="mmdit", control=[], text_pad="zero", adam_betas=[0.9, 0.999], weight_decay=0.0, objective="rf")),
+    "sdxl": ("UNet-SDXL", {"class": 401.75, "text": 864.31},
+             dict(arch="unet", time_ids=True, control=[], text_pad="zero", adam_betas=[0.9, 0.999], weight_decay=0.0,
+                  objective="eps")),
+    "dit": ("DiT-XL/2", {"class": 679.09}, dict(arch="dit", class_in="adaln", objective="eps")),
+    "dit-att": ("Att-DiT-XL/2", {"class": 792.44}, dict(arch="mmdit", class_in="attn", context_weights="qkv")),
+    "mdt": ("mdT-XL/2", {"class": 748.07}, dict(arch="mdt", mask_ratio=0.3)),
+    "pixart": ("PixArt-XL/2", {"class": 611.7, "text": 610.12}, dict(arch="pixart")),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(TAB1_ROWS))
+def test_recipe_rows(recipe, capsys):
+    """Each Tab. 1 preset at --size XL resolves to its row's settings (set by the recipe layer), and builds its Tab. A1
+    column's network: parameters within 2 % of the paper's, for each conditioning the column reports."""
+    column, params, row = TAB1_ROWS[recipe]
+    assert set(run.RECIPES) == set(TAB1_ROWS)
+    for kind, paper_m in params.items():
+        flags = ["--recipe", recipe, "--size", "XL"] + (["--num-classes", "1000"] if kind == "class" else
+                                                        ["--semantic", "text"])
+        train.main(flags + ["--print-config"])
+        cfg = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        for k, v in row.items():
+            assert cfg["args"][k] == v and cfg["set_by"][k] == "recipe", (recipe, k, cfg["args"][k])
+        assert cfg["args"]["crop"] == "global" and cfg["args"]["resolution"] == 256  # §3.4: global best at 256
+        model_kw = dict(cfg["spec"]["model"])
+        if kind == "text":  # the tower's widths come from the loaded encoder at run time: CLIP ViT-L/14's 768
+            model_kw.update(text_dim=768, pooled_dim=768)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in models.build_model(**model_kw).parameters()) / 1e6
+        assert abs(n / paper_m - 1) < 0.02, f"{recipe} {kind}: {n:.2f} M vs Tab. A1 {column} {paper_m} M"

@@ -47,14 +47,12 @@ def default_text(dest, default):
     scale = runlib.scale_layer("XL", "ours", runlib.PAPER_SCALE["resolution"])
     if dest == "global_batch":
         parts.append("S/B/L/XL: " + ", ".join(f"{b} at {r} px" for r, b in runlib.PAPER_BATCH.items()))
-    elif dest == "crop":
-        parts.append("S/B/L/XL at 256 px: " + ", ".join(f"{c} for {r}" for r, c in runlib.PAPER_CROP.items())
-                     + "; above 256 px: global")
     elif dest in scale:
         parts.append(f"S/B/L/XL: {scale[dest]}")
     rows = {r: row[dest] for r, row in runlib.RECIPES.items() if dest in row}
     if rows:
-        parts.append("--recipe " + ", ".join(f"{r} {v}" for r, v in rows.items()))
+        show = lambda v: " / ".join(f"{c} {x}" for c, x in v.items()) if isinstance(v, dict) else v  # noqa: E731
+        parts.append("--recipe " + ", ".join(f"{r} {show(v)}" for r, v in rows.items()))
     if dest in runlib.TINY_RECIPE:
         parts.append(f"ours at --size tiny {runlib.TINY_RECIPE[dest]}")
     return f" (default: {'; '.join(parts)})" if parts else ""
@@ -76,8 +74,9 @@ def get_parser():
         dest = flag[2:].replace("-", "_")
         g.add_argument(flag, default=default, help=help + default_text(dest, default).replace("%", "%%"), **kw)
 
-    add(p, "--recipe", "a system of the paper's Tab. 1 / Tab. A4: ours (mmDiT++), sd3 (mmDiT baseline, rectified "
-        "flow) or dit (plain DiT); its row sets the defaults of the flags it names", "ours", choices=list(runlib.RECIPES))
+    add(p, "--recipe", "a system the paper trains (Tab. 1): ours (mmDiT++), sd3 (mmDiT, rectified flow), sdxl "
+        "(UNet), dit (DiT w/ LN), dit-att (DiT w/ Att), mdt (mDT-v2), pixart (PixArt-alpha); its row (run.RECIPES) "
+        "sets the defaults of the flags it names", "ours", choices=list(runlib.RECIPES))
     add(p, "--tiny-recipe", f"with --recipe ours --size tiny, apply the CPU job's deviations {runlib.TINY_RECIPE}",
         True, action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("data")
@@ -105,6 +104,10 @@ def get_parser():
         choices=list(models.PE_GRIDS))
     add(g, "--pe-base", "PE grid size of pre-training (none: this grid)", type=int)
     add(g, "--mask-ratio", "mDT latent mask ratio", 0.3, type=float)
+    add(g, "--context-weights", "mmdit: the weights the class / text tokens own: full (SD3's second stream), qkv "
+        "(their own q/k/v only), shared (the image stream's); none: full", choices=list(models.CONTEXT_WEIGHTS))
+    add(g, "--time-ids", "unet: SDXL's micro-conditioning on the original size and crop (time ids)",
+        action=argparse.BooleanOptionalAction)
     add(g, "--class-tokens", "context tokens made from the class embedding, told apart by learned offsets (none: "
         "the arch's own, 1 for dit/mmdit, 4 for pixart/unet)", type=int)
     g = p.add_argument_group("diffusion")
