@@ -258,8 +258,8 @@ def tab_a1_count(column, cond, R, size="XL", device="meta"):
     device = torch.device(device)
     with torch.device(device):
         model = run.tab_a1_model(column, cond, R, size).eval()
-    x0, batch = make_batch(models.TAB_A1[(column, cond)]["arch"], 1, R, device, control=True, text=cond == "text",
-                           classes=models.TAB_A1_CLASSES)
+    x0, batch = make_batch(run.TAB_A1[(column, cond)]["arch"], 1, R, device, control=True, text=cond == "text",
+                           classes=run.TAB_A1_CLASSES)
     with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc, torch.no_grad():
         model(x0, torch.zeros(1, dtype=torch.long, device=device), batch)
     return sum(p.numel() for p in model.parameters()) / 1e6, fc.get_total_flops() / 1e9
@@ -271,7 +271,7 @@ def flops_table(size="XL"):
     rows = []
     for (column, cond), paper in TAB_A1_PAPER.items():
         (params, g256), (_, g512) = (tab_a1_count(column, cond, R, size) for R in (256, 512))
-        row = dict(column=column, cond=cond, arch=models.TAB_A1[(column, cond)]["arch"], size=size,
+        row = dict(column=column, cond=cond, arch=run.TAB_A1[(column, cond)]["arch"], size=size,
                    params_M=params, gflops_256=g256, gflops_512=g512)
         for key, want in zip(("params_M", "gflops_256", "gflops_512"), paper if size == "XL" else (None,) * 3):
             row[f"paper_{key}"] = want
@@ -656,7 +656,7 @@ def print_table(rows, cols):
         print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |", flush=True)
 
 
-def main():
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to run
     p.add_argument("--suite", default=None,
@@ -707,12 +707,11 @@ def main():
                    "(default: a temporary folder; deleted afterwards)")
     # io
     p.add_argument("--out", default="bench.json", help="JSON file with the config, the device and every row")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    print(f"device {device_peak(device)[0]}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    return p
+
+
+def run_suite(args, device, dtype):
+    """The rows of --suite (or of the one configuration the model flags give), printed as a table."""
     if args.suite == "cpu-compare":
         rows = cpu_compare(args.size or "S", args.batch or 8, args.resolution, args.reps, args.warmup,
                            args.compare_archs, [DTYPES[d] for d in args.compare_dtypes])
@@ -742,6 +741,17 @@ def main():
         rows = [bench_config(args.arch, args.size or "S", args.resolution, args.batch or 8, dtype, device, args.compile,
                              args.steps, args.warmup, args.control, args.sample)]
         print_table(rows, TRAIN_COLS)
+    return rows
+
+
+def main():
+    args = get_parser().parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    print(f"device {device_peak(device)[0]}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    rows = run_suite(args, device, dtype)
     with open(args.out, "w") as f:
         json.dump({"config": vars(args), "device": device_peak(device)[0], "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)

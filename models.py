@@ -16,7 +16,7 @@ One interface for every model:  eps = model(x_t, t, cond)   (eps has the shape o
       training   : cond["mask_generator"] CPU torch.Generator of mDT's token mask (optional; train.py sets it).
     In train mode mDT-v2 returns (eps of the full input, eps of a masked copy); the loss sums their losses.
 Presets: SIZES (tiny for CPU, S/B/L/XL with DiT's widths/depths); registry MODELS; build_model(arch, size, ...);
-TAB_A1: the XL models of the paper's Tab. A1, cell by cell, as build_model arguments (run.tab_a1_spec).
+UNET_TEXT_SIZES: the text UNet's layout at XL (the paper's Tab. A1 cells are run.TAB_A1).
 
 Example: python -c "import models, torch; m = models.build_model('dit', 'tiny', num_classes=10);
                     print(m(torch.randn(2, 3, 32, 32), torch.tensor([3, 999]), {'y': torch.tensor([0, 10])}).shape)"
@@ -44,13 +44,9 @@ LN_EPS = 1e-6  # every LayerNorm / RMSNorm in DiT, PixArt and SD3
 
 TIME_ID_DIM = 256  # SDXL: each micro-conditioning scalar -> 256 Fourier features (addition_time_embed_dim)
 
-# presets: channels per level, ResBlocks per level, transformer layers per level (0 = none: SDXL has no attention
-# at its finest level), head width (64 as SDXL), class-mode context width (counts: 1000 classes, no control;
-# crop+size+flip control adds 3.4M at XL). S..XL are SDXL's 3-level layout at
-# ImageNet latent size (32x32 at 256 px) with base width c = 64/128/192/256 and widths (c, 2c, 4c). XL reproduces
-# the paper's class-conditional UNet (Tab. A1: 401.75M params, 95.38 / 390 GFLOPs at 256 / 512) as 400.1M params,
-# 95.4 / 390.4 GFLOPs (1000 classes, batch 1, FLOPs = 2 x MACs). The paper's text UNet (864.31M) is SD 1.x's
-# layout, UNET_SD1 below (TAB_A1).
+# presets: channels per level, ResBlocks per level, transformer layers per level (0 = none: SDXL has no attention at
+# its finest level), head width (64 as SDXL), class-mode context width. S..XL: SDXL's 3-level layout at ImageNet
+# latent size with base width c = 64/128/192/256 and widths (c, 2c, 4c); XL is Tab. A1's class UNet (run.TAB_A1).
 UNET_SIZES = {
     "tiny": dict(channels=(32, 64), layers=1, depth=(0, 1), head_dim=16, class_dim=32),  # 1.0M (text), the test config
     "S": dict(channels=(64, 128, 256), layers=2, depth=(0, 1, 1), head_dim=64, class_dim=256),  # 25.8M
@@ -59,53 +55,9 @@ UNET_SIZES = {
     "XL": dict(channels=(256, 512, 1024), layers=2, depth=(0, 1, 1), head_dim=64, class_dim=1024),  # 400.1M
 }
 
-# ----------------------------------------------------------------------------- paper Tab. A1 (App. "Computational
-# comparison"): the XL models whose parameters and FLOPs (batch 1, 2 x multiply-adds) the paper lists, as
-# build_model arguments. D = 1152, 28 blocks, N = 256 / 1024 image tokens at 256 / 512 px (SD VAE latents, patch 2),
-# L = 77 CLIP ViT-L/14 tokens of width 768 (+ pooled 768), 1000 ImageNet classes. Per token and block a DiT-XL
-# block costs 2 x 12 D^2 = 31.85 MFLOPs, attention 2 x 2 x D per query-key pair. Exact counts in RESULTS.md.
-# Size conditioning is counted in every model: the transformers carry the paper's control embedder (crop, size,
-# flip: 2 MLPs, 768 -> D -> D and 512 -> D -> D = 4.13 M), the UNets SDXL's micro-conditioning (time_ids).
-#  DiT-XL/2      DiT's XL/2 + control: 674.82 + 4.13 = 678.95 M (paper 679.09); 237.24 / 1049.05 G.
-#  mdT-XL/2      mDT-v2 (12 + 12 encoder blocks, side block, 4 decoder blocks) + control: 745.34 M (748.07),
-#                258.98 / 1136.02 G.
-#  PixArt-XL/2   adaLN-single + 28 cross-attentions (4 D^2 each) + control: 610.08 M class (611.7), 611.14 M text
-#                (610.12); class FLOPs = DiT + 28 x 2 x 2 D^2 x N (cross-attention q, out) = 275.58 / 1201.94 G.
-#  mmDiT-XL/2    class: the class token joins the joint attention through the image stream's own weights
-#                (context_weights "shared"): DiT's params, 678.95 M (679.09), 238.17 / 1050.17 G (237.93 / 1,050).
-#                text: the 77 text tokens own their q/k/v (context_weights "qkv"): 27 x (3 D^2 + 3 D) + (2 D^2 + 2 D)
-#                (last block: k, v only) = 110.25 M, so 678.95 + 110.25 + text embedders 0.89 + 2.21 - label table
-#                1.15 = 791.15 M (791.64); 309.74 / 1136.53 G.
-#  Att-DiT-XL/2  DiT w/ Att = DiT + "mmDiT attention" (Tab. A3): the class token owns its q/k/v in every block,
-#                674.82 + 110.25 + 4.13 = 789.20 M (792.44) at the one-token FLOPs, 238.17 / 1050.17 G (237.93 / 1,050).
-#                text: the same blocks with 77 text tokens (= the text mmDiT column).
-#  UNet-SDXL     class: the XL preset (SDXL's 3-level layout at width 256) + SDXL time ids (2.62 M) = 402.73 M
-#                (401.75), 95.42 / 390.43 G. text: SD 1.x's layout ("similar size to the original LDM", §3.1):
-#                widths (320, 640, 1280, 1280), 2 ResBlocks, one transformer layer at the three finest levels and the
-#                mid block, CLIP-L cross-attention, + SDXL's text_time add-embedding (pooled + 6 time ids: 4.59 M)
-#                = 859.52 + 4.59 = 864.11 M (864.31); 180.12 / 803.28 G.
-# Cells no configuration consistent with the others meets (measured numbers and arithmetic: RESULTS.md, "Tab. A1,
-# cell by cell"): text FLOPs of PixArt (314.68 / 1,140: the 512 px figure is below the class model's 1,200), of
-# mmDiT (397.06 / 1,260: 77 context tokens add 28 x 31.85 M x 77 + attention = 74.6 G at 256 px whatever weights
-# they own; SD3's two full streams count the same), of Att-DiT (all three), and the text UNet at 256 px (189.78).
-TAB_A1_CONTROL = ("crop", "size", "flip")  # the paper's control signals (Eq. 1, §3.3)
-TAB_A1_CLASSES, TAB_A1_TEXT_DIM = 1000, 768  # ImageNet-1k; CLIP ViT-L/14 token and pooled width (§3.1)
+# the text UNet at XL: SD 1.x's layout (run.TAB_A1: Tab. A1's text UNet-SDXL column)
 UNET_SD1 = dict(channels=(320, 640, 1280, 1280), layers=2, depth=(1, 1, 1, 0), head_dim=64, class_dim=1024)
 UNET_TEXT_SIZES = {"XL": dict(UNET_SD1, mid_depth=1)}  # the text UNet at XL (Tab. A1 text column): SD 1.x's layout
-TAB_A1 = {  # (column, cond) -> build_model arguments besides input size, channels and classes / text widths
-    ("UNet-SDXL", "class"): dict(arch="unet", size="XL", time_ids=True),
-    ("UNet-SDXL", "text"): dict(arch="unet", size=UNET_TEXT_SIZES["XL"], time_ids=True),
-    ("PixArt-XL/2", "class"): dict(arch="pixart", size="XL", control=TAB_A1_CONTROL),
-    ("PixArt-XL/2", "text"): dict(arch="pixart", size="XL", control=TAB_A1_CONTROL),
-    ("mmDiT-XL/2", "class"): dict(arch="mmdit", size="XL", class_in="attn", context_weights="shared",
-                                  control=TAB_A1_CONTROL),
-    ("mmDiT-XL/2", "text"): dict(arch="mmdit", size="XL", context_weights="qkv", control=TAB_A1_CONTROL),
-    ("Att-DiT-XL/2", "class"): dict(arch="mmdit", size="XL", class_in="attn", context_weights="qkv",
-                                    control=TAB_A1_CONTROL),
-    ("Att-DiT-XL/2", "text"): dict(arch="mmdit", size="XL", context_weights="qkv", control=TAB_A1_CONTROL),
-    ("mdT-XL/2", "class"): dict(arch="mdt", size="XL", control=TAB_A1_CONTROL),
-    ("DiT-XL/2", "class"): dict(arch="dit", size="XL", control=TAB_A1_CONTROL),
-}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -680,7 +632,7 @@ class MMDiT(_Transformer):
         self.pooled_embedder = (nn.Sequential(nn.Linear(pooled_dim, D), nn.SiLU(), nn.Linear(D, D))
                                 if pooled_dim is not None else None)
         # context_weights: "full" = SD3 (default; diffusers' SD3Transformer2DModel), "qkv" / "shared" = the lighter
-        # context streams that land on the paper's Tab. A1 (see TAB_A1)
+        # context streams that land on the paper's Tab. A1 (run.TAB_A1)
         self.blocks = nn.ModuleList(MMDiTBlock(D, self.heads, self.mlp_ratio, qk_norm, last=i == self.depth - 1,
                                                context=context_weights) for i in range(self.depth))
         self.init_weights()

@@ -37,8 +37,10 @@ from conditioning import PHI_KEYS
 # (train.py --print-config shows it).
 #
 # Recipe rows: one per system the paper trains (Tab. 1: its re-implementations and ours), each with that
-# system's architecture (the Tab. A1 column it is, models.TAB_A1), conditioning and training paradigm (Tab. A4).
-# A value that depends on the conditioning is written {"class": ..., "text": ...}.
+# system's architecture (the Tab. A1 column it is, TAB_A1), conditioning and training paradigm (Tab. A4).
+# A value that depends on the conditioning is written {"class": ..., "text": ...}. The baselines train without the
+# paper's control conditioning (their own papers'; SDXL keeps its time ids), so their networks are the Tab. A1 cell
+# less its 4.13 M control embedder (within 1 % of the paper's count; test_recipe_rows).
 _BASELINE_OPT = dict(adam_betas=[0.9, 0.999], weight_decay=0.0)  # Tab. A4, SDXL / SD3 columns: (0.9, 0.999), no wd
 _NO_CONTROL = dict(control=[], gamma="uniform", gamma_alpha=8.0, text_pad="zero", beta_txt=0.0)  # Tab. A4: zero pad
 RECIPES = {
@@ -285,21 +287,57 @@ def init_conflicts(src_spec, spec):
 
 
 # ----------------------------------------------------------------------------- Tab. A1 models
+# The XL models whose parameters and FLOPs (batch 1, 2 x multiply-adds) Tab. A1 lists, as build_model arguments;
+# measured cell by cell in RESULTS.md ("Tab. A1, cell by cell"). D = 1152, 28 blocks, 256 / 1024 image tokens at
+# 256 / 512 px, 77 CLIP-L tokens of width 768, 1000 classes. A DiT-XL block costs 2 x 12 D^2 = 31.85 MFLOPs a token.
+# Size conditioning is counted in every model: the control embedder (crop, size, flip: 4.13 M) in the transformers,
+# SDXL's time ids in the UNets.
+#  DiT-XL/2     DiT + control: 674.82 + 4.13 = 678.95 M (paper 679.09).  mdT-XL/2: 745.34 M (748.07).
+#  PixArt-XL/2  adaLN-single + 28 cross-attentions (4 D^2 each) + control: 610.08 M class (611.7), 611.14 text (610.12).
+#  mmDiT-XL/2   class: the class token through the image stream's own weights (context_weights "shared"): DiT's
+#               678.95 M. text: the 77 tokens own their q/k/v ("qkv"): 27 x (3 D^2 + 3 D) + (2 D^2 + 2 D) (last
+#               block: k, v) = 110.25 M, + text embedders 3.10 - label table 1.15 = 791.15 M (791.64).
+#  Att-DiT-XL/2 DiT + "mmDiT attention" (Tab. A3): the class token owns its q/k/v: 674.82 + 110.25 + 4.13 = 789.20 M
+#               (792.44) at the one-token FLOPs; text: the text mmDiT's blocks.
+#  UNet-SDXL    class: the XL preset + time ids = 402.73 M (401.75). text: SD 1.x's layout ("similar size to the
+#               original LDM", §2): widths (320, 640, 1280, 1280), attention at the three finest levels and the mid
+#               block, + SDXL's text_time embedding = 864.11 M (864.31).
+# No reading consistent with the other cells meets the text FLOPs of PixArt (its 1,140 G at 512 px is below the class
+# model's 1,200), mmDiT (77 tokens add 74.6 G at 256 px whatever weights they own), Att-DiT (all three cells), and
+# the text UNet at 256 px: RESULTS.md gives the arithmetic.
+TAB_A1_CONTROL = ("crop", "size", "flip")  # the paper's control signals (Eq. 1, §3.3)
+TAB_A1_CLASSES, TAB_A1_TEXT_DIM = 1000, 768  # ImageNet-1k; CLIP ViT-L/14 token and pooled width (§3.1)
+TAB_A1 = {  # (column, cond) -> build_model arguments besides input size, channels and classes / text widths
+    ("UNet-SDXL", "class"): dict(arch="unet", size="XL", time_ids=True),
+    ("UNet-SDXL", "text"): dict(arch="unet", size=models.UNET_TEXT_SIZES["XL"], time_ids=True),
+    ("PixArt-XL/2", "class"): dict(arch="pixart", size="XL", control=TAB_A1_CONTROL),
+    ("PixArt-XL/2", "text"): dict(arch="pixart", size="XL", control=TAB_A1_CONTROL),
+    ("mmDiT-XL/2", "class"): dict(arch="mmdit", size="XL", class_in="attn", context_weights="shared",
+                                  control=TAB_A1_CONTROL),
+    ("mmDiT-XL/2", "text"): dict(arch="mmdit", size="XL", context_weights="qkv", control=TAB_A1_CONTROL),
+    ("Att-DiT-XL/2", "class"): dict(arch="mmdit", size="XL", class_in="attn", context_weights="qkv",
+                                    control=TAB_A1_CONTROL),
+    ("Att-DiT-XL/2", "text"): dict(arch="mmdit", size="XL", context_weights="qkv", control=TAB_A1_CONTROL),
+    ("mdT-XL/2", "class"): dict(arch="mdt", size="XL", control=TAB_A1_CONTROL),
+    ("DiT-XL/2", "class"): dict(arch="dit", size="XL", control=TAB_A1_CONTROL),
+}
+
+
 def tab_a1_spec(column, cond, resolution=256, size="XL"):
     """models.build_model's arguments for a column of paper Tab. A1 ("DiT-XL/2", ..., cond "class" or "text") on SD VAE
     latents of a resolution-px image: the paper's model at size XL, the same configuration at another SIZES preset
     (the text UNet then takes models.UNET_SIZES[size]). Unknown cells are a one-line error listing the known ones."""
-    if (column, cond) not in models.TAB_A1:
-        raise SystemExit(f"Tab. A1 has no cell ({column!r}, {cond!r}); it has {sorted(models.TAB_A1)}")
-    kw = dict(models.TAB_A1[(column, cond)])
+    if (column, cond) not in TAB_A1:
+        raise SystemExit(f"Tab. A1 has no cell ({column!r}, {cond!r}); it has {sorted(TAB_A1)}")
+    kw = dict(TAB_A1[(column, cond)])
     if size != "XL":
         kw["size"] = size
     if kw["arch"] != "unet":  # the UNet is fully convolutional
         kw["input_size"] = resolution // data.VAE_DOWN
     elif kw.get("time_ids"):  # SDXL's target size in image pixels: 8 x the latent's
         kw["time_id_down"] = data.VAE_DOWN
-    kw.update(dict(num_classes=models.TAB_A1_CLASSES) if cond == "class" else
-              dict(text_dim=models.TAB_A1_TEXT_DIM, pooled_dim=models.TAB_A1_TEXT_DIM))
+    kw.update(dict(num_classes=TAB_A1_CLASSES) if cond == "class" else
+              dict(text_dim=TAB_A1_TEXT_DIM, pooled_dim=TAB_A1_TEXT_DIM))
     return dict(kw, in_channels=data.LATENT_CH, control=list(kw.get("control", ())))
 
 

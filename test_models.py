@@ -51,7 +51,7 @@ EXCEPTIONS = {
 def test_tab_a1_cells():
     """All 30 numbers of Tab. A1: within 2 %, or the documented exception's measured number (and then still > 2 %
     off, else it belongs with the matched cells)."""
-    assert set(PAPER) == set(models.TAB_A1) and len(PAPER) * len(KEYS) == 30
+    assert set(PAPER) == set(run.TAB_A1) and len(PAPER) * len(KEYS) == 30
     report = []
     for (column, cond), paper in PAPER.items():
         (params, g256), (_, g512) = (bench.tab_a1_count(column, cond, R) for R in (256, 512))
@@ -67,7 +67,7 @@ def test_tab_a1_cells():
     print("\n".join(report))
 
 
-@pytest.mark.parametrize("column,cond", sorted(models.TAB_A1))
+@pytest.mark.parametrize("column,cond", sorted(run.TAB_A1))
 def test_tab_a1_meta_count_is_the_real_count(column, cond):
     """The meta-device count (no compute) equals a real CPU forward's, params and FLOPs, on the tiny version of
     each cell's configuration at 64 px (8 x 8 latents)."""
