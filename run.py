@@ -512,6 +512,11 @@ CLIP_L_TEXT_PARAMS = 123.65e6  # open_clip ViT-L-14 text tower (token embedding,
 SD_VAE_PARAMS = 83.65e6  # sd-vae-ft-ema AutoencoderKL (encoder + decoder, both kept by train.py)
 
 
+def takes_phi(m):
+    """Whether the model reads the crop/size/flip parameters phi: as control conditioning, or as SDXL's time ids."""
+    return bool(m.get("control") or m.get("time_ids"))
+
+
 def synthetic_batch(spec, B):
     """(x0, cond) of B random images shaped as the run spec's model sees them (latents or pixels, class ids or
     text features, φ of an uncropped flipped original), for counting FLOPs and memory."""
@@ -524,7 +529,7 @@ def synthetic_batch(spec, B):
             cond["pooled"] = torch.randn(B, m["pooled_dim"], generator=g)
     else:
         cond = {"y": torch.randint(0, m["num_classes"], (B,), generator=g)}
-    if m.get("control"):
+    if takes_phi(m):
         cond.update(phi=default_phi(spec, B, flip=True), keep_ctrl=torch.ones(B))
     return x0, cond
 
@@ -634,7 +639,7 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
         sl = slice(i, i + batch_size)
         noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds[sl]])
         cond = conditioning.semantic_cond(sem, labels[sl], enc, device)
-        if control:
+        if takes_phi(spec["model"]):
             cond["phi"] = phi[sl].to(device).float()
             cond["keep_ctrl"] = torch.ones(len(noise), device=device)
         cond, cond_s, cond_null = conditioning.guidance_conds(cond, null_sem)

@@ -101,7 +101,7 @@ def get_parser():
     add(g, "--patch-size", "transformer patch size", 2, type=int)
     add(g, "--class-in", "class via adaLN or attention", choices=["adaln", "attn"])
     add(g, "--pe-grid", "2-D sin-cos PE grid: arange(n) or linspace over the pre-training grid (§2.2)",
-        choices=list(models.PE_GRIDS))
+        "extrapolate", choices=list(models.PE_GRIDS))
     add(g, "--pe-base", "PE grid size of pre-training (none: this grid)", type=int)
     add(g, "--mask-ratio", "mDT latent mask ratio", 0.3, type=float)
     add(g, "--context-weights", "mmdit: the weights the class / text tokens own: full (SD3's second stream), qkv "
@@ -497,7 +497,7 @@ def get_micro_batch(batches, meter, args, run, spec, nets, null_sem, g):
             x0 = data.encode(nets.vae, x0, spec["latent"]["scale"])
         cond = conditioning.semantic_cond(sem, b.get("y") if sem["kind"] == "class" else b["caption"], nets.encoder,
                                           device, training=True, generator=g)
-    if spec["model"].get("control"):
+    if runlib.takes_phi(spec["model"]):
         cond["phi"] = b["phi"].to(device).float()
     return x0.float(), conditioning.drop_conditions(cond, args.p_drop_sem, args.p_drop_ctrl, null_sem, g)
 
