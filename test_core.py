@@ -1,4 +1,4 @@
-"""The test suite (CPU, minutes): `.venv/bin/python -m pytest -q test_core.py`.
+"""The test suite (CPU, minutes): `.venv/bin/python -m pytest -q` (every test_*.py).
 
 Exact answers where the math gives one, equivalence with diffusers' reference models on
 tiny random weights, behaviour rather than shapes. Sections follow the files they test.
