@@ -197,7 +197,7 @@ def build_diffusers(arch, D, depth, heads, n):
         m = PixArtTransformer2DModel(cross_attention_dim=D, caption_channels=TEXT_DIM, **common)
         no_extra = {"resolution": None, "aspect_ratio": None}
         return m, lambda x, t, c: m(x, encoder_hidden_states=c["text"], timestep=t, added_cond_kwargs=no_extra).sample
-    if arch == "mmdit":  # SD3 with RMSNorm on q/k (SD3.5 style), as SPEC §4 asks of ours
+    if arch == "mmdit":  # SD3 with RMSNorm on q/k (SD3.5 style), as ours (§2: q/k RMSNorm)
         m = SD3Transformer2DModel(joint_attention_dim=TEXT_DIM, caption_projection_dim=D,
                                   pooled_projection_dim=POOLED_DIM, pos_embed_max_size=n, qk_norm="rms_norm", **common)
         return m, lambda x, t, c: m(x, encoder_hidden_states=c["text"], pooled_projections=c["pooled"],

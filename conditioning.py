@@ -1,5 +1,5 @@
 """
-Conditioning: everything a denoiser is conditioned on (SPEC §3, paper §2.1 / §3.3 / App. C).
+Conditioning: everything a denoiser is conditioned on (paper §2.1 / §3.3 / App. C).
 
 Embedders that live INSIDE the models (the models own these modules):
     timestep_embedding(t, dim=256, max_period=10000) -> (B, dim)      sinusoidal features, DiT convention [cos, sin]
@@ -248,7 +248,7 @@ def pad_text(tokens, eot, mode="replicate", beta=0.02, training=False, generator
     noisy: replicate, and in training only add beta * sqrt(m-1) * std_ch * N(0,1) to the copies, where
     std_ch (D,) is the per-channel std over the n real tokens and m = ceil(L/n) is how many times the real
     tokens appear in the padded sequence (our reading of "number of token replications": m-1 copies, so a
-    prompt that needs no padding gets no noise). At sampling, noisy == replicate (SPEC §3)."""
+    prompt that needs no padding gets no noise). At sampling, noisy == replicate (no noise at inference)."""
     assert mode in TEXT_PADDINGS, f"text padding must be one of {TEXT_PADDINGS}"
     B, L, D = tokens.shape
     pos = torch.arange(L, device=tokens.device)[None]  # (1, L)

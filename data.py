@@ -1,5 +1,5 @@
 """
-Data: datasets with control metadata φ, crop strategies, the VAE, latent pre-extraction (SPEC §5, paper §2.2, §3.3).
+Data: datasets with control metadata φ, crop strategies, the VAE, latent pre-extraction (paper §2.2, §3.3).
 
 Every dataset yields dicts
     {"image": (3, R, R) float in [-1, 1]  (or "latent": (4, R/8, R/8) from latent shards),
@@ -43,7 +43,7 @@ from conditioning import ORIG_H, ORIG_W, PHI_KEYS
 # ----------------------------------------------------------------------------- constants (defined once)
 VAE_SCALE = 0.18215  # SD / LDM latent scale factor (diffusers AutoencoderKL config "scaling_factor")
 VAE_DOWN, LATENT_CH = 8, 4  # SD VAE (DEFAULT_VAE): 8x spatial downsampling, 4 latent channels
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT / SPEC §5
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # DiT's VAE (its sample.py default)
 # The SD VAE's architecture: stabilityai/sd-vae-ft-ema's config.json (diffusers AutoencoderKL), 83.65 M params.
 # "sd-random" builds it with seeded random weights: the real sizes and costs without the download.
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,

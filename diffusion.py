@@ -1,6 +1,6 @@
 """Diffusion: noise schedules, forward processes, targets, losses, samplers, guidance.
 
-SPEC §2 / paper App. C / Tab. A4. Two schedules with one interface (sample_t, q_sample, target, weight,
+Paper App. C / Tab. A4. Two schedules with one interface (sample_t, q_sample, target, weight,
 timesteps); models never see them: they get (x_t, t, cond) and return the schedule's target.
 - `Schedule`: discrete DDPM with T = 1000 "quadratic" betas, written in the EDM view
   x_t = (x0 + sigma_t * eps) / sqrt(1 + sigma_t^2). Objectives eps (the paper's), v and x0; DDIM/DDPM samplers.
@@ -56,7 +56,8 @@ def rescale_zero_terminal_snr(betas):
 
 
 class Schedule:
-    """Quadratic beta schedule (SPEC §2), optionally rescaled for resolution (Eq. 3, Prop. 1), with the objective,
+    """Quadratic beta schedule (sqrt(beta) linear from BETA_START to BETA_END, App. C), optionally rescaled for
+    resolution (Eq. 3, Prop. 1), with the objective,
     timestep density and loss weight of a run.
 
     scale = s'/s. Eq. 3 (abar' = s^2 abar / (s'^2 + abar (s^2 - s'^2))) is the same as multiplying the EDM

@@ -1,5 +1,5 @@
 """
-Evaluation (paper §3.1, SPEC §7): FID, CLIPScore, LPIPS under size conditioning; at CPU scale a judge (class
+Evaluation (paper §3.1): FID, CLIPScore, LPIPS under size conditioning; at CPU scale a judge (class
 accuracy) and caption agreement (embedded captions: shape, side, colour).
 
 FID uses the standard network: Inception-v3 pool3 (2048-d) ported from TF `inception-2015-12-05`

@@ -76,7 +76,7 @@ def split_heads(x, n, heads):
 
 
 def grid_1d(n, mode="extrapolate", n_base=None):
-    """Patch positions along one axis (SPEC §4). `extrapolate`: arange(n), a bigger image reaches positions never
+    """Patch positions along one axis (§2.2). `extrapolate`: arange(n), a bigger image reaches positions never
     seen in pre-training. `resample` (paper App. C Pseudocode 1): linspace(0, n_base, n), every resolution spans the
     pre-training range [0, n_base]. We keep linspace's endpoint (=n_base) exactly as the pseudocode does, so even at
     the base resolution `resample` steps by n_base/(n_base-1), not 1: train and transfer with the same mode."""

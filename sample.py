@@ -1,5 +1,5 @@
 """
-Sample image grids from a checkpoint (SPEC §7). The model is rebuilt from the checkpoint's run spec
+Sample image grids from a checkpoint. The model is rebuilt from the checkpoint's run spec
 (EMA weights by default); guidance is Eq. 2 with one batched model call per step.
 
     python sample.py --ckpt out/ckpt.pt                                   # every class (or a few prompts), one grid

@@ -1,5 +1,5 @@
 r"""
-Transfer a checkpoint to a new resolution or dataset (paper §2.2, §3.4; SPEC §7). Writes a train.py-style
+Transfer a checkpoint to a new resolution or dataset (paper §2.2, §3.4). Writes a train.py-style
 checkpoint (model = ema = transferred weights, step 0, the updated run spec) that `train.py --init-from` fine-tunes
 from and sample.py / evaluate.py load directly; prints exactly which keys were kept / re-initialised / dropped.
 
@@ -10,6 +10,7 @@ from and sample.py / evaluate.py load directly; prints exactly which keys were k
         --out out/in22k_init.pt                                                                      # 1k -> 22k
     python transfer.py --ckpt out/in1k256/ckpt.pt --to-text --out out/cc12m_init.pt                  # class -> text
     python train.py <pre-training flags> --init-from out/in1k512_init.pt <the flags transfer.py prints>
+    python transfer.py --ckpt out/run/ckpt.pt --to-diffusers out/run_diffusers                      # -> diffusers
 
 Resolution r -> r': the model is rebuilt at r' with PE grid `resample` (positions linspace(0, n_base, n): every
 resolution spans the pre-training range, App. C Pseudocode 1) or `extrapolate` (arange(n)); the schedule scale
@@ -23,9 +24,17 @@ classes, where either side is an ImageFolder root (class ids = sorted folder nam
 numbers them) or a text file of wnids in class-id order, one per line (ImageNet-21k's wnid list; only a line's
 first word counts, so LOC_synset_mapping.txt works too). A map that misses classes is refused in one line.
 
+Export (--to-diffusers DIR): the inverse of the weight import below, by the same key maps read backwards. The
+model is rebuilt as the diffusers class that computes the same function (DiTTransformer2DModel,
+PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel), its outputs are compared with ours once,
+and the class's own save_pretrained writes DIR. Parts a class lacks (control conditioning, class labels in the
+text-only classes, DiT's class token in attention, a PE grid diffusers cannot place, ...) stop it in one line that
+names them. Outputs agree at the checkpoint's resolution; at other sizes diffusers rescales its PE grid its own way.
+
 Library part (tests and users import it): the transfers above, and weight import from public checkpoints:
 import_dit_original (facebookresearch/DiT), import_diffusers + diffusers_kwargs (diffusers DiT / PixArt-α / SD3
-transformers), unet_kwargs_from_diffusers + import_diffusers_unet (SDXL-style UNet2DConditionModel).
+transformers), unet_kwargs_from_diffusers + import_diffusers_unet (SDXL-style UNet2DConditionModel); the export:
+to_diffusers, diffusers_config, export_blockers, diffusers_forward.
 """
 import argparse
 import collections
@@ -33,15 +42,33 @@ import copy
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import torch
 
 import conditioning
 import data
+import diffusion
 import models
 import run
 
 TABLE = "y_embedder.embedding_table.weight"  # the class table (num_classes + 1 rows, last = null)
+# --to-diffusers: the diffusers class of each architecture (the classes import_diffusers reads)
+DIFFUSERS_CLASSES = {"dit": "DiTTransformer2DModel", "pixart": "PixArtTransformer2DModel",
+                     "mmdit": "SD3Transformer2DModel", "unet": "UNet2DConditionModel"}
+# downscale_freq_shift of the timestep sin-cos each class hard-codes (diffusers' Timesteps): DiT's port uses 1,
+# PixArt and SD3 use 0. Ours is a constructor argument (t_freq_shift; facebookresearch/DiT and train.py: 0).
+DIFFUSERS_T_SHIFT = {"dit": 1, "pixart": 0, "mmdit": 0}
+MLP_RATIO = 4.0  # every one of these diffusers classes has a 4 x hidden MLP
+CONTEXT_LEN = 77  # text tokens of the export's own check input (open_clip's context length)
+# the export's own output check: max |ours - diffusers| <= CHECK_TOL x max(1, max |ours|). fp32 rounding gives
+# ~1e-6 of the scale (test_transfer.py bounds it by 64 ulps); a wrong map is off by about the scale.
+CHECK_TOL = 1e-3
+# the diffusers scheduler that reads each objective's output (diffusers' prediction_type names)
+SCHEDULER_HINT = {"eps": "DDPM/DDIM scheduler, prediction_type='epsilon'", "v": "DDPM/DDIM scheduler, "
+                  "prediction_type='v_prediction'", "x0": "DDPM/DDIM scheduler, prediction_type='sample'",
+                  "rf": "FlowMatchEulerDiscreteScheduler (v = eps - x0)"}
 
 
 def carry_over(model, sd, reinit=()):
@@ -238,19 +265,123 @@ def import_dit_original(state_dict, **kw):
     return _load(model, sd)
 
 
-def _qkv(sd, prefix, names=("to_q", "to_k", "to_v")):
-    """Fuse diffusers' separate q/k/v Linears into our one qkv Linear."""
-    return {p: torch.cat([sd[f"{prefix}.{n}.{p}"] for n in names]) for p in ("weight", "bias")}
+# One key map per architecture, read in both directions (import_diffusers, and to_diffusers for the export):
+# entries (our key, kind, diffusers keys). Kinds: "copy"; "cat": our fused Linear = diffusers' separate ones
+# (q/k/v) stacked on dim 0; "swap": diffusers' AdaLayerNormContinuous emits (scale, shift), ours (shift, scale);
+# "tie": diffusers' DiT gives every block its own copy of the t / class embedder, ours (as DiT) shares one;
+# "eps": our output rows are the eps half of diffusers' (DiT / PixArt may also predict a variance).
+def _diffusers_table(model):
+    """The (our key, kind, diffusers keys) entries of a DiT / PixArt / mmDiT, built from its own state_dict keys
+    (a module absent from the model, e.g. q/k norms without qk_norm, adds no entry)."""
+    ours, table = model.state_dict(), []
+
+    def put(dst, src, kind="copy"):
+        """Entries of our module (or bare parameter) dst <- diffusers module(s) src."""
+        srcs = [src] if isinstance(src, str) else list(src)
+        if dst in ours:  # a bare parameter (scale_shift_table)
+            return table.append((dst, kind, srcs))
+        table.extend((f"{dst}.{p}", kind, [f"{s}.{p}" for s in srcs])
+                     for p in ("weight", "bias") if f"{dst}.{p}" in ours)
+
+    def qkv(prefix, names=("to_q", "to_k", "to_v")):
+        """diffusers' separate projections that our one fused Linear stacks."""
+        return [f"{prefix}.{n}" for n in names]
+
+    put("x_embedder.proj", "pos_embed.proj")
+    if isinstance(model, models.DiT):
+        embs = [f"transformer_blocks.{i}.norm1.emb" for i in range(len(model.blocks))]
+        put("t_embedder.mlp.0", [f"{e}.timestep_embedder.linear_1" for e in embs], "tie")
+        put("t_embedder.mlp.2", [f"{e}.timestep_embedder.linear_2" for e in embs], "tie")
+        put("y_embedder.embedding_table", [f"{e}.class_embedder.embedding_table" for e in embs], "tie")
+        for i in range(len(model.blocks)):
+            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
+            put(f"{o}.adaLN_modulation.1", f"{b}.norm1.linear")
+            put(f"{o}.attn.qkv", qkv(f"{b}.attn1"), "cat")
+            put(f"{o}.attn.proj", f"{b}.attn1.to_out.0")
+            put(f"{o}.mlp.fc1", f"{b}.ff.net.0.proj")
+            put(f"{o}.mlp.fc2", f"{b}.ff.net.2")
+        put("final_layer.adaLN_modulation.1", "proj_out_1")
+        put("final_layer.linear", "proj_out_2", "eps")
+    elif isinstance(model, models.PixArt):
+        put("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1")
+        put("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2")
+        put("t_block.1", "adaln_single.linear")
+        put("text_embedder.fc1", "caption_projection.linear_1")
+        put("text_embedder.fc2", "caption_projection.linear_2")
+        for i in range(len(model.blocks)):
+            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
+            put(f"{o}.scale_shift_table", f"{b}.scale_shift_table")
+            put(f"{o}.attn.qkv", qkv(f"{b}.attn1"), "cat")
+            put(f"{o}.attn.proj", f"{b}.attn1.to_out.0")
+            put(f"{o}.cross_attn.q", f"{b}.attn2.to_q")
+            put(f"{o}.cross_attn.kv", qkv(f"{b}.attn2", ("to_k", "to_v")), "cat")
+            put(f"{o}.cross_attn.proj", f"{b}.attn2.to_out.0")
+            put(f"{o}.mlp.fc1", f"{b}.ff.net.0.proj")
+            put(f"{o}.mlp.fc2", f"{b}.ff.net.2")
+        put("final_layer.scale_shift_table", "scale_shift_table")
+        put("final_layer.linear", "proj_out", "eps")
+    elif isinstance(model, models.MMDiT):  # SD3
+        t = "time_text_embed"
+        put("t_embedder.mlp.0", f"{t}.timestep_embedder.linear_1")
+        put("t_embedder.mlp.2", f"{t}.timestep_embedder.linear_2")
+        put("pooled_embedder.0", f"{t}.text_embedder.linear_1")
+        put("pooled_embedder.2", f"{t}.text_embedder.linear_2")
+        put("context_embedder", "context_embedder")
+        for i, block in enumerate(model.blocks):
+            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
+            x, c, last = f"{o}.x_stream", f"{o}.c_stream", block.c_stream.pre_only
+            put(f"{x}.adaLN_modulation.1", f"{b}.norm1.linear")
+            put(f"{x}.attn.qkv", qkv(f"{b}.attn"), "cat")
+            put(f"{x}.attn.proj", f"{b}.attn.to_out.0")
+            put(f"{x}.mlp.fc1", f"{b}.ff.net.0.proj")
+            put(f"{x}.mlp.fc2", f"{b}.ff.net.2")
+            put(f"{c}.adaLN_modulation.1", f"{b}.norm1_context.linear", "swap" if last else "copy")
+            # the last block's context stream only feeds keys / values: diffusers' context queries there are unused
+            put(f"{c}.attn.qkv", qkv(f"{b}.attn", ("add_k_proj", "add_v_proj") if last else
+                                     ("add_q_proj", "add_k_proj", "add_v_proj")), "cat")
+            for ours_norm, theirs in ((x, "norm_q"), (x, "norm_k"), (c, "norm_added_q"), (c, "norm_added_k")):
+                put(f"{ours_norm}.attn.{theirs[-1]}_norm", f"{b}.attn.{theirs}")  # present with qk_norm only
+            put(f"{c}.attn.proj", f"{b}.attn.to_add_out")
+            put(f"{c}.mlp.fc1", f"{b}.ff_context.net.0.proj")
+            put(f"{c}.mlp.fc2", f"{b}.ff_context.net.2")
+        put("final_layer.adaLN_modulation.1", "norm_out.linear", "swap")
+        put("final_layer.linear", "proj_out", "eps")
+    else:
+        raise ValueError(f"no diffusers key map for {type(model).__name__}")
+    return table
 
 
-def _put(out, dst, sd=None, src=None, tensors=None):
-    tensors = tensors if tensors is not None else {p: sd[f"{src}.{p}"] for p in ("weight", "bias") if f"{src}.{p}" in sd}
-    out.update({f"{dst}.{p}": v for p, v in tensors.items()})
+def _swap_halves(v):
+    """(a, b) -> (b, a) along dim 0: diffusers' (scale, shift) <-> our (shift, scale)."""
+    return torch.cat(v.chunk(2)[::-1])
 
 
-def _swap(tensors):
-    """diffusers' AdaLayerNormContinuous emits (scale, shift); ours emits (shift, scale)."""
-    return {p: torch.cat(v.chunk(2)[::-1]) for p, v in tensors.items()}
+def _from_diffusers(entry, sd, model):
+    """Our tensor of one table entry, from the diffusers state_dict sd (import direction)."""
+    _, kind, srcs = entry
+    vs = [sd[s] for s in srcs]
+    if kind == "tie":
+        for s, v in zip(srcs[1:], vs[1:]):
+            if not torch.equal(v, vs[0]):
+                raise ValueError(f"{s} differs from block 0: our DiT shares one t/class embedder (as DiT does)")
+    if kind == "cat":
+        return torch.cat(vs)
+    if kind == "swap":
+        return _swap_halves(vs[0])
+    if kind == "eps":
+        return _eps_half(vs[0], model.patch_size, model.in_channels)
+    return vs[0]  # copy, tie
+
+
+def _to_diffusers(entry, v):
+    """{diffusers key: tensor} of one table entry from our tensor v (export direction; the export writes
+    out_channels = in_channels, so "eps" rows go over as they are)."""
+    _, kind, dsts = entry
+    if kind == "cat":
+        return dict(zip(dsts, (p.clone() for p in v.chunk(len(dsts)))))
+    if kind == "swap":
+        return {dsts[0]: _swap_halves(v)}
+    return {d: v.clone() for d in dsts}  # copy, tie (one copy per block), eps
 
 
 def diffusers_kwargs(ref, **kw):
@@ -285,76 +416,8 @@ def diffusers_kwargs(ref, **kw):
 def import_diffusers(ref, **kw):
     """Build our model matching a diffusers DiTTransformer2DModel / PixArtTransformer2DModel / SD3Transformer2DModel
     (models.build_model(**diffusers_kwargs(ref))) and copy its weights. Returns the model (fp32, train mode)."""
-    spec_model = diffusers_kwargs(ref, **kw)
-    arch, model, sd, out = spec_model["arch"], models.build_model(**spec_model), ref.state_dict(), {}
-    _put(out, "x_embedder.proj", sd, "pos_embed.proj")
-
-    if arch == "dit":
-        emb = [k for k in sd if ".norm1.emb." in k]  # diffusers gives every block its own t/class embedder
-        for k in emb:
-            if not torch.equal(sd[k], sd[k.replace(k.split(".")[1], "0", 1)]):
-                raise ValueError(f"{k} differs from block 0: our DiT shares one t/class embedder (as DiT does)")
-        e = "transformer_blocks.0.norm1.emb"
-        _put(out, "t_embedder.mlp.0", sd, f"{e}.timestep_embedder.linear_1")
-        _put(out, "t_embedder.mlp.2", sd, f"{e}.timestep_embedder.linear_2")
-        out["y_embedder.embedding_table.weight"] = sd[f"{e}.class_embedder.embedding_table.weight"]
-        for i in range(len(model.blocks)):
-            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
-            _put(out, f"{o}.adaLN_modulation.1", sd, f"{b}.norm1.linear")
-            _put(out, f"{o}.attn.qkv", tensors=_qkv(sd, f"{b}.attn1"))
-            _put(out, f"{o}.attn.proj", sd, f"{b}.attn1.to_out.0")
-            _put(out, f"{o}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
-            _put(out, f"{o}.mlp.fc2", sd, f"{b}.ff.net.2")
-        _put(out, "final_layer.adaLN_modulation.1", sd, "proj_out_1")
-        _final_linear(out, sd["proj_out_2.weight"], sd["proj_out_2.bias"], model)
-
-    elif arch == "pixart":
-        _put(out, "t_embedder.mlp.0", sd, "adaln_single.emb.timestep_embedder.linear_1")
-        _put(out, "t_embedder.mlp.2", sd, "adaln_single.emb.timestep_embedder.linear_2")
-        _put(out, "t_block.1", sd, "adaln_single.linear")
-        _put(out, "text_embedder.fc1", sd, "caption_projection.linear_1")
-        _put(out, "text_embedder.fc2", sd, "caption_projection.linear_2")
-        for i in range(len(model.blocks)):
-            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
-            out[f"{o}.scale_shift_table"] = sd[f"{b}.scale_shift_table"]
-            _put(out, f"{o}.attn.qkv", tensors=_qkv(sd, f"{b}.attn1"))
-            _put(out, f"{o}.attn.proj", sd, f"{b}.attn1.to_out.0")
-            _put(out, f"{o}.cross_attn.q", sd, f"{b}.attn2.to_q")
-            _put(out, f"{o}.cross_attn.kv", tensors=_qkv(sd, f"{b}.attn2", ("to_k", "to_v")))
-            _put(out, f"{o}.cross_attn.proj", sd, f"{b}.attn2.to_out.0")
-            _put(out, f"{o}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
-            _put(out, f"{o}.mlp.fc2", sd, f"{b}.ff.net.2")
-        out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
-        _final_linear(out, sd["proj_out.weight"], sd["proj_out.bias"], model)
-
-    else:  # mmdit (SD3)
-        t = "time_text_embed"
-        _put(out, "t_embedder.mlp.0", sd, f"{t}.timestep_embedder.linear_1")
-        _put(out, "t_embedder.mlp.2", sd, f"{t}.timestep_embedder.linear_2")
-        _put(out, "pooled_embedder.0", sd, f"{t}.text_embedder.linear_1")
-        _put(out, "pooled_embedder.2", sd, f"{t}.text_embedder.linear_2")
-        _put(out, "context_embedder", sd, "context_embedder")
-        for i, block in enumerate(model.blocks):
-            b, o = f"transformer_blocks.{i}", f"blocks.{i}"
-            x, c, last = f"{o}.x_stream", f"{o}.c_stream", block.c_stream.pre_only
-            _put(out, f"{x}.adaLN_modulation.1", sd, f"{b}.norm1.linear")
-            _put(out, f"{x}.attn.qkv", tensors=_qkv(sd, f"{b}.attn"))
-            _put(out, f"{x}.attn.proj", sd, f"{b}.attn.to_out.0")
-            _put(out, f"{x}.mlp.fc1", sd, f"{b}.ff.net.0.proj")
-            _put(out, f"{x}.mlp.fc2", sd, f"{b}.ff.net.2")
-            ada = {p: sd[f"{b}.norm1_context.linear.{p}"] for p in ("weight", "bias")}
-            _put(out, f"{c}.adaLN_modulation.1", tensors=_swap(ada) if last else ada)
-            names = ("add_k_proj", "add_v_proj") if last else ("add_q_proj", "add_k_proj", "add_v_proj")
-            _put(out, f"{c}.attn.qkv", tensors=_qkv(sd, f"{b}.attn", names))  # last: context queries unused
-            if model.blocks[0].x_stream.attn.k_norm is not None:
-                for ours, theirs in ((x, "norm_q"), (x, "norm_k"), (c, "norm_added_k")) + (((c, "norm_added_q"),) if not last else ()):
-                    out[f"{ours}.attn.{theirs[-1]}_norm.weight"] = sd[f"{b}.attn.{theirs}.weight"]
-            if not last:
-                _put(out, f"{c}.attn.proj", sd, f"{b}.attn.to_add_out")
-                _put(out, f"{c}.mlp.fc1", sd, f"{b}.ff_context.net.0.proj")
-                _put(out, f"{c}.mlp.fc2", sd, f"{b}.ff_context.net.2")
-        _put(out, "final_layer.adaLN_modulation.1", tensors=_swap({p: sd[f"norm_out.linear.{p}"] for p in ("weight", "bias")}))
-        _final_linear(out, sd["proj_out.weight"], sd["proj_out.bias"], model)
+    model, sd = models.build_model(**diffusers_kwargs(ref, **kw)), ref.state_dict()
+    out = {e[0]: _from_diffusers(e, sd, model) for e in _diffusers_table(model)}
     return _load(model, {k: v.float() for k, v in out.items()})
 
 
@@ -370,6 +433,13 @@ _DIFFUSERS_UNET_KEYS = [
     (r"\.ff\.net\.0\.proj\.", ".ff_in."), (r"\.ff\.net\.2\.", ".ff_out."),
     (r"^conv_norm_out\.", "norm_out."),
 ]
+
+
+def _unet_key(k):
+    """Our UNet's key of a diffusers UNet2DConditionModel key (_DIFFUSERS_UNET_KEYS; the export reads it backwards)."""
+    for pat, rep in _DIFFUSERS_UNET_KEYS:
+        k = re.sub(pat, rep, k)
+    return k
 
 
 def unet_kwargs_from_diffusers(config):
@@ -395,12 +465,252 @@ def import_diffusers_unet(model, diffusers_unet):
     """Load a diffusers UNet2DConditionModel (SDXL config, addition_embed_type="text_time") into `model`, built with
     unet_kwargs_from_diffusers(config) (+ control=... if wanted). Only our control embedder may be missing: it keeps
     its zero init, so the imported model computes exactly what diffusers does."""
-    sd = {}
-    for k, v in diffusers_unet.state_dict().items():
-        for pat, rep in _DIFFUSERS_UNET_KEYS:
-            k = re.sub(pat, rep, k)
-        sd[k] = v
-    return _load(model, sd)
+    return _load(model, {_unet_key(k): v for k, v in diffusers_unet.state_dict().items()})
+
+
+# ----------------------------------------------------------------------------- weight export (diffusers)
+# Our model -> the diffusers class that computes the same function, written by that class's own save_pretrained
+# (config.json + diffusion_pytorch_model.safetensors). The import key maps above are read backwards (one mapping,
+# two directions); a part the class lacks is refused in one line before anything is written.
+def load_run(path, ema=True):
+    """(model in eval mode, checkpoint dict) through the one checkpoint loader (run.load_checkpoint); EMA
+    weights unless ema=False."""
+    return run.load_checkpoint(path, ema=ema)
+
+
+def _grid(spec):
+    """(C, H) of the model's input at the run's resolution (square; transformers: the size they were built for)."""
+    C, H, _ = data.latent_shape(spec["latent"], spec["data"]["resolution"])
+    return C, spec["model"].get("input_size", H)
+
+
+def export_blockers(model, spec):
+    """(what our model has, the part the diffusers class lacks) for everything that stops an exact export; [] when
+    the class computes what the model computes."""
+    m, arch = spec["model"], spec["model"]["arch"]
+    cls, out = DIFFUSERS_CLASSES[arch], []
+    if getattr(model, "c_embedder", None) is not None:
+        out.append((f"--control {' '.join(m['control'])}", "control conditioning"))
+    if arch == "dit":
+        if model.class_in == "attn":
+            out.append(("--class-in attn", "class token in attention"))
+    elif model.y_embedder is not None:
+        out.append(("--semantic class", f"class labels: {cls} is text-conditional"))
+    if arch == "mmdit" and model.y_embedder is None and model.pooled_embedder is None:
+        out.append(("text without a pooled embedding", "pooled text projection"))
+    if arch == "unet":
+        return out
+    if arch in ("dit", "pixart") and model.blocks[0].attn.k_norm is not None:
+        out.append(("qk_norm", "q/k RMSNorm"))
+    if model.x_embedder.stem is not None:
+        out.append((f"--stem {m['stem']}", "conv stem"))
+    if model.head is not None:
+        out.append((f"--head {m['head']}", "conv head"))
+    if model.mlp_ratio != MLP_RATIO:
+        out.append((f"mlp_ratio {model.mlp_ratio:g}", f"MLP width ({MLP_RATIO:g} x hidden in {cls})"))
+    shift = model.t_embedder.freq_shift
+    if shift != DIFFUSERS_T_SHIFT[arch]:
+        out.append((f"t_freq_shift {shift}", f"timestep frequencies: {cls} embeds t with downscale_freq_shift="
+                                             f"{DIFFUSERS_T_SHIFT[arch]}"))
+    return out + _pe_blockers(model, spec)
+
+
+def _pe_config(model, spec):
+    """The config entries that place a diffusers class's patch positions where ours are at the native grid n:
+    DiT arange(n); PixArt arange(n) / interpolation_scale; SD3 the centre n of arange(M) * base / M
+    (base = sample_size / patch)."""
+    arch, p = spec["model"]["arch"], model.patch_size
+    size = _grid(spec)[1]
+    if arch == "dit":
+        return dict(sample_size=size)
+    axis = model.x_embedder.axis(size // p)
+    if arch == "pixart":
+        step = float(axis[1] - axis[0]) if len(axis) > 1 else 1.0
+        return dict(sample_size=size, interpolation_scale=1 / step)
+    M = model.x_embedder.pe_max or size // p
+    return dict(sample_size=round(M / model.x_embedder.pe_scale) * p, pos_embed_max_size=M)
+
+
+def _pe_blockers(model, spec):
+    """[] when diffusers' own PatchEmbed (built as the class builds it) gives our PE at the native grid. Both sides
+    round a float64 table to fp32; diffusers computes positions in fp32 first: a few ulps of the largest argument."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    arch, p, (C, size) = spec["model"]["arch"], model.patch_size, _grid(spec)
+    cfg, n = _pe_config(model, spec), size // p
+    pe = PatchEmbed(height=cfg["sample_size"], width=cfg["sample_size"], patch_size=p, in_channels=C,
+                    embed_dim=model.hidden, interpolation_scale=cfg.get("interpolation_scale", 1),
+                    pos_embed_max_size=cfg.get("pos_embed_max_size"))
+    theirs = pe.cropped_pos_embed(size, size) if arch == "mmdit" else pe.pos_embed
+    ours, axis = model.x_embedder.pos_embed(n, n, torch.device("cpu")), model.x_embedder.axis(n)
+    tol = 8 * torch.finfo(torch.float32).eps * (1 + float(axis.abs().max()))
+    if ours.shape == theirs.shape and (ours - theirs).abs().max() <= tol:
+        return []
+    where = ", ".join(f"{float(v):.4g}" for v in axis[:3]) + f", ..., {float(axis[-1]):.4g}"
+    return [(f"--pe-grid {model.x_embedder.pe_grid}", f"PE grid: patch positions {where} are no grid of "
+             f"diffusers' PatchEmbed")]
+
+
+def diffusers_config(model, spec):
+    """The diffusers class's config (its constructor keywords) for our model; the inverse of diffusers_kwargs /
+    unet_kwargs_from_diffusers. Only for a model without export_blockers."""
+    arch = spec["model"]["arch"]
+    if arch == "unet":
+        return _unet_config(model, spec)
+    C, D = model.in_channels, model.hidden
+    cfg = dict(num_attention_heads=model.heads, attention_head_dim=D // model.heads, in_channels=C, out_channels=C,
+               num_layers=model.depth, patch_size=model.patch_size, **_pe_config(model, spec))
+    if arch == "dit":  # eps of the MLP LayerNorm = diffusers' norm_eps (its port uses 1e-5, DiT 1e-6)
+        return dict(cfg, num_embeds_ada_norm=model.y_embedder.num_classes, norm_eps=model.blocks[0].norm2.eps)
+    if arch == "pixart":  # use_additional_conditions would switch itself on at sample_size 128
+        return dict(cfg, caption_channels=model.text_embedder.fc1.in_features, cross_attention_dim=D,
+                    use_additional_conditions=False)
+    qk = model.blocks[0].x_stream.attn.k_norm is not None
+    return dict(cfg, joint_attention_dim=model.context_embedder.in_features, caption_projection_dim=D,
+                pooled_projection_dim=model.pooled_embedder[0].in_features, qk_norm="rms_norm" if qk else None)
+
+
+def _unet_config(model, spec):
+    """UNet2DConditionModel config of our (text-mode) UNet, SDXL style: linear projections, GEGLU, text_time."""
+    chans = tuple(lvl.res[0].conv1.out_channels for lvl in model.down)
+    depth = tuple(len(lvl.attn[0].blocks) if lvl.attn is not None else 0 for lvl in model.down)
+    block = model.mid_attn.blocks[0]
+    head_dim = chans[-1] // block.attn1.heads
+    cfg = dict(sample_size=_grid(spec)[1], in_channels=model.in_channels, out_channels=model.out_channels,
+               layers_per_block=len(model.down[0].res), block_out_channels=chans, norm_num_groups=32,
+               down_block_types=tuple("CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth),
+               up_block_types=tuple("CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)),
+               attention_head_dim=tuple(c // head_dim for c in chans),  # SDXL's name for the head count
+               transformer_layers_per_block=tuple(max(d, 1) for d in depth),  # a level without attention ignores it
+               cross_attention_dim=block.attn2.k.in_features, use_linear_projection=True)
+    if model.add_embedder is not None:
+        # "text_time" = cat[pooled, Fourier(6 time ids)] -> MLP. Without our time ids the Fourier columns of
+        # linear_1 are zero (_unet_state_dict): the exported model ignores the time_ids it is given, as ours does.
+        tid = model.time_id_dim
+        pooled = model.add_embedder[0].in_features - 6 * tid * model.time_ids
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=tid,
+                   projection_class_embeddings_input_dim=pooled + 6 * tid)
+    return cfg
+
+
+def _unet_state_dict(model, ref):
+    """(diffusers state_dict, our keys left over) by _unet_key read backwards."""
+    ours, names = model.state_dict(), {_unet_key(k): k for k in ref.state_dict()}
+    sd = {names[k]: v.clone() for k, v in ours.items() if k in names}
+    w = sd.get("add_embedding.linear_1.weight")
+    if w is not None and not model.time_ids:  # zero Fourier(time id) columns: see _unet_config
+        sd["add_embedding.linear_1.weight"] = torch.cat([w, w.new_zeros(w.shape[0], 6 * model.time_id_dim)], 1)
+    return sd, [k for k in ours if k not in names]
+
+
+def _transformer_state_dict(model):
+    """(diffusers state_dict, our keys left over) by _diffusers_table read backwards."""
+    ours, table, sd = model.state_dict(), _diffusers_table(model), {}
+    for entry in table:
+        sd.update(_to_diffusers(entry, ours[entry[0]]))
+    covered = {e[0] for e in table}
+    return sd, [k for k in ours if k not in covered]
+
+
+def _unset_ok(arch, ref):
+    """diffusers keys the export leaves as the class builds them: SD3's stored PE table (computed from the config,
+    compared by _pe_blockers) and, in its last block, context queries whose outputs SD3 discards (context_pre_only)."""
+    if arch != "mmdit":
+        return set()
+    last = f"transformer_blocks.{len(ref.transformer_blocks) - 1}.attn"
+    return {"pos_embed.pos_embed"} | {k for k in ref.state_dict() if k.startswith((f"{last}.add_q_proj.",
+                                                                                   f"{last}.norm_added_q."))}
+
+
+def to_diffusers(model, spec):
+    """The diffusers model (eval mode, fp32) that computes what `model` computes, built from diffusers_config and
+    loaded with our weights. A part the class lacks stops it: one-line SystemExit naming each such part."""
+    import diffusers
+
+    arch, where = spec["model"]["arch"], "transfer.py --to-diffusers"
+    if arch not in DIFFUSERS_CLASSES:
+        raise SystemExit(f"{where}: {arch} has no diffusers counterpart (exports: {', '.join(DIFFUSERS_CLASSES)})")
+    cls, blockers = DIFFUSERS_CLASSES[arch], export_blockers(model, spec)
+    if blockers:
+        raise SystemExit(f"{where}: {arch} with {', '.join(w for w, _ in blockers)} has no {cls} counterpart "
+                         f"({'; '.join(p for _, p in blockers)})")
+    ref = getattr(diffusers, cls)(**diffusers_config(model, spec))
+    sd, left = _unet_state_dict(model, ref) if arch == "unet" else _transformer_state_dict(model)
+    if left:  # a part export_blockers does not know yet
+        raise SystemExit(f"{where}: {arch} parameters with no {cls} counterpart: {', '.join(left[:6])}")
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    unset = sorted(set(missing) - _unset_ok(arch, ref))
+    if unset or unexpected:
+        raise RuntimeError(f"export key map incomplete: {cls} keys unset {unset}, unknown {unexpected}")
+    return ref.eval()
+
+
+def diffusers_forward(ref, x, t, cond):
+    """A diffusers model's output for our inputs (x, t, cond as models.py's interface): what each class takes."""
+    name = type(ref).__name__
+    if name == "DiTTransformer2DModel":
+        return ref(x, timestep=t, class_labels=cond["y"]).sample
+    if name == "PixArtTransformer2DModel":
+        return ref(x, encoder_hidden_states=cond["text"], timestep=t,
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    if name == "SD3Transformer2DModel":
+        return ref(x, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], timestep=t).sample
+    added = None
+    if ref.config.addition_embed_type == "text_time":  # time ids: ours, or zeros that the export ignores
+        added = {"text_embeds": cond["pooled"], "time_ids": cond.get("time_ids", x.new_zeros(len(x), 6))}
+    return ref(x, t, encoder_hidden_states=cond["text"], added_cond_kwargs=added).sample
+
+
+def check_inputs(model, spec, batch=1, seed=0):
+    """(x, t, cond) of the run's shape and conditioning, random (seeded): what the export compares outputs on."""
+    g = torch.Generator().manual_seed(seed)
+    C, H = _grid(spec)
+    x, t, sem = torch.randn(batch, C, H, H, generator=g), torch.randint(0, diffusion.T, (batch,), generator=g), \
+        spec["semantic"]
+    if sem["kind"] == "class":
+        return x, t, {"y": torch.randint(0, sem["num_classes"] + 1, (batch,), generator=g)}  # null row included
+    cond = {"text": torch.randn(batch, CONTEXT_LEN, sem["dim"], generator=g)}
+    if sem.get("pooled_dim"):
+        cond["pooled"] = torch.randn(batch, sem["pooled_dim"], generator=g)
+    if getattr(model, "time_ids", False):  # SDXL micro-conditioning in pixels: original size, crop, target size
+        side = float(H * (spec["latent"]["down"] or 1))
+        cond["time_ids"] = torch.tensor([[side, side, 0.0, 0.0, side, side]]).expand(batch, 6)
+    return x, t, cond
+
+
+def export_diffusers(args):
+    """--to-diffusers DIR: check everything, compare outputs once, then write the folder (atomically: a sibling
+    temporary folder renamed into place), so a refusal or a crash leaves DIR as it was."""
+    out, flag = args.to_diffusers, "--to-diffusers"
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise SystemExit(f"{flag} {out}: exists and is not an empty folder (nothing is overwritten)")
+    model, ck = load_run(args.ckpt, ema=args.ema)
+    spec = ck["spec"]
+    ref = to_diffusers(model, spec)
+    x, t, cond = check_inputs(model, spec)
+    with torch.no_grad():
+        want, got = model(x, t, cond), diffusers_forward(ref, x, t, cond)
+    err, scale = float((got - want).abs().max()), float(want.abs().max())
+    if err > CHECK_TOL * max(1.0, scale):
+        raise RuntimeError(f"{flag}: the exported model disagrees with ours (max |diff| {err:.3g}, outputs up to "
+                           f"{scale:.3g})")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".to_diffusers.", dir=parent)
+    try:
+        ref.save_pretrained(tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cls, obj = type(ref).__name__, spec["schedule"]["objective"]
+    print(f"wrote {out}: {cls}, {sum(p.numel() for p in ref.parameters()) / 1e6:.2f}M parameters, "
+          f"{'EMA' if args.ema else 'raw (--no-ema)'} weights of {args.ckpt} (step {ck.get('step')})\n"
+          f"check: ours vs diffusers on one random input: max |diff| {err:.3g} (outputs up to {scale:.3g})\n"
+          f"its output is the run's objective {obj}: sample with a {SCHEDULER_HINT[obj]}\n"
+          f"load: diffusers.{cls}.from_pretrained({out!r})")
 
 
 def get_parser():
@@ -408,8 +718,8 @@ def get_parser():
     # io
     p.add_argument("--ckpt", default=None, help="source checkpoint (train.py format; EMA weights are used); "
                    "required unless --make-class-map")
-    p.add_argument("--out", required=True, help="where to write the transferred checkpoint (the JSON map with "
-                   "--make-class-map)")
+    p.add_argument("--out", default=None, help="where to write the transferred checkpoint (the JSON map with "
+                   "--make-class-map); required unless --to-diffusers")
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh init of re-initialised tensors (default: 0)")
     # resolution transfer
     p.add_argument("--resolution", type=int, default=None, help="new resolution r' in pixels (default: keep)")
@@ -434,6 +744,14 @@ def get_parser():
     p.add_argument("--text-encoder-path", default="openai", help="its weights: tag or file (default: openai)")
     p.add_argument("--text-pad", default="noisy", help="text padding of the fine-tuning run (default: noisy, §2.1)")
     p.add_argument("--beta-txt", type=float, default=0.02, help="noisy padding beta (default: 0.02, Tab. 3)")
+    # export
+    p.add_argument("--to-diffusers", default=None, metavar="DIR", help="write the --ckpt model as a diffusers model "
+                   "folder DIR (config.json + diffusion_pytorch_model.safetensors) that the matching class loads with "
+                   "from_pretrained(DIR): dit -> DiTTransformer2DModel, pixart -> PixArtTransformer2DModel, mmdit -> "
+                   "SD3Transformer2DModel, unet -> UNet2DConditionModel; stops in one line, writing nothing, if the "
+                   "model has a part the class lacks (e.g. control conditioning); DIR must be new or empty")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="with --to-diffusers: export "
+                   "the checkpoint's EMA weights, or with --no-ema its raw training weights (default: EMA)")
     return p
 
 
@@ -463,8 +781,28 @@ def read_class_map(path):
         raise SystemExit(f"--class-map {path}: not JSON ({e})") from None
 
 
+def check_export_args(args):
+    """--to-diffusers exports a checkpoint as it is: it needs --ckpt and takes no transfer or --out flag."""
+    if args.ckpt is None:
+        raise SystemExit("transfer.py --to-diffusers: --ckpt PATH is required (the checkpoint to export)")
+    given = [f for f, v in (("--out", args.out), ("--resolution", args.resolution), ("--num-classes", args.num_classes),
+                            ("--class-map", args.class_map), ("--to-text", args.to_text),
+                            ("--make-class-map", args.make_class_map)) if v]
+    if given:
+        raise SystemExit(f"transfer.py --to-diffusers exports the checkpoint as it is: drop {' '.join(given)} "
+                         "(transfer first with --out, then export that checkpoint)")
+
+
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    p = get_parser()
+    args = p.parse_args(argv)
+    if args.to_diffusers is not None:
+        check_export_args(args)
+        return export_diffusers(args)
+    if not args.ema:
+        raise SystemExit("transfer.py: --no-ema only goes with --to-diffusers (a transfer starts from the EMA weights)")
+    if args.out is None:
+        p.error("the following arguments are required: --out")
     if args.make_class_map:
         return write_class_map(args)
     if args.old_classes is not None or args.new_classes is not None:
