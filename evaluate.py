@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import warnings
 
@@ -452,18 +453,26 @@ def train_conditions(spec, ds, seeds):
     return labels, phi  # (N,), (N, 5)
 
 
-def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution, upsample=True):
+def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution, upsample=True, with_floor=False):
     """Tab. 2a: for each (seed, label), generate one image per size conditioning (orig_h = orig_w = size)
     from the SAME initial noise and label; mean pairwise LPIPS over all sizes, and over sizes >= resolution
-    (/HR). gen(seeds, labels, sizes) -> (K,3,H,W) in [-1,1]. Returns per-prompt arrays (all, hr)."""
+    (/HR). gen(seeds, labels, sizes) -> (K,3,H,W) in [-1,1]. Returns per-prompt arrays (all, hr), and with
+    with_floor the 8-bit floor per prompt: the distance between the image at the size nearest the resolution and
+    its own 8-bit rendering (what a saved PNG keeps), the change a size condition must exceed to show at all."""
     hr = [k for k, s in enumerate(sizes) if s >= resolution]
-    out_all, out_hr = [], []
+    ref = min(range(len(sizes)), key=lambda k: abs(sizes[k] - resolution))
+    out_all, out_hr, out_floor = [], [], []
     for seed, label in zip(seeds, labels):
         imgs = gen([seed] * len(sizes), [label] * len(sizes), sizes)  # (K, 3, H, W), one noise, K sizes
+        pair = torch.stack([imgs[ref], data.to_uint8(imgs[ref]).float() / 127.5 - 1])  # the image, its PNG
         if upsample and imgs.shape[-1] < 64:  # AlexNet needs >= ~32 px: upsample tiny images (CPU runs)
             imgs = F.interpolate(imgs, size=(64, 64), mode="bilinear", align_corners=False)
+            pair = F.interpolate(pair, size=(64, 64), mode="bilinear", align_corners=False)
         out_all.append(mean_pairwise_lpips(lp, imgs))
         out_hr.append(mean_pairwise_lpips(lp, imgs[hr]) if len(hr) > 1 else float("nan"))
+        out_floor.append(mean_pairwise_lpips(lp, pair))
+    if with_floor:
+        return np.array(out_all), np.array(out_hr), np.array(out_floor)
     return np.array(out_all), np.array(out_hr)
 
 
@@ -591,13 +600,16 @@ def lpips_metrics(args, gen, spec, pool, device, rank, world, ddp):
 
     def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
         return gen(seeds, labels, torch.cat([run.default_phi(spec, 1, (v, v)) for v in sizes]))
-    la, lh = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, seeds)[0], seeds, sizes,
-                                 d["resolution"], upsample=args.lpips_net == "alex")
-    tot = torch.tensor([la.sum(), lh.sum(), len(la)], dtype=torch.float64)
+    la, lh, lf = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, seeds)[0], seeds, sizes,
+                                     d["resolution"], upsample=args.lpips_net == "alex", with_floor=True)
+    tot = torch.tensor([la.sum(), lh.sum(), len(la), (la ** 2).sum(), lf.sum()], dtype=torch.float64)
     if ddp:
         dist.all_reduce(tot)
-    return dict(lpips=(tot[0] / tot[2]).item(), lpips_hr=(tot[1] / tot[2]).item(), lpips_sizes=sizes,
-                lpips_prompts=int(tot[2]), lpips_net=args.lpips_net)
+    n, mean = tot[2].item(), (tot[0] / tot[2]).item()
+    # sd over prompts (ddof 1): the sampling error of the mean is lpips_sd / sqrt(lpips_prompts)
+    sd = math.sqrt(max(tot[3].item() - n * mean ** 2, 0.0) / (n - 1)) if n > 1 else float("nan")
+    return dict(lpips=mean, lpips_hr=(tot[1] / tot[2]).item(), lpips_sizes=sizes, lpips_prompts=int(n),
+                lpips_net=args.lpips_net, lpips_sd=sd, lpips_floor=(tot[4] / tot[2]).item())
 
 
 def fid_reference(args, net, spec, res, n_gen):

@@ -13,17 +13,23 @@ The paper's findings in miniature: one subcommand per table, each a set of runs 
 
 Every run is `python train.py` with its defaults plus the one flag its row varies (and the study's common flags,
 e.g. `--semantic text --text-encoder tiny` for padding), then `python evaluate.py --ckpt ... --out <json>`; the
-table is built from those JSON files. Seeds are fixed (`--seed` of train.py per `--seeds` entry; evaluation seeds
-0..N-1 for every run, so rows share their initial noise). Outputs: <out-dir>/<study>/<run>_s<seed>/ (the run),
+table is built from those JSON files. Seeds are fixed (`--seed` of train.py per seed; evaluation seeds 0..N-1 for
+every run, so rows share their initial noise). Outputs: <out-dir>/<study>/<run>_s<seed>_<hash>/ (the run),
 <study>.md (the table, with the paper's number in the last column), <study>.json (every number), commands.sh (every
-command, in order) and <study>_*.png where the study has a figure. A rerun skips runs and evaluations whose outputs
-exist (a finished run leaves done.json; an evaluation its JSON, named by its sample count).
+command, in order), walls.json (each command's measured wall) and <study>_*.png where the study has a figure. Runs and
+evaluations are named by a hash of their whole argv: a rerun skips those whose outputs exist with the same argv (a
+finished run leaves done.json with it; an evaluation its JSON), and any other flag (--train-args, --lam,
+--eval-steps, ...) makes new ones.
 
-Statistics: every row is trained with each `--seeds` entry (default 0 1 2) and reported as mean ± sd over seeds. Each
-study states the paper's claims as (metric, baseline row, treatment row, the paper's sign of treatment − baseline);
-the claim's verdict follows VERDICT_RULE on the paired per-seed differences, and the metric that decides it is
-measured on `--num-samples` (default 500) images. FID decides nothing (it is off by default: at N = 500 its Inception
-network alone would take most of a study's budget); `--fid` adds it as a column.
+Statistics: the rule is verdict()'s docstring (VERDICT_RULE). Every row is trained with the design seeds (`--seeds`;
+default three, or five where the pilot runs say three cannot detect the metric's sampling floor at 80 % power:
+seeds_for_power on PILOT) and, when a claim is decided on them, with the confirmation seeds fixed in advance
+(`--confirm-seeds`, default the two after the design seeds); a decisive verdict needs both. Rows are reported as mean
+± sd over the seeds run. Every study first checks a positive control (POSITIVE): the capability its claims act on,
+measured in the same runs against its floor; without it the verdict is "inconclusive: <capability> absent". The
+metric that decides a claim is measured on `--num-samples` (default 500) images, accuracies as exact counts. FID
+decides nothing (it is off by default: at N = 500 its Inception network alone would take most of a study's budget);
+`--fid` adds it as a column.
 
 `all` runs the studies one after another with the same flags and rewrites each one's block in `--results` (default
 RESULTS.md beside this file): the text between `<!-- reproduce:<study> -->` and `<!-- /reproduce:<study> -->`,
@@ -34,15 +40,20 @@ How the scripts are called: this file imports only library files (data.py). Each
 `main(argv)` with the same argv, as test_core.py does, for the smoke test. Either way the interface is the CLI, and
 the fine-tune flags of `transfer` are read from what transfer.py prints.
 
-Default sizes (`--steps` per study, 3 seeds, N = 500) aim at <= 30 min on a 2-core Zen 4 (5.7 steps/s of the
-default job in bench.py; the slow Zen 1 at 2.5 steps/s takes up to 2.3x as long); `--dry-run` prints the estimate
-at `--steps-per-s` (default 2.5 = bench.py's REF_STEPS_PER_S for the default job; pass what
+Default sizes: `--steps` per study and N = 500 were sized for <= 30 min at three seeds on a 2-core Zen 4 (5.7
+steps/s of the default job in bench.py; the slow Zen 1 at 2.5 steps/s takes up to 2.3x as long). The studies whose
+pilot asks for five design seeds (padding, flip, transfer, captions) and flip's positive-control arm take longer;
+`--dry-run` says so ("over the budget") and estimates the confirmation seeds apart. It prints the estimate at
+`--steps-per-s` (default 2.5 = bench.py's REF_STEPS_PER_S for the default job; pass what
 `python bench.py --suite cpu-default` prints on your machine) and at the Zen 4's rate, from a time model fitted to
 runs timed there (see CAL_STEPS_PER_S).
 """
 import argparse
 import contextlib
 import datetime
+import fractions
+import functools
+import hashlib
 import importlib
 import io
 import json
@@ -54,15 +65,16 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+
+from scipy import stats
 
 import data
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STUDIES = ("control", "guidance", "padding", "flip", "transfer")
 # each study's defaults (steps per training run; transfer: fine-tune steps), sized by estimate() for <= 30 min at
-# CAL_STEPS_PER_S with 3 seeds and N = 500 (see --dry-run; at the slow machine's REF_STEPS_PER_S a study takes up to
+# CAL_STEPS_PER_S at three seeds and N = 500 (see --dry-run; at the slow machine's REF_STEPS_PER_S a study takes up to
 # 2.3x that); explicit flags win
 STUDY_DEFAULTS = {"control": dict(steps=700), "guidance": dict(steps=1800), "padding": dict(steps=600),
                   "flip": dict(steps=1100), "transfer": dict(steps=200, ref_max=400), "captions": dict(steps=500)}
@@ -80,7 +92,7 @@ CENTER = ["--crop", "center"]
 # sampling steps of every evaluation (DDIM; Euler for rf, the tiny default): 25 so that three seeds at N = 500 fit
 # the budget (deviation: Fig. 8 uses 50, the paper's FID protocol 250)
 EVAL_STEPS = 25
-SEEDS, NUM_SAMPLES, AUX_SAMPLES = [0, 1, 2], 500, 100  # repeats; images of a deciding / of any other evaluation
+NUM_SAMPLES, AUX_SAMPLES = 500, 100  # images of a deciding / of any other evaluation
 LOW_RES = data.RESOLUTION // 2  # transfer: pre-train at half the default job's resolution, fine-tune at it
 # time model of --dry-run, fitted to runs timed alone on a 2-core AMD EPYC Zen 4 where bench.py's default job makes
 # CAL_STEPS_PER_S (mmDiT-tiny, 24 px, batch 32, fp32); every term scales with CAL_STEPS_PER_S / --steps-per-s. A
@@ -94,13 +106,30 @@ REF_STEPS_PER_S, REF_RES, REF_BATCH, INCEPTION_S, BUDGET_S = 2.5, 24, 32, 0.32, 
 REF_MACHINE = "the Zen 1 (2-core AMD EPYC, AVX2)"  # RESULTS.md's slow machine, where REF_STEPS_PER_S was measured
 CAL_MACHINE = "the Zen 4 (2-core AMD EPYC, AVX-512)"  # where the time model was fitted and the budget applies
 
-# one rule turns the per-seed numbers of a claim into its verdict; RESULTS.md quotes this text
-VERDICT_RULE = ("Δ = treatment − baseline, paired by training seed; over the n seeds where both rows have the "
-                "metric, mean Δ and sd(Δ) (ddof = 1). 'reproduced': mean Δ has the paper's sign and "
-                "|mean Δ| > 2·sd(Δ); 'contradicted': the opposite sign with the same margin; otherwise "
-                "'within noise' (also when n < 2: one seed gives no spread to compare with)")
-VERDICTS = ("reproduced", "contradicted", "within noise")
-VERDICT_MARGIN = 2.0  # |mean Δ| must exceed this many sd(Δ)
+# the verdict rule (verdict's docstring): test level and power, the sampling floor, the confirmation seeds
+ALPHA, POWER = 0.05, 0.80  # two-sided level of the paired t-test; power that sizes the seeds and the MDE
+MIN_IMAGES = 2  # a difference of fewer images than this never counts, whatever its standard error says
+CONFIRM_N = 2  # default confirmation seeds: the CONFIRM_N seeds after the largest design seed
+DESIGN_SEEDS = (3, 5)  # design seeds of a study: three, or five where the pilot says three cannot (even if five cannot)
+# positive control: the capability clears its floor by POS_Z standard errors of one run's measurement and by a
+# practical margin: the floor itself (a distance) or POS_FRACTION of the way from chance to always right (an accuracy)
+POS_Z, POS_FRACTION = 3.0, 0.25
+# accuracies evaluate.py writes as float32 fractions, and the key of the number of images each is over
+COUNTS = {"judge_acc": "judge_n", "caption_shape": "caption_n", "caption_side": "caption_n",
+          "caption_colour": "caption_n"}
+CAPTION_PARTS = ("shape", "side", "colour")
+# pilot runs that size the design seeds: per claim of each study, (Δ per seed, baseline mean, treatment mean, N) of
+# the 3-seed runs at the defaults (RESULTS.md's blocks of 2026-12-03/04, under the earlier ±2 sd rule); control has
+# none (its pilot's size conditioning was absent: nothing to size a test on), so it keeps three
+PILOT = {
+    "guidance": [((0.000, -0.002, 0.004), 0.321, 0.321, 500), ((-0.002, 0.004, -0.006), 0.321, 0.320, 500)],
+    "padding": [((0.048, 0.055, 0.052), 0.622, 0.673, 500), ((0.038, 0.048, 0.067), 0.622, 0.673, 500),
+                ((0.010, 0.007, -0.015), 0.673, 0.673, 500)],
+    "flip": [((-0.016, 0.020, 0.010), 0.495, 0.499, 500)],
+    "transfer": [((-0.004, -0.006, -0.002), 0.151, 0.147, 500), ((0.008, -0.004, -0.008), 0.151, 0.149, 500),
+                 ((0.054, 0.000, -0.016), 0.151, 0.163, 500)],
+    "captions": [((0.438, 0.088, 0.444), 0.465, 0.789, 500), ((0.504, 0.468, 0.532), 0.465, 0.967, 500)],
+}
 
 # the paper's claims each study tests: (claim, metric key, baseline row, treatment row, the paper's sign of
 # treatment − baseline in that metric); transfer's key is filled with the last fine-tune step
@@ -129,6 +158,25 @@ METRIC_NAMES = {"lpips": "LPIPS-size (lower: ignores size)", "judge_acc": "judge
                 "caption_mean": "caption agreement (mean)", "caption_side": "caption agreement (side)",
                 "judge_acc@{final}": "judge accuracy after fine-tuning"}
 
+# each study's positive control: the capability its claims act on, measured in the same runs (design seeds) on the
+# rows named, against its floor; kind "distance": the size-conditioning distance vs its 8-bit floor (evaluate.py
+# lpips_floor); kind "chance": an accuracy vs its chance level (evaluate.py's *_chance, 1/classes for the judge)
+POSITIVE = {
+    "control": dict(capability="size conditioning", kind="distance", metric="lpips", rows=lambda a: ["uniform"],
+                    what="the uniform-γ_c model's samples change with the size condition ({dist} across sizes)"),
+    "guidance": dict(capability="φ conditioning", kind="distance", metric="lpips", rows=lambda a: [a.betas[0]],
+                     what="the default run's samples follow φ ({dist} across size conditions, at β = {beta})"),
+    "padding": dict(capability="caption following", kind="chance", metric="caption_mean", rows=lambda a: ["noisy"],
+                    what="the text model follows its caption (mean caption agreement of the recipe's noisy padding)"),
+    "flip": dict(capability="side following", kind="chance", metric="caption_side", rows=lambda a: ["flips-off"],
+                 what="with flips off (--no-flip) the text model follows the caption's side (side agreement)"),
+    "transfer": dict(capability="class drawing at {lo} px", kind="chance", metric="pre_judge_acc",
+                     rows=lambda a: ["baseline", "local"],
+                     what="the {lo} px models draw their class before transfer (judge accuracy of each pre-training)"),
+    "captions": dict(capability="caption following", kind="chance", metric="caption_mean", rows=lambda a: ["baseline"],
+                     what="the text model follows its caption (mean caption agreement of the baseline)"),
+}
+
 # the paper's numbers beside each row (Tab. 2a, A6, 3, A3 and Fig. 8 of Berrada et al. 2024)
 PAPER = {
     "control": {"uniform": "FID 3.08, LPIPS 0.33, /HR 0.210", "cosine": "FID 3.04, LPIPS 0.04, /HR 0.009",
@@ -138,7 +186,8 @@ PAPER = {
     "padding": {"zero": "FID 7.19, CLIP 26.25", "replicate": "FID 6.93, CLIP 26.47",
                 "noisy": "FID 6.79, CLIP 26.60 (β_txt 0.02)"},
     "flip": {"flip": "FID 8.40, CLIP 23.68 (Tab. 2c); follows left/right (Fig. 6)",
-             "no-flip": "FID 8.43, CLIP 23.59 (Tab. 2c); confuses left/right (Fig. 6)"},
+             "no-flip": "FID 8.43, CLIP 23.59 (Tab. 2c); confuses left/right (Fig. 6)",
+             "flips-off": "— (positive control: no flips, nothing contradicts a caption's side)"},
     "transfer": {"baseline": "FID 6.27 with every change (Tab. A3 right)",
                  "extrapolate": "≈ +0.2 FID after 130k it. (Fig. 8a)",
                  "no-rescale": "≈ +0.7 FID after 40k it. (Fig. 8b)",
@@ -147,8 +196,14 @@ PAPER = {
 
 
 # ----------------------------------------------------------------------------- running the CLIs
+def digest(argv):
+    """A short hash of an argv: the name of the runs and evaluations it makes."""
+    return hashlib.sha1(shlex.join([str(a) for a in argv]).encode()).hexdigest()[:10]
+
+
 class Runner:
-    """Runs `python <script>.py argv` (subprocess, or main(argv) in this process), logging every command."""
+    """Runs `python <script>.py argv` (subprocess, or main(argv) in this process), logging every command and its
+    measured wall (walls.json, by command line, kept across invocations)."""
 
     def __init__(self, args, out):
         self.args, self.out, self.plan, self.ran = args, out, [], 0
@@ -165,77 +220,98 @@ class Runner:
             f.write(line + "\n")
         self.ran += 1
         print(f"\n$ {line}", flush=True)
+        t0 = time.time()
         if self.args.in_process:
             main = importlib.import_module(script).main
-            if not capture:
-                main(argv)
-                return ""
             buf = io.StringIO()
-            with contextlib.redirect_stdout(buf):
+            with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
                 main(argv)
-            return buf.getvalue()
-        r = subprocess.run([sys.executable, f"{script}.py", *argv], cwd=REPO, check=True, text=True,
-                           stdout=subprocess.PIPE if capture else None)
-        return r.stdout or ""
+            out = buf.getvalue()
+        else:
+            r = subprocess.run([sys.executable, f"{script}.py", *argv], cwd=REPO, check=True, text=True,
+                               stdout=subprocess.PIPE if capture else None)
+            out = r.stdout or ""
+        walls = self.walls()
+        walls[line] = round(time.time() - t0, 2)
+        with data.atomic_write(os.path.join(self.out, "walls.json"), "w") as f:
+            json.dump(walls, f, indent=0)
+        return out
+
+    def walls(self):
+        """{command line: seconds} of every command this study's folder has timed."""
+        path = os.path.join(self.out, "walls.json")
+        return json.load(open(path)) if os.path.isfile(path) else {}
 
 
 class Study:
-    """The runs of one study: train (skipped when done.json says so), evaluate (skipped when its JSON exists)."""
+    """The runs of one study: train (skipped when done.json holds the same argv), evaluate (skipped when its JSON
+    exists; its name hashes the argv). fresh: plan as if nothing were on disk (the time table's full plan)."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, fresh=False):
+        self.args, self.fresh = args, fresh
         self.out = os.path.join(args.out_dir, args.study)
         self.run = Runner(args, self.out)
         self.extra_train = shlex.split(args.train_args)
         self.extra_eval = shlex.split(args.eval_args)
-        self.planned = set()  # (run dir, steps) already trained in this invocation
+        self.planned = set()  # runs, evaluations and transfers already issued in this invocation
+        self.seed_list = list(args.seeds)  # the seeds of the current stage: design, then design + confirmation
+        self.results, self.claims, self.positive = {}, [], None
 
-    def train(self, name, seed, flags, steps=None, init=None):
-        """One train.py run: <defaults> + flags, --seed, --max-steps; returns its directory."""
-        steps = steps or self.args.steps
-        d = os.path.join(self.out, f"{name}_s{seed}")
-        argv = [*self.extra_train, *flags, "--seed", seed, "--max-steps", steps, "--out-dir", d, "--device",
-                self.args.device, *(["--init-from", init] if init else [])]  # the row's own flags win
-        done = os.path.join(d, "done.json")
-        if (d, steps) in self.planned or os.path.isfile(done) and json.load(open(done)).get("steps") == steps:
+    def train(self, name, seed, flags, steps=None, init=None, final=None):
+        """One train.py run: <--train-args> + flags, --seed, --max-steps; returns its directory, named by a hash of
+        the argv with --max-steps = final (default: steps), so the resumed segments of one fine-tune share it."""
+        a = self.args
+        steps = steps or a.steps
+
+        def argv(d, n):
+            return [str(x) for x in [*self.extra_train, *flags, "--seed", seed, "--max-steps", n, "--out-dir", d,
+                                     "--device", a.device, *(["--init-from", init] if init else [])]]
+        d = os.path.join(self.out, f"{name}_s{seed}_{digest(argv('', final or steps))}")  # the row's own flags win
+        cmd, done = argv(d, steps), os.path.join(d, "done.json")
+        finished = json.load(open(done)).get("finished", []) if os.path.isfile(done) else []
+        if (d, steps) in self.planned or (not self.fresh and cmd in finished):
             return d
         self.planned.add((d, steps))
-        self.run("train", argv)
-        if not self.args.dry_run:
+        self.run("train", cmd)
+        if not a.dry_run:  # every finished argv of the directory (the segments of a fine-tune resume in it)
             with data.atomic_write(done, "w") as f:
-                json.dump({"steps": steps, "argv": [str(a) for a in argv]}, f)
+                json.dump({"steps": steps, "argv": cmd, "finished": [*finished, cmd]}, f)
         return d
 
     def evaluate(self, ckpt, tag, flags=(), fid=True, deciding=True):
-        """evaluate.py on a checkpoint -> its metrics dict (None in a dry run); N = --num-samples where the result
-        decides a verdict, else --aux-samples (at most --num-samples)."""
+        """evaluate.py on a checkpoint -> its metrics dict with exact counts (exact(); None in a dry run); N =
+        --num-samples where the result decides a verdict, else --aux-samples (at most --num-samples). The JSON is
+        named by a hash of the whole argv, so any other flag re-scores."""
         a = self.args
         n = a.num_samples if deciding else min(a.aux_samples, a.num_samples)
-        out = f"{os.path.splitext(ckpt)[0]}_{tag}_n{n}_eval.json"  # N in the name: a rerun at another N re-scores
-        if os.path.isfile(out):
-            return json.load(open(out))
         fid_flags = ["--ref", "heldout", "--ref-max", a.ref_max] if (fid and a.fid) else ["--no-fid", "--ref",
                                                                                            "heldout"]
-        argv = ["--ckpt", ckpt, "--out", out, "--num-samples", n, "--steps", a.eval_steps,
-                "--batch-size", a.eval_batch, "--device", a.device, *self.extra_eval, *fid_flags, *flags]
+        rest = ["--num-samples", n, "--steps", a.eval_steps, "--batch-size", a.eval_batch, "--device", a.device,
+                *self.extra_eval, *fid_flags, *flags]
         for flag in ("judge_train", "cache_dir", "inception_path", "lpips_alex_path"):
             if getattr(a, flag) is not None:
-                argv += ["--" + flag.replace("_", "-"), getattr(a, flag)]
-        self.run("evaluate", argv)
-        return None if a.dry_run else json.load(open(out))
+                rest += ["--" + flag.replace("_", "-"), getattr(a, flag)]
+        rest = [str(x) for x in rest]
+        out = f"{os.path.splitext(ckpt)[0]}_{tag}_n{n}_{digest([ckpt, *rest])}_eval.json"
+        if out in self.planned or (not self.fresh and os.path.isfile(out)):
+            return None if a.dry_run else exact(json.load(open(out)), out)
+        self.planned.add(out)
+        self.run("evaluate", ["--ckpt", ckpt, "--out", out, *rest])
+        return None if a.dry_run else exact(json.load(open(out)), out)
 
-    def seeds(self, fn):
-        """fn(seed) -> metrics dict, for every --seeds entry: {key: [values over seeds]}."""
-        per = [fn(s) for s in self.args.seeds]
+    def seeds(self, fn, design_only=False):
+        """fn(seed) -> metrics dict, for every seed of the stage (design_only: the design seeds, for the rows that
+        only the positive control reads): {key: [values over seeds]}."""
+        per = [fn(s) for s in (self.args.seeds if design_only else self.seed_list)]
         if any(p is None for p in per):
             return {}
         return {k: [p.get(k) for p in per] for k in set().union(*per)}
 
 
-# ----------------------------------------------------------------------------- tables
+# ----------------------------------------------------------------------------- exact metrics and the verdict rule
 def fmt(vals, digits=3):
     """Mean over seeds, '± sd' with two or more seeds; '—' when missing."""
-    vals = [v for v in (vals or []) if isinstance(v, (int, float)) and v == v]
+    vals = [v for v in (vals or []) if finite(v)]
     if not vals:
         return "—"
     m = sum(vals) / len(vals)
@@ -246,64 +322,323 @@ def fmt(vals, digits=3):
 
 
 def mean(vals):
-    vals = [v for v in (vals or []) if isinstance(v, (int, float)) and v == v]
+    """Mean of the finite values (nan when there are none)."""
+    vals = [v for v in (vals or []) if finite(v)]
     return sum(vals) / len(vals) if vals else float("nan")
 
 
 def finite(v):
-    return isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+    """A number that is neither nan nor infinite (bool and None are not numbers here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def verdict(deltas, expected_sign):
-    """VERDICT_RULE on the paired per-seed differences treatment − baseline; expected_sign: the paper's, +1 / -1."""
-    d = [float(v) for v in deltas if finite(v)]
-    if len(d) < 2:
-        return "within noise"
-    m = sum(d) / len(d)
-    sd = math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1))
-    if abs(m) <= VERDICT_MARGIN * sd:  # strict: at exactly the margin (and at Δ = 0 everywhere) it is noise
-        return "within noise"
-    return "reproduced" if (m > 0) == (expected_sign > 0) else "contradicted"
+def related(metric, suffix):
+    """The key of a metric's companion value: ('judge_acc@200', 'k') -> 'judge_acc_k@200'."""
+    base, at, step = metric.partition("@")
+    return f"{base}_{suffix}{at}{step}"
 
 
-def claims(study, res, final=None):
-    """Each claim of the study as {claim, metric, deltas, verdict, ...}, pairing seeds by position in --seeds."""
-    out = []
-    for text, key, base, treat, sign in CLAIMS[study.args.study]:
-        metric = key.format(final=final)
-        b, t = (res.get(base) or {}).get(metric), (res.get(treat) or {}).get(metric)
-        if base not in res or treat not in res:  # a row left out by --schedules / --betas
+def exact(m, path="metrics"):
+    """An evaluate.py metrics dict with every accuracy as an exact count, in float64: <key>_k of <key>_n images agree
+    and <key> = k / n. evaluate.py writes float32 fractions, so k = round(acc · n), checked to be a count to within
+    float32 rounding (else a one-line error naming the file). caption_mean becomes the three parts' counts over 3n
+    (<key>_d is each value's denominator) and caption_mean_chance their mean chance; judge_acc_chance = 1/classes.
+    _path records the file."""
+    m = {**m, "_path": path}
+    for key, nkey in COUNTS.items():
+        acc, n = m.get(key), m.get(nkey)
+        if not (finite(acc) and isinstance(n, int) and n > 0):
             continue
-        deltas = [tv - bv if finite(bv) and finite(tv) else None for bv, tv in zip(b or [], t or [])]
-        out.append(dict(claim=text, metric=metric, name=METRIC_NAMES[key], baseline=f"{base:g}" if isinstance(
-                        base, float) else base, treatment=f"{treat:g}" if isinstance(treat, float) else treat,
-                        sign=sign, deltas=deltas, verdict=verdict(deltas, sign) if deltas else "within noise"))
+        k = round(acc * n)
+        if not 0 <= k <= n or abs(acc * n - k) > n * 2.0 ** -23:  # float32 of k/n is within 2^-24 of it
+            sys.exit(f"reproduce.py: {path}: {key} = {acc!r} over {nkey} = {n} images is not a count of images")
+        m.update({key: k / n, f"{key}_k": k, f"{key}_n": n, f"{key}_d": n})
+    parts = [f"caption_{p}" for p in CAPTION_PARTS]
+    if all(f"{p}_k" in m for p in parts) and len({m[f"{p}_n"] for p in parts}) == 1:
+        n, k = m["caption_side_n"], sum(m[f"{p}_k"] for p in parts)
+        m.update(caption_mean=k / (3 * n), caption_mean_k=k, caption_mean_n=n, caption_mean_d=3 * n)
+        if all(finite(m.get(f"{p}_chance")) for p in parts):
+            m["caption_mean_chance"] = sum(m[f"{p}_chance"] for p in parts) / len(parts)
+    if finite(m.get("judge_chance")):
+        m["judge_acc_chance"] = m["judge_chance"]
+    return m
+
+
+def paired_deltas(b, t, metric):
+    """treatment − baseline per seed (None where either is missing), from the exact counts where both rows have
+    them (the exact difference, rounded once to float64), else from the values."""
+    out = []
+    for i, (bv, tv) in enumerate(zip(b.get(metric) or [], t.get(metric) or [])):
+        cnt = [(r.get(related(metric, "k")) or [None] * (i + 1))[i] for r in (b, t)]
+        den = [(r.get(related(metric, "d")) or [None] * (i + 1))[i] for r in (b, t)]
+        if all(isinstance(x, int) for x in cnt + den):
+            out.append(float(fractions.Fraction(cnt[1], den[1]) - fractions.Fraction(cnt[0], den[0])))
+        else:
+            out.append(tv - bv if finite(bv) and finite(tv) else None)
     return out
 
 
-def claims_md(cl):
-    """The verdict table: one line per claim."""
+def sampling_floor(b, t, metric):
+    """The smallest treatment − baseline the metric resolves at its N, from the rows' per-seed numbers: for an
+    accuracy, the binomial standard error of a difference of two proportions, sqrt(p_b(1 − p_b)/N_b +
+    p_t(1 − p_t)/N_t) (p: mean over seeds; N: images of one evaluation), and at least MIN_IMAGES images; for a mean
+    over P prompts (the size distance), its standard error sqrt(sd_b²/P_b + sd_t²/P_t) (sd over prompts,
+    root-mean-square over seeds). nan where the rows lack what it needs."""
+    def part(r):
+        vals, n = r.get(metric) or [], [v for v in (r.get(related(metric, "n")) or []) if finite(v)]
+        if n:
+            p = mean(vals)
+            return p * (1 - p) / min(n), min(n)
+        sd, prompts = r.get(related(metric, "sd")) or [], r.get(related(metric, "prompts")) or []
+        var = [s * s / k for s, k in zip(sd, prompts) if finite(s) and finite(k) and k > 0]
+        return (mean(var), None) if var else (float("nan"), None)
+    (vb, nb), (vt, nt) = part(b), part(t)
+    se = math.sqrt(vb + vt) if finite(vb + vt) else float("nan")
+    return max(se, MIN_IMAGES / min(nb, nt)) if nb and nt and finite(se) else se
+
+
+def power(n, effect, sd, alpha=ALPHA):
+    """Power of the two-sided paired t-test at level alpha over n seeds to detect a mean Δ of `effect` when Δ has
+    standard deviation sd across seeds (noncentral t with n − 1 degrees of freedom)."""
+    if n < 2:
+        return 0.0
+    if sd == 0:
+        return 1.0 if effect else alpha
+    df, nc = n - 1, abs(effect) * math.sqrt(n) / sd
+    tc = stats.t.ppf(1 - alpha / 2, df)
+    lower = stats.nct.cdf(-tc, df, nc)  # the far tail: below 1e-9 where scipy's series gives nan
+    return float(stats.nct.sf(tc, df, nc) + (lower if lower == lower else 0.0))
+
+
+def seeds_for_power(pilot, effect, target=POWER, alpha=ALPHA, most=100):
+    """The fewest seeds (>= 2) whose paired t-test detects a mean Δ of `effect` with `target` power, sd(Δ) taken
+    from a pilot's per-seed Δ (ddof 1); None when even `most` seeds cannot."""
+    d = [float(v) for v in pilot if finite(v)]
+    if len(d) < 2:
+        return None
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1))
+    return next((n for n in range(2, most + 1) if power(n, effect, sd, alpha) >= target), None)
+
+
+def mde(n, sd, target=POWER, alpha=ALPHA):
+    """Minimum detectable effect of the paired t-test over n seeds with sd(Δ) = sd: the mean Δ it detects with
+    `target` power (inf below two seeds)."""
+    if n < 2 or not finite(sd):
+        return float("inf")
+    if sd == 0:
+        return 0.0
+    hi = sd
+    while power(n, hi, sd, alpha) < target:
+        hi *= 2
+    lo = 0.0
+    for _ in range(60):  # bisection: power rises with the effect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if power(n, mid, sd, alpha) < target else (lo, mid)
+    return hi
+
+
+@functools.lru_cache(maxsize=None)
+def design_seeds(study):
+    """How many design seeds a study runs by default: three if the t-test over three seeds detects each pilot claim's
+    sampling floor with POWER (sd(Δ) from the pilot), else five (DESIGN_SEEDS), also where five cannot either."""
+    need = [seeds_for_power(d, sampling_floor({"x": [pb], "x_n": [n]}, {"x": [pt], "x_n": [n]}, "x"))
+            for d, pb, pt, n in PILOT.get(study, [])]
+    return DESIGN_SEEDS[0] if all(k is not None and k <= DESIGN_SEEDS[0] for k in need) else DESIGN_SEEDS[1]
+
+
+def claim_stats(deltas, floor, confirm=None):
+    """The numbers behind a verdict: the paired t-test of the design seeds' Δ (n, mean, sd, t, p), the floor, the
+    design-stage decision (the sign of mean Δ where p < ALPHA and |mean Δ| > floor, else 0), the MDE, the seeds
+    sd(Δ) needs for POWER at the floor, and the confirmation seeds' mean Δ and whether it holds."""
+    d = [float(v) for v in deltas if finite(v)]
+    n = len(d)
+    m = sum(d) / n if n else float("nan")
+    sd = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1)) if n > 1 else float("nan")
+    if n < 2:
+        t, p = float("nan"), 1.0
+    elif sd <= 1e-9 * abs(m) or sd == 0:  # every seed moved by the same amount (up to float rounding): no spread
+        # to doubt it (p 0), or no move at all (p 1)
+        t, p = (math.copysign(float("inf"), m), 0.0) if m else (0.0, 1.0)
+    else:
+        r = stats.ttest_1samp(d, 0.0)
+        t, p = float(r.statistic), float(r.pvalue)
+    decision = int(math.copysign(1, m)) if p < ALPHA and finite(floor) and abs(m) > floor else 0
+    c = [float(v) for v in (confirm or []) if finite(v)]
+    cm = sum(c) / len(c) if c else float("nan")
+    holds = bool(c) and decision != 0 and math.copysign(1, cm) == decision and abs(cm) > floor
+    need = seeds_for_power(d, floor) if finite(floor) and floor > 0 else None
+    return dict(n=n, mean=m, sd=sd, t=t, p=p, floor=floor, decision=decision, mde=max(mde(n, sd), floor)
+                if finite(floor) else float("inf"), seeds_needed=need, confirm_n=len(c), confirm_mean=cm,
+                confirmed=holds)
+
+
+def verdict(deltas, expected_sign, floor, confirm=None, absent=None):
+    """The verdict rule. Δ = treatment − baseline per training seed, paired (both rows share the seed and the
+    evaluation noise), in float64 from exact counts (an accuracy is k of N images). Seeds come in two sets fixed in
+    advance: design seeds (three, or five where a pilot's sd(Δ) says three cannot detect the floor at 80 % power)
+    and confirmation seeds (two more). (1) Positive control: the study first measures, in the same runs, the
+    capability its claims act on, against its floor (a distance: its 8-bit floor, threshold floor + max(3 standard
+    errors of one run, the floor); an accuracy: chance, threshold chance + max(3 standard errors, a quarter of the
+    way from chance to 1)); if it fails, the verdict is 'inconclusive: <capability> absent'. (2) Floor: a Δ counts
+    only if |mean Δ| exceeds the metric's own sampling error at N images, whatever the seeds say: for an accuracy
+    the binomial standard error of a difference of two proportions, sqrt(p_b(1 − p_b)/N + p_t(1 − p_t)/N), and at
+    least 2 images; for a mean over prompts its standard error. (3) Test: a two-sided paired t-test of mean Δ = 0
+    over the design seeds at level 0.05 (not the exact sign-flip test: its smallest two-sided p is 2/2^n, 0.25 at
+    three seeds and 0.0625 at five, so it can never reach 0.05). (4) Confirmation: on the confirmation seeds mean Δ
+    has the same sign and clears the floor too. 'reproduced': (2)-(4) hold with the paper's sign; 'contradicted':
+    they hold with the opposite sign; otherwise 'no effect', reported with the minimum detectable effect of the
+    design: the larger of the floor and the mean Δ the t-test over the design seeds detects with 80 % power at the
+    observed sd(Δ)."""
+    if absent:
+        return f"inconclusive: {absent} absent"
+    s = claim_stats(deltas, floor, confirm)
+    if not s["decision"] or not s["confirmed"]:
+        return "no effect"
+    return "reproduced" if (s["decision"] > 0) == (expected_sign > 0) else "contradicted"
+
+
+VERDICTS = ("reproduced", "contradicted", "no effect", "inconclusive")
+VERDICT_RULE = " ".join(verdict.__doc__.split())  # one paragraph; RESULTS.md's "Verdict rule" quotes it
+
+
+# ----------------------------------------------------------------------------- positive controls
+def positive_control(study):
+    """POSITIVE[study] on the study's results, design seeds only: per row the measured capability (mean over
+    seeds) against threshold = floor + max(POS_Z · one run's standard error, margin), margin = the floor itself for a
+    distance (its 8-bit floor) and POS_FRACTION · (1 − chance) for an accuracy (floor: chance); passed when every
+    row clears it. None when the study has no positive control; passed None when the rows are not measured."""
+    a, spec = study.args, POSITIVE.get(study.args.study)
+    if spec is None:
+        return None
+    nd, metric = len(a.seeds), spec["metric"]
+    dist = "LPIPS" if a.lpips_net == "alex" else "pixel distance"
+    fill = dict(dist=dist, beta=f"{a.betas[0]:g}", lo=a.low_res)
+    out = dict(capability=spec["capability"].format(**fill), what=spec["what"].format(**fill), rows={})
+    for row in spec["rows"](a):
+        r = {k: (v or [])[:nd] for k, v in (study.results.get(row) or {}).items()}
+        vals = [v for v in r.get(metric, []) if finite(v)]
+        if not vals:
+            out["rows"][row] = None
+            continue
+        if spec["kind"] == "distance":
+            floor = mean(r.get(related(metric, "floor")))
+            se = math.sqrt(mean([s * s / k for s, k in zip(r.get(related(metric, "sd"), []),
+                                                           r.get(related(metric, "prompts"), [])) if finite(s)]))
+            margin = floor
+        else:
+            floor = mean(r.get(related(metric, "chance")))
+            n = min([k for k in r.get(related(metric, "n"), []) if finite(k)] or [float("nan")])
+            se, margin = math.sqrt(floor * (1 - floor) / n), POS_FRACTION * (1 - floor)
+        thr = floor + max(POS_Z * se, margin)
+        out["rows"][row] = dict(values=vals, measured=mean(vals), floor=floor, threshold=thr,
+                                passed=finite(thr) and mean(vals) > thr)
+    rows = list(out["rows"].values())
+    out["passed"] = None if not rows or any(r is None for r in rows) else all(r["passed"] for r in rows)
+    return out
+
+
+def num(v, digits=4):
+    """A number to `digits` decimals, '—' where it is not finite (one prompt has no standard error)."""
+    return f"{v:.{digits}f}" if finite(v) else "—"
+
+
+def positive_md(pc, a):
+    """The block's 'positive control' line: what was measured, per row its value, floor and threshold, and the
+    outcome."""
+    if pc is None:
+        return ""
+    kind = POSITIVE[a.study]["kind"]
+    margin = "the floor" if kind == "distance" else f"{POS_FRACTION:g}·(1 − chance)"
+    floor = "8-bit floor" if kind == "distance" else "chance"
+    parts = []
+    for row, r in pc["rows"].items():
+        name = f"{row:g}" if isinstance(row, float) else row
+        parts.append(f"{name}: not measured" if r is None else
+                     f"{name}: {num(r['measured'])} (seeds {', '.join(num(v) for v in r['values'])}) vs {floor} "
+                     f"{num(r['floor'])}, threshold {num(r['threshold'])}")
+    outcome = {True: "passed", False: "failed", None: "not measured"}[pc["passed"]]
+    return (f"positive control ({pc['capability']}): {pc['what']}; design seeds {' '.join(map(str, a.seeds))}; "
+            f"threshold = {floor} + max({POS_Z:g} standard errors of one run, {margin}); {'; '.join(parts)}: "
+            f"**{outcome}**")
+
+
+# ----------------------------------------------------------------------------- tables
+def claims(study, res, final=None):
+    """Each claim of the study as {claim, metric, deltas (design seeds), confirm (confirmation seeds), stats,
+    verdict, ...}, pairing seeds by position in the stage's seed list."""
+    out, nd = [], len(study.args.seeds)
+    pc = study.positive
+    absent = None if pc is None or pc["passed"] else pc["capability"]
+    for text, key, base, treat, sign in CLAIMS[study.args.study]:
+        metric = key.format(final=final)
+        if base not in res or treat not in res:  # a row left out by --schedules / --betas
+            continue
+        deltas = paired_deltas(res[base], res[treat], metric)
+        design = {r: {k: (v or [])[:nd] for k, v in res[r].items()} for r in (base, treat)}
+        floor = sampling_floor(design[base], design[treat], metric)
+        d, c = deltas[:nd], deltas[nd:] or None
+        out.append(dict(claim=text, metric=metric, name=METRIC_NAMES[key], baseline=f"{base:g}" if isinstance(
+                        base, float) else base, treatment=f"{treat:g}" if isinstance(treat, float) else treat,
+                        sign=sign, deltas=d, confirm=c, stats=claim_stats(d, floor, c),
+                        verdict=verdict(d, sign, floor, c, absent)))
+    return out
+
+
+def signed(v, digits=3):
+    """A signed number, '—' where missing."""
+    return "—" if v is None or not finite(v) else f"{v:+.{digits}f}"
+
+
+def claims_md(cl, a, ran_confirm):
+    """The verdict table: one line per claim, the design seeds' test beside the confirmation seeds."""
     if not cl:
         return ""
-    lines = ["", "| claim | decided by | treatment − baseline | Δ per seed | mean Δ ± sd | paper's sign | "
-             "verdict |", "|---|---|---|---|---|---|---|"]
+    lines = ["", "| claim | decided by | treatment − baseline | Δ per design seed | mean Δ ± sd | p (paired t) | "
+             "floor | confirmation Δ | MDE (80 %) | seeds for 80 % at the floor | paper's sign | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cl:
-        per = ", ".join("—" if v is None else f"{v:+.3f}" for v in c["deltas"]) or "—"
-        lines.append(f"| {c['claim']} | {c['name']} | {c['treatment']} − {c['baseline']} | {per} | "
-                     f"{fmt(c['deltas'])} | {'+' if c['sign'] > 0 else '−'} | **{c['verdict']}** |")
+        s = c["stats"]
+        if c["confirm"]:
+            conf = (", ".join(signed(v) for v in c["confirm"]) + f" (mean {signed(s['confirm_mean'])}: " +
+                    ("holds" if s["confirmed"] else "does not hold" if s["decision"] else "design not decisive")
+                    + ")")
+        else:
+            conf = ("not run (no design-stage decision)" if a.confirm_seeds and not ran_confirm else
+                    "none (--confirm-seeds empty)" if not a.confirm_seeds else "—")
+        p = "—" if s["n"] < 2 else f"{s['p']:.3g}"
+        need = s["seeds_needed"] or ("—" if s["n"] < 2 or not finite(s["floor"]) else "> 100")
+        floor = f"{s['floor']:.4f}" if finite(s["floor"]) else "—"
+        mde_ = f"{s['mde']:.4f}" if finite(s["mde"]) else "∞"
+        lines.append(f"| {c['claim']} | {c['name']} | {c['treatment']} − {c['baseline']} | "
+                     f"{', '.join(signed(v) for v in c['deltas']) or '—'} | {fmt(c['deltas'])} | {p} | {floor} | "
+                     f"{conf} | {mde_} | {need} | {'+' if c['sign'] > 0 else '−'} | **{c['verdict']}** |")
     return "\n".join(lines)
 
 
+def rule_note(a):
+    """The block's one-line statement of the rule's parameters (the rule itself: RESULTS.md, 'Verdict rule')."""
+    conf = " ".join(map(str, a.confirm_seeds)) or "none"
+    return (f"verdict rule (reproduce.verdict): two-sided paired t-test over the design seeds "
+            f"{' '.join(map(str, a.seeds))} at {ALPHA:g}, |mean Δ| beyond the metric's sampling floor at N (binomial "
+            f"SE of a difference of proportions, ≥ {MIN_IMAGES} images; a distance's SE over prompts), the same sign "
+            f"and floor on the confirmation seeds {conf}, a passed positive control; 'no effect' carries the MDE at "
+            f"{POWER:.0%} power")
+
+
 def write_table(study, title, header, rows, notes=(), extra="", final=None):
-    """<out>/<study>.md: a title, the markdown table (no FID columns under --no-fid), the claims with their verdicts,
-    notes; returns its text."""
+    """<out>/<study>.md: a title, the markdown table (no FID columns under --no-fid), the positive control, the claims
+    with their verdicts, notes; returns its text."""
     keep = [i for i, h in enumerate(header) if study.args.fid or not h.startswith("FID")]
     header, rows = [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
     lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    study.positive = positive_control(study)
     study.claims = claims(study, study.results, final)
-    lines += [claims_md(study.claims)] if study.claims else []
-    notes = [*notes, f"verdict rule: {VERDICT_RULE}"] if study.claims else notes
+    if study.positive:
+        lines += ["", positive_md(study.positive, study.args)]
+    lines += [claims_md(study.claims, study.args, study.seed_list != list(study.args.seeds))] if study.claims else []
+    notes = [*notes, rule_note(study.args)] if study.claims else notes
     lines += [""] + [f"- {n}" for n in notes] + ([extra] if extra else [])
     text = "\n".join(lines) + "\n"
     if not study.args.dry_run:
@@ -313,10 +648,12 @@ def write_table(study, title, header, rows, notes=(), extra="", final=None):
 
 
 def setting(a):
-    return (f"{a.steps} steps per run, seeds {' '.join(map(str, a.seeds))} (mean ± sd over seeds), {a.num_samples} "
-            f"samples per evaluation, {a.eval_steps} sampling steps; FID " +
-            (f"vs {a.ref_max} held-out embedded images (N = {a.num_samples}; decides nothing)" if a.fid else
-             "off (--fid adds it; it decides nothing)"))
+    """The settings line of a block: steps, seeds, N, sampling steps, FID."""
+    conf = " ".join(map(str, a.confirm_seeds)) or "none"
+    return (f"{a.steps} steps per run, design seeds {' '.join(map(str, a.seeds))} and confirmation seeds {conf} "
+            f"(mean ± sd over the seeds run), {a.num_samples} samples per evaluation, {a.eval_steps} sampling steps; "
+            "FID " + (f"vs {a.ref_max} held-out embedded images (N = {a.num_samples}; decides nothing)" if a.fid else
+                      "off (--fid adds it; it decides nothing)"))
 
 
 # ----------------------------------------------------------------------------- the studies
@@ -330,16 +667,19 @@ def control(study):
         m = study.seeds(lambda s: study.evaluate(study.train(sched, s, flags) + "/ckpt.pt", tag,
                                                  ["--lpips-prompts", a.lpips_prompts, "--lpips-net", a.lpips_net]))
         res[sched] = m
-        rows.append([sched, " ".join(flags) or "(default: cosine, α = 8)", fmt(m.get("lpips")),
-                     fmt(m.get("lpips_hr")), fmt(m.get("fid"), 1), fmt(m.get("judge_acc")),
-                     fmt(m.get("judge_ceiling")), PAPER["control"].get(sched, "—")])
+        rows.append([sched, " ".join(flags) or "(default: cosine, α = 8)", fmt(m.get("lpips"), 4),
+                     fmt(m.get("lpips_floor"), 4), fmt(m.get("lpips_hr"), 4), fmt(m.get("fid"), 1),
+                     fmt(m.get("judge_acc")), fmt(m.get("judge_ceiling")), PAPER["control"].get(sched, "—")])
     dist = "LPIPS" if a.lpips_net == "alex" else "pixel distance"
     write_table(study, "Control conditioning: γ_c(t) (Tab. 2a, Tab. A6, Fig. 2)",
-                ["γ_c", "flag", dist, f"{dist}/HR", "FID", "judge", "judge ceiling", "paper (IN1k-256)"], rows,
+                ["γ_c", "flag", dist, "8-bit floor", f"{dist}/HR", "FID", "judge", "judge ceiling",
+                 "paper (IN1k-256)"], rows,
                 [setting(a), dist + ("" if a.lpips_net == "alex" else " (evaluate.py --lpips-net pixel: mean |a − b| "
                                      "/ 2 in [0, 1], the offline stand-in for LPIPS, not on its scale)") +
                  f": {a.lpips_prompts} prompts, sizes resolution × (¼, ½, 1, 2, 4), same seed and class per prompt "
-                 "(evaluate.py --lpips-prompts); /HR: sizes ≥ the resolution",
+                 "(evaluate.py --lpips-prompts); /HR: sizes ≥ the resolution; 8-bit floor: the distance between each "
+                 "prompt's image and its own 8-bit rendering (evaluate.py lpips_floor), the change a saved sample "
+                 "can show",
                  f"the verdict is decided by the {dist} across sizes: {a.lpips_prompts} prompts × 5 sizes = "
                  f"{5 * a.lpips_prompts} images per run (the judge and FID decide nothing)",
                  "judge: class accuracy of the samples under the CNN trained on the run's real crops; ceiling: its "
@@ -352,9 +692,11 @@ def guidance(study):
     a, rows, res = study.args, [], {}
     study.results = res
     lam = ["--lam", a.lam] if a.lam is not None else []
+    phi = ["--lpips-prompts", a.lpips_prompts, "--lpips-net", a.lpips_net]  # the positive control: φ is followed
     for beta in a.betas:
-        m = study.seeds(lambda s: study.evaluate(study.train("default", s, []) + "/ckpt.pt", f"beta{beta:g}",
-                                                 ["--beta", beta, *lam]))
+        m = study.seeds(lambda s: study.evaluate(
+            study.train("default", s, []) + "/ckpt.pt", f"beta{beta:g}",
+            ["--beta", beta, *lam, *(phi if beta == a.betas[0] and s in a.seeds else [])]))
         res[beta] = m
         rows.append([f"{beta:g}", f"--beta {beta:g}", fmt(m.get("fid"), 1), fmt(m.get("judge_acc")),
                      fmt(m.get("judge_ceiling")), PAPER["guidance"].get(beta, "—")])
@@ -363,6 +705,8 @@ def guidance(study):
                                                        "paper"], rows,
                 [setting(a), f"one training run per seed, evaluated at every β with λ = {lam_txt}",
                  "β = 1 is plain classifier-free guidance (the control-dropped branch gets weight 0)",
+                 f"the β = {a.betas[0]:g} evaluation of the design seeds also runs the size-conditioning protocol "
+                 f"(evaluate.py --lpips-prompts {a.lpips_prompts} --lpips-net {a.lpips_net}) for the positive control",
                  f"the verdicts are decided by judge accuracy at N = {a.num_samples} (deviation: the paper's metric is "
                  "FID, which at N = 500 is both noisier and over the budget with 3 seeds × 3 β)"])
     return res
@@ -400,16 +744,21 @@ def padding(study):
     return res
 
 
+# the flip study's arms: (row, train.py flags besides TEXT + CENTER, design seeds only); flips-off is the positive
+# control (no flips: nothing contradicts a caption's side), trained on the design seeds only
+FLIP_ARMS = (("flip", [], False), ("no-flip", ["--control", "crop", "size"], False), ("flips-off", ["--no-flip"], True))
+
+
 def flip(study):
     """§3.3 / Fig. 6: centre crops with flip augmentation in both runs; the second drops flip from φ (--control crop
     size). Centre crops keep the object on its caption's side, so a flip is the only thing that contradicts it."""
     a, rows, res = study.args, [], {}
     study.results = res
-    for name, flags in (("flip", []), ("no-flip", ["--control", "crop", "size"])):
+    for name, flags, design_only in FLIP_ARMS:
         m = study.seeds(lambda s: study.evaluate(study.train(name, s, TEXT + CENTER + flags) + "/ckpt.pt",
                                                  "leftright",
                                                  ["--prompts", "leftright", "--size-cond", "center", "--no-clip",
-                                                  "--caption-agreement"], fid=False))
+                                                  "--caption-agreement"], fid=False), design_only=design_only)
         res[name] = m
         rows.append([name, " ".join(flags) or "(default: --control crop size flip)", *caption_cols(m),
                      PAPER["flip"][name]])
@@ -420,7 +769,8 @@ def flip(study):
                  "object on its caption's side, so the flip is the only thing that contradicts the caption",
                  "prompts: the balanced 'a <colour> <shape> on the <left/right>' set (evaluate.py --prompts "
                  "leftright), sampled with flip = 0 in φ", CAPTION_NOTE,
-                 f"the verdict is decided by the side agreement at N = {a.num_samples}"])
+                 f"the verdict is decided by the side agreement at N = {a.num_samples}; flips-off (--no-flip, design "
+                 "seeds only) is the positive control and decides nothing"])
     return res
 
 
@@ -465,6 +815,8 @@ def replace_flag(flags, name, value):
 TRANSFER_VARIANTS = {  # name: (pre-training flags, transfer.py flags, fine-tune flag change)
     "baseline": ([], [], None), "extrapolate": ([], ["--pe-grid", "extrapolate"], None),
     "no-rescale": ([], [], ("--schedule-scale", 1.0)), "local": (["--crop", "local"], [], None)}
+# what each transfer evaluation keeps, per fine-tune step: the judge's exact count, FID and the file
+TRANSFER_KEYS = ("judge_acc", "judge_acc_k", "judge_acc_n", "judge_acc_d", "fid", "_path")
 TRANSFER_WHAT = {"baseline": "(resample PE, Eq. 3 rescale, global crops)",
                  "extrapolate": "transfer.py --pe-grid extrapolate", "no-rescale": "fine-tune --schedule-scale 1",
                  "local": "pre-train --crop local"}
@@ -478,14 +830,18 @@ def transfer_seed(study, name, s, k_eval):
     pre_flags, tr_flags, change = TRANSFER_VARIANTS[name]
     pre = study.train(f"pre{lo}{'_local' if pre_flags else ''}", s, ["--resolution", lo, *pre_flags],
                       steps=a.pre_steps or a.steps)
-    init = os.path.join(study.out, f"{name}_s{s}_init{hi}.pt")
-    printed = study.run("transfer", ["--ckpt", pre + "/ckpt.pt", "--resolution", hi, "--out", init, *tr_flags],
-                        capture=True) if not os.path.isfile(init) or a.dry_run else None
+    tr_argv = ["--ckpt", pre + "/ckpt.pt", "--resolution", hi, *tr_flags]
+    init = os.path.join(study.out, f"{name}_s{s}_init{hi}_{digest(tr_argv)}.pt")  # keyed by its pre-training too
     ft_file = init + ".flags.json"  # what transfer.py printed, kept for reruns
-    if printed is not None and not a.dry_run:
+    printed = None
+    if init not in study.planned and (study.fresh or not os.path.isfile(ft_file)):
+        study.planned.add(init)
+        printed = study.run("transfer", [*tr_argv[:4], "--out", init, *tr_argv[4:]], capture=True)
+    if printed and not a.dry_run:
         with data.atomic_write(ft_file, "w") as f:
             json.dump(finetune_flags(printed, init), f)
-    ft = json.load(open(ft_file)) if not a.dry_run else ["--resolution", hi, "--schedule-scale", "(printed)"]
+    ft = (json.load(open(ft_file)) if os.path.isfile(ft_file) else  # a dry run before any transfer: a placeholder
+          ["--resolution", hi, "--schedule-scale", "(printed)"])
     if change:
         ft = replace_flag(ft, *change)
     out = {}
@@ -493,13 +849,17 @@ def transfer_seed(study, name, s, k_eval):
         if k == 0:
             ck = init
         else:
-            d = study.train(f"ft{hi}_{name}", s, ft, steps=k, init=init)
+            d = study.train(f"ft{hi}_{name}", s, ft, steps=k, init=init, final=k_eval[-1])
             ck = os.path.join(d, f"ckpt_{k:06d}.pt")
             if not a.dry_run and not os.path.isfile(ck):
                 shutil.copyfile(os.path.join(d, "ckpt.pt"), ck)
         m = study.evaluate(ck, "transfer", deciding=k == k_eval[-1])  # the last step decides the verdicts
-        for key in ("judge_acc", "fid"):
+        for key in TRANSFER_KEYS:
             out[f"{key}@{k}"] = None if m is None else m.get(key)
+    if name in ("baseline", "local"):  # the positive control: the pre-trained model, before transfer
+        m = study.evaluate(pre + "/ckpt.pt", "pretrained", deciding=False)
+        for key in (*TRANSFER_KEYS, "judge_acc_chance"):
+            out[f"pre_{key}"] = None if m is None else m.get(key)
     if name == "baseline":  # λ sweep at both resolutions (Eq. 4)
         for lam in a.lams:
             for r, ck in ((lo, pre + "/ckpt.pt"), (hi, ck)):
@@ -541,11 +901,13 @@ def transfer(study):
     for name in TRANSFER_VARIANTS:
         m = study.seeds(lambda s: transfer_seed(study, name, s, k_eval))
         curves[name] = m
-        rows.append([name, TRANSFER_WHAT[name], *[fmt(m.get(f"judge_acc@{k}")) for k in k_eval],
+        pre = fmt(m.get("pre_judge_acc")) if name in ("baseline", "local") else "(the baseline's)"
+        rows.append([name, TRANSFER_WHAT[name], pre, *[fmt(m.get(f"judge_acc@{k}")) for k in k_eval],
                      *[fmt(m.get(f"fid@{k}"), 1) for k in k_eval], PAPER["transfer"][name]])
     lam_md, b_lo, b_hi = lam_sweep(a, curves["baseline"], lo, hi)
     write_table(study, f"Resolution transfer {lo} → {hi} px (Fig. 8, Tab. A3 right)",
-                ["variant", "differs from the baseline by", *[f"judge @{k}" for k in k_eval],
+                ["variant", "differs from the baseline by", f"judge @{lo} px (pre-trained)",
+                 *[f"judge @{k}" for k in k_eval],
                  *[f"FID @{k}" for k in k_eval], "paper (IN1k-512 / CC12M)"], rows,
                 [setting(a) + f"; pre-training {a.pre_steps or a.steps} steps at {lo} px, fine-tuning evaluated "
                  f"after {', '.join(map(str, k_eval))} steps at {hi} px (0 = the transferred checkpoint itself)",
@@ -553,7 +915,8 @@ def transfer(study):
                  "--base-resolution, --pe-grid); λ by Eq. 4 (2.0 after 2×)",
                  f"the verdicts are decided by judge accuracy after {k_eval[-1]} fine-tune steps at N = "
                  f"{a.num_samples}; the other evaluations (step {', '.join(map(str, k_eval[:-1])) or '—'}, the λ "
-                 f"sweep) use N = {min(a.aux_samples, a.num_samples)} and decide nothing",
+                 f"sweep) use N = {min(a.aux_samples, a.num_samples)} and decide nothing; so does the judge of each "
+                 f"pre-trained {lo} px model (the positive control, at N = {min(a.aux_samples, a.num_samples)})",
                  f"figures: {a.study}_judge.png, {a.study}_fid.png"], lam_md, final=k_eval[-1])
     if not a.dry_run:
         for key, label in (("judge_acc", "judge accuracy"), ("fid", "FID")):
@@ -564,16 +927,16 @@ def transfer(study):
 
 
 # ----------------------------------------------------------------------------- time estimate (--dry-run)
-def estimate(plan, a, rate=None):
-    """Seconds of the planned commands at `rate` steps/s of the default job (default: --steps-per-s), by the time
-    model above: training steps and guided sampling scaled by tokens and text, start-up per command, the FID network
-    per image, the judge and the held-out reference once per resolution."""
+def command_seconds(plan, a, rate=None):
+    """Seconds of each planned command at `rate` steps/s of the default job (default: --steps-per-s), by the time
+    model above (training steps and guided sampling scaled by tokens and text, start-up per command, the FID network
+    per image), and the seconds spent once per study (the judge and the held-out reference once per resolution)."""
     rate = rate or a.steps_per_s
     slow = CAL_STEPS_PER_S / rate
-    total, res = 0.0, {}
+    per, res = [], {}
     for script, argv in plan:
         opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-        total += START_S * slow
+        sec = START_S * slow
         if script == "train":
             r = int(opt.get("--resolution", data.RESOLUTION))
             text = TEXT_COST if opt.get("--semantic") == "text" else 1.0
@@ -581,17 +944,56 @@ def estimate(plan, a, rate=None):
             prev = res.get(opt["--out-dir"] + ":steps", 0)  # fine-tune segments resume
             steps = int(opt["--max-steps"]) - prev
             res[opt["--out-dir"] + ":steps"] = int(opt["--max-steps"])
-            total += steps / rate * (r / REF_RES) ** TOKEN_EXP * text
+            sec += steps / rate * (r / REF_RES) ** TOKEN_EXP * text
         elif script == "evaluate":
             ck = opt["--ckpt"]
             r, text = res.get(os.path.dirname(ck), (2 * a.low_res if "_init" in ck else data.RESOLUTION, 1.0))
             n, s = int(opt["--num-samples"]), int(opt["--steps"])
             lp = int(opt.get("--lpips-prompts", 0)) * 5
-            total += (n + lp) * s * SAMPLE_COST / REF_BATCH / rate * (r / REF_RES) ** TOKEN_EXP * text
-            total += INCEPTION_S * n if "--no-fid" not in argv else 0
+            sec += (n + lp) * s * SAMPLE_COST / REF_BATCH / rate * (r / REF_RES) ** TOKEN_EXP * text
+            sec += INCEPTION_S * n if "--no-fid" not in argv else 0
+        per.append(sec)
     n_res = len({2 * a.low_res, a.low_res}) if a.study == "transfer" else 1  # held-out references, cached after
-    total += JUDGE_S * slow * n_res + (INCEPTION_S * (a.ref_max + a.num_samples) * n_res if a.fid else 0)
-    return total
+    once = JUDGE_S * slow * n_res + (INCEPTION_S * (a.ref_max + a.num_samples) * n_res if a.fid else 0)
+    return per, once
+
+
+def estimate(plan, a, rate=None):
+    """Seconds of the planned commands and the once-per-study work at `rate` (command_seconds)."""
+    per, once = command_seconds(plan, a, rate)
+    return sum(per) + once
+
+
+def timing_md(plan, a, walls, wall):
+    """Markdown: the --dry-run time model's estimate of each kind of command in the study's full plan beside the
+    walls measured for those commands (walls.json), and the study's wall."""
+    slow, once_slow = command_seconds(plan, a)
+    cal, once_cal = command_seconds(plan, a, CAL_STEPS_PER_S)
+    rows, order = {}, []
+    for (script, argv), s1, s2 in zip(plan, slow, cal):
+        if script not in rows:
+            rows[script] = [0, 0.0, 0.0, 0.0, 0]
+            order.append(script)
+        w = walls.get(shlex.join(["python", f"{script}.py", *argv]))
+        r = rows[script]
+        r[0], r[1], r[2] = r[0] + 1, r[1] + s1, r[2] + s2
+        if w is not None:
+            r[3], r[4] = r[3] + w, r[4] + 1
+
+    def line(name, n, e1, e2, meas):
+        return f"| {name} | {n} | {minsec(e1)} | {minsec(e2)} | {meas} |"
+    out = [f"| commands | count | estimate at {a.steps_per_s:g} steps/s | estimate for {CAL_MACHINE} at "
+           f"{CAL_STEPS_PER_S:g} steps/s | measured |",
+           "|---|---|---|---|---|"]
+    for script in order:
+        n, e1, e2, w, k = rows[script]
+        out.append(line(f"{script}.py", n, e1, e2, f"{minsec(w)} ({k} of {n} timed)" if k else "—"))
+    out.append(line("judge, held-out references (once per study; inside the commands' walls)", "—", once_slow,
+                    once_cal, "—"))
+    timed = sum(r[3] for r in rows.values())
+    out.append(line("**all**", len(plan), sum(slow) + once_slow, sum(cal) + once_cal,
+                    f"{minsec(timed)} in the commands; {minsec(wall)} wall of the study"))
+    return "\n".join(out)
 
 
 def get_parser():
@@ -602,8 +1004,14 @@ def get_parser():
     # runs
     p.add_argument("--steps", type=int, default=None, help="training steps per run (transfer: fine-tune steps) "
                    f"(default: per study, {dict((k, v['steps']) for k, v in STUDY_DEFAULTS.items())})")
-    p.add_argument("--seeds", type=int, nargs="+", default=SEEDS, help="train.py --seed of each repeat; every row "
-                   "is their mean ± sd and a verdict needs two or more (default: 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="design seeds: train.py --seed of each repeat "
+                   "the paired t-test runs on; a verdict needs two or more (default: per study, 0 1 2 or 0..4 where "
+                   "the pilot says three cannot detect the sampling floor: "
+                   f"{dict((k, design_seeds(k)) for k in (*STUDIES, 'captions'))} seeds)")
+    p.add_argument("--confirm-seeds", type=int, nargs="*", default=None, help="confirmation seeds, fixed in advance: "
+                   "trained when a claim is decided on the design seeds, and a decisive verdict must hold on them "
+                   f"too; none given: no verdict can be decisive (default: the {CONFIRM_N} after the largest design "
+                   "seed)")
     p.add_argument("--train-args", default="", help="flags added to every train.py run, e.g. '--resolution 16' "
                    "(default: none = train.py's defaults)")
     p.add_argument("--device", default="auto", help="train.py / evaluate.py --device (default: auto)")
@@ -667,24 +1075,56 @@ def parse(argv, study=None):
     for flag in ("steps", "num_samples", "aux_samples", "eval_steps", "lpips_prompts", "ft_evals"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             sys.exit(f"reproduce.py: error: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.seeds is None:
+        args.seeds = list(range(design_seeds(study))) if study != "all" else [0]
+    if args.confirm_seeds is None:
+        args.confirm_seeds = list(range(max(args.seeds) + 1, max(args.seeds) + 1 + CONFIRM_N))
     if len(set(args.seeds)) != len(args.seeds):
         sys.exit(f"reproduce.py: error: --seeds {' '.join(map(str, args.seeds))} repeats a seed; each names one run")
+    if len(set(args.confirm_seeds)) != len(args.confirm_seeds) or set(args.confirm_seeds) & set(args.seeds):
+        sys.exit(f"reproduce.py: error: --confirm-seeds {' '.join(map(str, args.confirm_seeds))} must be distinct "
+                 f"seeds, none of --seeds {' '.join(map(str, args.seeds))}")
     return args
 
 
+def stage(study, seeds):
+    """Run (or plan) the study over `seeds`: its table, positive control and claims; returns its results."""
+    study.seed_list = list(seeds)
+    study.results, study.claims, study.positive = {}, [], None
+    return globals()[study.args.study](study)
+
+
+def needs_confirmation(study):
+    """Whether a claim was decided on the design seeds with its positive control passed: only then can the
+    confirmation seeds change a verdict, so only then are they trained."""
+    return bool(study.args.confirm_seeds) and any(c["stats"]["decision"] and not c["verdict"].startswith(
+        "inconclusive") for c in study.claims)
+
+
 def run_study(args):
-    """One study: its runs, table and JSON; returns (table markdown, wall seconds, commands run), None in a dry run.
-    The wall time is that of the last invocation that ran commands: a rerun that only reads results keeps it."""
+    """One study: the design seeds, then the confirmation seeds when a claim was decided on them; its table and
+    JSON; returns (table markdown, wall seconds, commands run, confirmation run), None in a dry run (which plans and
+    estimates both stages). The wall time is that of the last invocation that ran commands: a rerun that only
+    reads results keeps it."""
     t0 = time.time()
     study = Study(args)
-    study.results, study.claims = {}, []
-    res = globals()[args.study](study)
+    res = stage(study, args.seeds)
+    n_design = len(study.run.plan)
+    confirm = bool(args.confirm_seeds) and (args.dry_run or needs_confirmation(study))
+    if confirm:
+        res = stage(study, [*args.seeds, *args.confirm_seeds])
     wall, ran = time.time() - t0, study.run.ran
-    est = estimate(study.run.plan, args)
-    on_cal = estimate(study.run.plan, args, CAL_STEPS_PER_S)
-    print(f"\n{args.study}: {len(study.run.plan)} commands; estimated {est / 60:.0f} min at {args.steps_per_s:g} "
+    plan = study.run.plan
+    per, once = command_seconds(plan, args)
+    cal, once_cal = command_seconds(plan, args, CAL_STEPS_PER_S)
+    est, on_cal = sum(per[:n_design]) + once, sum(cal[:n_design]) + once_cal
+    print(f"\n{args.study}: {n_design} commands; estimated {est / 60:.0f} min at {args.steps_per_s:g} "
           f"steps/s of the default job; {on_cal / 60:.0f} min on {CAL_MACHINE} at {CAL_STEPS_PER_S:g}, where the "
           f"budget is {BUDGET_S // 60} min" + ("" if on_cal <= BUDGET_S else " (over the budget)"))
+    if len(plan) > n_design:
+        print(f"confirmation seeds {' '.join(map(str, args.confirm_seeds))} (trained only when a claim is decided on "
+              f"the design seeds): {len(plan) - n_design} more commands, +{sum(per[n_design:]) / 60:.0f} min at "
+              f"{args.steps_per_s:g} steps/s, +{sum(cal[n_design:]) / 60:.0f} min on {CAL_MACHINE}")
     if args.dry_run:
         return None
     path = os.path.join(study.out, f"{args.study}.json")
@@ -692,23 +1132,23 @@ def run_study(args):
         prev = json.load(open(path))
         wall, ran = prev.get("wall_s", wall), prev.get("commands_run", ran)
     with data.atomic_write(path, "w") as f:
-        json.dump({"args": vars(args), "results": res, "claims": study.claims, "wall_s": wall, "commands_run": ran},
-                  f, indent=1, default=str)
+        json.dump({"args": vars(args), "results": res, "positive": study.positive, "claims": study.claims,
+                   "confirmation_run": confirm, "wall_s": wall, "commands_run": ran}, f, indent=1, default=str)
     md = open(os.path.join(study.out, f"{args.study}.md")).read()
     print(md)
-    return md, wall, ran
+    return md, wall, ran, confirm
 
 
-def full_estimate(args):
-    """estimate() of every command the study plans from scratch (a dry run into an empty folder), in seconds: at
-    --steps-per-s and at CAL_STEPS_PER_S."""
+def full_plan(args, confirm):
+    """Every command the study plans from scratch (a fresh dry run over its own folder, so the command lines are
+    those walls.json timed), with the confirmation stage when it ran."""
     dry = argparse.Namespace(**{**vars(args), "dry_run": True})
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        dry.out_dir = tmp
-        study = Study(dry)
-        study.results, study.claims = {}, []
-        globals()[dry.study](study)
-        return estimate(study.run.plan, dry), estimate(study.run.plan, dry, CAL_STEPS_PER_S)
+    with contextlib.redirect_stdout(io.StringIO()):
+        study = Study(dry, fresh=True)
+        stage(study, dry.seeds)
+        if confirm:
+            stage(study, [*dry.seeds, *dry.confirm_seeds])
+    return study.run.plan, study.run.walls()
 
 
 def machine():
@@ -746,18 +1186,20 @@ def write_results(path, blocks):
         f.write(text)
 
 
-def result_block(args, argv, md, wall, ran):
-    """A study's block: when, where, the command, wall time beside the --dry-run estimate, then its table one
-    heading level down (RESULTS.md nests the studies under a section)."""
+def result_block(args, argv, md, wall, ran, confirm):
+    """A study's block, every line generated: when, where, the command, wall time beside the --dry-run estimate, the
+    table of estimates against measured walls, then its table one heading level down (RESULTS.md nests the studies
+    under a section)."""
     cmd = shlex.join(["python", "reproduce.py", *[args.study if t == "all" else t for t in argv]])
-    est, on_cal = full_estimate(args)
+    plan, walls = full_plan(args, confirm)
+    est, on_cal = estimate(plan, args), estimate(plan, args, CAL_STEPS_PER_S)
     where = REF_MACHINE if args.steps_per_s == REF_STEPS_PER_S else "the machine of --steps-per-s"
     head = (f"*{datetime.date.today().isoformat()}, {machine()}.* `{cmd}`: {minsec(wall)} wall ({ran} commands; the "
             f"rest, if any, reused from disk); `--dry-run` estimate: {est / 60:.0f} min for {where} at "
             f"{args.steps_per_s:g} steps/s, {on_cal / 60:.0f} min for {CAL_MACHINE} at {CAL_STEPS_PER_S:g} (budget "
-            f"{BUDGET_S // 60} min there).")
+            f"{BUDGET_S // 60} min there)" + ("; confirmation seeds included" if confirm else "") + ".")
     table = "\n".join("#" + ln if ln.startswith("#") else ln for ln in md.splitlines())
-    return head + "\n\n" + table
+    return head + "\n\n" + timing_md(plan, args, walls, wall) + "\n\n" + table
 
 
 def main(argv=None):
