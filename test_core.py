@@ -2177,7 +2177,7 @@ PAPER_RUN = {  # key: (value at 256 px, value at 512 px, where the paper says it
     "lr": (1e-3, 1e-3, "§4: constant lr 10 x 10^-4; Tab. A2"),
     "adam_betas": ([0.9, 0.95], [0.9, 0.95], "Tab. A4 ours: AdamW (0.9, 0.95)"),
     "weight_decay": (0.03, 0.03, "Tab. A4 ours: weight decay 0.03"),
-    "crop": ("local", "global", "Tab. A4 ours: crops [0.4, 0.6] for low-res pre-training only"),
+    "crop": ("global", "global", "§3.4 / Fig. 8c: global crops at 256 for a standalone model; local only for transfer"),
     "gamma": ("cosine", "cosine", "Tab. A4 / Eq. 1: cosine gamma_c"),
     "gamma_alpha": (8.0, 8.0, "Tab. 2a: alpha = 8"),
     "text_pad": ("noisy", "noisy", "Tab. 3: noisy replicate padding"),
