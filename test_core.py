@@ -2359,7 +2359,8 @@ def test_memory_plan_rule():
 
 
 def _readme_table(text, marker):
-    """Rows (lists of cells, backticks dropped) of the markdown table between <!-- marker --> and <!-- /marker -->."""
+    """Rows (lists of cells, backticks dropped) of the markdown table between <!-- marker --> and <!-- /marker -->
+    (in README.md or RESULTS.md)."""
     block = text.split(f"<!-- {marker} -->")[1].split(f"<!-- /{marker} -->")[0]
     lines = [ln for ln in block.strip().splitlines() if ln.startswith("|")][2:]
     return [[c.strip().strip("`") for c in ln.strip("|").split("|")] for ln in lines]
@@ -2367,11 +2368,15 @@ def _readme_table(text, marker):
 
 def test_readme_full_scale(tmp_path):
     """Every value the README's full-scale section states: the recipe table (each value passed explicitly to
-    train.py changes nothing), the evaluation defaults, the memory plan table and the --grad-accum values it
-    names, the plan's constants, its calibration against the H200 benchmark, and the time per 100k steps."""
+    train.py changes nothing), the evaluation defaults and the --grad-accum values it names; and what it links to in
+    RESULTS.md: the memory plan tables (8 and 16 cards) against bench.py --suite memory, the plan's constants, its
+    calibration against the H200 benchmark, and the time per 100k steps."""
     readme = open(os.path.join(_TRN_REPO, "README.md")).read()
     results = open(os.path.join(_TRN_REPO, "RESULTS.md")).read()
     section = readme.split("## Full scale")[1].split("\n## ")[0]
+    plan_md = results.split("## Memory plan for the paper's run")[1].split("\n## ")[0]
+    plan_text = " ".join(plan_md.split())  # prose compared with line breaks as spaces
+    assert "(RESULTS.md#memory-plan-for-the-papers-run)" in section and "(RESULTS.md#time-of-the-papers-run)" in section
     for res_col, res in ((2, "256"), (3, "512")):
         base = ["--size", "XL", "--resolution", res]
         for row in _readme_table(readme, "paper-run"):
@@ -2386,27 +2391,29 @@ def test_readme_full_scale(tmp_path):
     for row in _readme_table(readme, "paper-eval"):
         for col, res in ((2, 256), (3, 512)):
             assert float(row[col]) == truth[row[1]](res), f"README: {row[1]} {row[col]} at {res} px"
-    plan = bench.memory_plan()
-    fmt = [[r["run"], r["card"].replace(" x ", " × "), f"{r['fixed_GiB']:.1f}", f"{r['act_GiB_per_img']:.3f}",
-            str(r["per_card_batch"]), f"{r['micro_batch']} × {r['grad_accum']}", f"{r['planned_GiB']:.1f}"] for r in plan]
-    assert _readme_table(readme, "memory-plan") == fmt, "README's memory plan != python bench.py --suite memory"
-    accum = {(r["run"], r["card"].split(" x ")[1]): r["grad_accum"] for r in plan}
+    for gpus, marker in ((8, "memory-plan"), (16, "memory-plan-16")):
+        plan = bench.memory_plan(gpus=gpus)
+        fmt = [[r["run"], r["card"].replace(" x ", " × "), f"{r['params_M']:.0f}", f"{r['fixed_GiB']:.2f}",
+                f"{r['act_GiB_per_img']:.3f}", str(r["per_card_batch"]), str(r["micro_batch"]), str(r["grad_accum"]),
+                f"{r['planned_GiB']:.1f}"] for r in plan]
+        assert _readme_table(plan_md, marker) == fmt, f"RESULTS.md's {marker} != python bench.py --suite memory"
+    accum = {(r["run"], r["card"].split(" x ")[1]): r["grad_accum"] for r in bench.memory_plan(gpus=8)}
     cmd = section.split("on 8 × A100-80GB")[1].split("```bash")[1].split("```")[0]
     assert f"--grad-accum {accum['ImageNet-1k 256 (class)', 'A100-80GB']} " in cmd and "--data latents" in cmd
     named = re.findall(r"8 × ([\w-]+): (\d+)", section)
     assert named and all(int(n) == accum["ImageNet-1k 256 (class)", card] for card, n in named), named
-    assert f"{run.BYTES_PER_PARAM} bytes per\nparameter" in section or f"{run.BYTES_PER_PARAM} bytes per parameter" in section
-    assert f"{100 * run.PLAN_FILL:.0f} % of the card less {run.PLAN_RESERVE:.0f} GiB" in section
+    assert f"{run.BYTES_PER_PARAM} bytes per parameter" in plan_text
+    assert f"{100 * run.PLAN_FILL:.0f} % of the rest (of the card less {run.PLAN_RESERVE:.0f} GiB)" in plan_text
     # calibration: the plan's prediction for the H200 bench's eager mmDiT-XL/2 text step vs its measured peak
     row = re.search(r"\| mmDiT-XL/2 \(1\.33 B\) \| (\d+) \| no \|[^|]*\|[^|]*\|[^|]*\| ([\d.]+) \|", results)
-    text_m = bench.measure_memory(bench.PLAN_RUNS["CC12M 256 (text)"])
-    assert f"predicts {bench.bench_peak_gib(text_m, int(row[1])):.0f} GiB\nwhere {row[2]} was measured" in section or \
-        f"predicts {bench.bench_peak_gib(text_m, int(row[1])):.0f} GiB where {row[2]} was measured" in section
+    # (that bench ran SD3's full context stream, 1.33 B: the plan of the same network, --context-weights full)
+    text_m = bench.measure_memory(bench.PLAN_RUNS["CC12M 256 (text)"] + ["--context-weights", "full"])
+    assert f"predicted {bench.bench_peak_gib(text_m, int(row[1])):.1f} GiB, measured {row[2]}" in plan_text
     # time per 100k steps from the compiled mmDiT-XL/2 row's img/s
     ips = float(re.search(r"\| mmDiT-XL/2 \(1\.33 B\) \| \d+ \| yes \|[^|]*\|[^|]*\| ([\d.]+) \|", results)[1])
     h8 = 100_000 * 2048 / (8 * ips) / 3600
-    assert f"≈ {h8:.0f} h per 100k steps at batch 2048 on 8 × H200 (≈ {h8 / 2:.1f} h on 16)" in section
-    assert f"({ips:.0f} img/s per card" in section and f"≈ {6 * h8 / 24:.1f} days on\n8)" in section
+    assert f"≈ {h8:.0f} h per 100k steps at batch 2048 on 8 × H200 (≈ {h8 / 2:.1f} h on 16)" in plan_text
+    assert f"({ips:.0f} img/s per card" in plan_text and f"≈ {6 * h8 / 24:.1f} days on 8" in plan_text
 
 
 def test_gpu_train_ready(tmp_path, monkeypatch, capsys):
