@@ -565,11 +565,15 @@ PLAN_COLS = ["run", "card", "params_M", "fixed_GiB", "act_GiB_per_img", "per_car
              "grad_accum", "planned_GiB"]
 
 
-def memory_plan(runs=PLAN_RUNS, cards=CARDS, gpus=PLAN_GPUS):
-    """Rows of the plan: every PLAN_RUNS run on `gpus` of every CARDS card (None where one image does not fit)."""
+def memory_plan(runs=PLAN_RUNS, cards=CARDS, gpus=PLAN_GPUS, recipe="ours"):
+    """Rows of the plan: every PLAN_RUNS run of `recipe` on `gpus` of every CARDS card (None where one image does
+    not fit); text runs only for an arch with a text mode (Tab. 1: DiT and mDT are class-only)."""
     rows = []
+    text_ok = models.MODELS[run.RECIPES[recipe]["arch"]].supports_text
     for name, flags in runs.items():
-        m = measure_memory(flags)
+        if "text" in flags and not text_ok:
+            continue
+        m = measure_memory(["--recipe", recipe, *flags])
         for card, gib in cards.items():
             p = plan_card(m, gib, gpus)
             rows.append(dict(run=name, card=f"{gpus} x {card}", params_M=m["params"] / 1e6, fixed_GiB=m["fixed_gib"],
@@ -696,6 +700,8 @@ def get_parser():
                    help="scale suite: archs of the forward part (default: all)")
     p.add_argument("--scale-dir", default=None, help="scale suite: folder for the toy data and the ~2 GB checkpoints "
                    "of each B step (default: a temporary folder, deleted afterwards)")
+    p.add_argument("--recipe", choices=list(run.RECIPES), default="ours", help="memory suite: the train.py --recipe "
+                   "(a Tab. 1 row) whose full-scale run is planned")
     p.add_argument("--gpus", type=int, default=PLAN_GPUS, help="memory suite: cards the global batch is split over "
                    "(default 8, one node; the paper's runs use 16, two nodes of 8)")
     p.add_argument("--train-steps", type=int, default=120, help="gpu-train suite: training steps (120: compile + "
@@ -727,7 +733,7 @@ def run_suite(args, device, dtype):
     elif args.suite == "scale":
         rows = scale_suite(args)
     elif args.suite == "memory":
-        rows = memory_plan(gpus=args.gpus)
+        rows = memory_plan(gpus=args.gpus, recipe=args.recipe)
         print_table(rows, PLAN_COLS)
     elif args.suite == "gpu-train":
         rows = gpu_train(args, device)

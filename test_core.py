@@ -1894,9 +1894,8 @@ def test_transfer_to_text_command_parses(e2e, tmp_path, capsys):
 
 
 def test_readme_resample_names_pe_base():
-    # the README's 512 px example once gave --schedule-scale 2 --pe-grid resample without --pe-base, so the
-    # "resampled" grid silently equalled extrapolation (pe_base defaults to the run's own grid); every README command
-    # that asks for a resampled grid must name the pre-training grid
+    # without --pe-base a "resampled" grid spans the run's own grid, which equals extrapolation (pe_base defaults to
+    # the run's own grid); every README command that asks for a resampled grid must name the pre-training grid
     text = open(os.path.join(_TRN_REPO, "README.md")).read()
     spans = re.findall(r"`([^`\n]*--pe-grid resample[^`\n]*)`", text) + [
         ln for blk in re.findall(r"```bash\n(.*?)```", text, re.S) for ln in blk.replace("\\\n", " ").splitlines()
@@ -2457,6 +2456,53 @@ def test_missing_weights_offline(tmp_path, flags, flag):
     err = r.stderr.strip().splitlines()
     assert r.returncode != 0 and flag in err[-1] and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def _readme_torchrun_train(text):
+    """(torchrun's arguments, train.py's flags) of every `torchrun ... train.py ...` command in the README's bash
+    blocks, line continuations joined."""
+    cmds = []
+    for blk in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in blk.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split(" #")[0])
+            if words[:1] == ["torchrun"] and "train.py" in words:
+                i = words.index("train.py")
+                cmds.append((words[1:i], words[i + 1:]))
+    return cmds
+
+
+def test_full_scale_commands_fit():
+    """Every full-scale `torchrun ... train.py` command in the README fits the card it names (8 x A100-80GB, the
+    paper's §4 nodes, where the section names none): its per-card micro-batch (global batch / cards / --grad-accum,
+    or the plan's own choice under --grad-accum auto) within the memory plan's room on that card, by the same
+    numbers as bench.py --suite memory (run.memory_per_card; ImageNet-1k's 1000 classes where the class count comes
+    from the data at run time). --init-from is left out: the transferred file's
+    settings are the flags transfer.py prints, which the command repeats."""
+    readme = open(os.path.join(_TRN_REPO, "README.md")).read()
+    cmds = _readme_torchrun_train(readme)
+    assert len(cmds) >= 3, cmds
+    card = "A100-80GB"
+    assert f"on 8 × {card}" in readme
+    for tr, flags in cmds:
+        opts = dict(zip(tr[::2], tr[1::2])) if all(w.startswith("--") for w in tr[::2]) else {}
+        gpus = int(opts.get("--nproc_per_node", opts.get("--nproc-per-node", 1))) * int(opts.get("--nnodes", 1))
+        if "--init-from" in flags:
+            i = flags.index("--init-from")
+            flags = flags[:i] + flags[i + 2:]
+        if "latents" in flags:  # the shards' meta.json names VAE and size; the same run encoding on the fly plans
+            flags[flags.index("latents")] = "imagefolder"  # the same network, with the VAE counted on the card
+        cfg = bench.print_config(flags)
+        if cfg["args"]["semantic"] == "class" and cfg["spec"]["semantic"]["num_classes"] is None:
+            flags = flags + ["--num-classes", "1000"]  # the class count an ImageFolder root gives at run time
+        m = bench.measure_memory(flags)
+        per_card, accum = cfg["args"]["global_batch"] // gpus, cfg["args"]["grad_accum"]
+        room = run.PLAN_FILL * (bench.CARDS[card] - run.PLAN_RESERVE) - m["fixed_gib"]
+        if accum == "auto":
+            assert run.plan_micro_batch(m, per_card, bench.CARDS[card]) is not None, (flags, m)
+        else:
+            assert per_card % accum == 0, (flags, per_card, accum)
+            need = per_card // accum * m["act_gib"]
+            assert need <= room, f"README: {' '.join(flags)} needs {need + m['fixed_gib']:.1f} GiB per {card}"
 
 
 def test_readme_commands_parse():
