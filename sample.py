@@ -11,14 +11,16 @@ batch size or on which other images are drawn with it (EDM2). The model, its lat
 schedule come from the checkpoint's run spec (run.load_checkpoint; generation is run.generate).
 """
 import argparse
+import glob
+import json
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 
-import conditioning
 import data
 import diffusion
-import models
 import run
 
 
@@ -40,10 +42,14 @@ def get_parser():
                    "[-1, 1] while sampling, or not (default: the run's --clip-x0)")
     g.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
                    help="also write one PNG per image, named by its seed: 000007.png (default: on)")
+    g.add_argument("--npz", default=None, metavar="FILE.npz", help="also write the images as an ADM sample batch, "
+                   "the file ADM's evaluator and evaluate.py --images read: arr_0 uint8 (N, H, W, 3) in ascending "
+                   "seed order, quantised as the PNGs, and arr_1 int64 class labels for class-conditional checkpoints")
     g = p.add_argument_group("semantic condition")
     g.add_argument("--classes", nargs="*", default=None, help="class ids or embedded class names (default: first 10)")
     g.add_argument("--prompts", nargs="*", default=None, help="text prompts (text-mode checkpoints)")
-    g.add_argument("--prompt-file", default=None, help="file with one prompt per line")
+    g.add_argument("--prompt-file", default=None, help="file with one prompt per line, or a COCO captions .json "
+                   "(the first caption of each image, by image_id)")
     g.add_argument("--n-per", type=int, default=4, help="images per class / prompt (default: 4)")
     g.add_argument("--seeds", default=None, help="seed list '0-15' or '3,7'; one per image (default: 0..N-1)")
     g = p.add_argument_group("sampler and guidance")
@@ -71,9 +77,73 @@ def get_parser():
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="autocast (default: "
                    "auto = bf16 on CUDA)")
     g.add_argument("--nrow", type=int, default=None, help="images per grid row (default: --n-per)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar of the "
+                   "sampling steps of each batch on stderr (default: on)")
     return p
 
 
+# ----------------------------------------------------------------------------- prompt files, sample sets on disk
+def read_prompts(path, flag="--prompts"):
+    """(captions, format) of a prompts FILE, in generation order: a .json is a COCO captions file
+    (captions_val2014.json), anything else has one caption per line (stripped, blank lines skipped).
+    An unreadable, empty or caption-less file is a one-line error naming the flag and the path."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{flag} {path}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8'})")
+    if path.lower().endswith(".json"):
+        captions, fmt = coco_captions(path, text, flag), "coco"
+    else:
+        captions, fmt = [line.strip() for line in text.splitlines() if line.strip()], "lines"
+    if not captions:
+        raise SystemExit(f"{flag} {path} holds no captions")
+    return captions, fmt
+
+
+def coco_captions(path, text, flag="--prompts"):
+    """One caption per image, as the COCO FID protocol generates one image per validation image: the first caption
+    listed for each image_id, images in ascending image_id order (deterministic; COCO lists ~5 per image).
+    Inner whitespace is collapsed, as some COCO captions hold line breaks."""
+    try:
+        first = {}
+        for a in sorted(json.loads(text)["annotations"], key=lambda a: a["image_id"]):  # stable: file order kept
+            caption = " ".join(a["caption"].split())
+            if caption:
+                first.setdefault(a["image_id"], caption)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"{flag} {path} is not a COCO captions json ('annotations': [{{'image_id', 'caption'}}, "
+                         f"...]): {type(e).__name__} {e}")
+    return list(first.values())
+
+
+def write_adm_batch(path, images, labels=None):
+    """An ADM (guided-diffusion) sample batch, written atomically: np.savez with arr_0 = uint8 images (N, H, W, 3)
+    and, when labels are given, arr_1 = int64 labels (N,), the two arrays ADM's image_sample.py saves for a
+    class-conditional model (arr_0 alone otherwise). images: uint8 (N, 3, H, W) or [-1, 1] floats, which are
+    quantised as data.to_pil stores a PNG (ADM truncates instead: its batches differ by at most 1 per channel)."""
+    images = images if images.dtype == torch.uint8 else data.to_uint8(images)
+    arrays = [images.permute(0, 2, 3, 1).numpy()]  # a strided view: np.save writes it in C order, chunk by chunk
+    if labels is not None:
+        arrays.append(np.asarray(labels, dtype=np.int64))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with data.atomic_write(path) as f:  # a file object: np.savez keeps the name as given
+        np.savez(f, *arrays)
+
+
+def read_samples(images, K=None):
+    """(uint8 images (N, 3, R, R), class labels (N,) or None, files or None): a samples folder's PNGs sorted by
+    seed, labelled seed % K as generated (given K); or an ADM sample batch .npz: arr_0 (N, H, W, 3), labels arr_1."""
+    if images.endswith(".npz"):
+        f = np.load(images)
+        y = torch.from_numpy(f["arr_1"]) if "arr_1" in f.files else None
+        return torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).contiguous(), y, None  # the PNGs' memory layout
+    files = sorted(glob.glob(os.path.join(images, "*.png")))
+    y = torch.tensor([int(os.path.basename(f)[:-4]) % K for f in files]) if K else None
+    return torch.stack([data.image_uint8(Image.open(f)) for f in files]), y, files
+
+
+# ----------------------------------------------------------------------------- the grid
 def denoise_training_crops(model, spec, args, out_dir, kw):
     """--denoise-from T: dataset items (the run's own data, crop and flip settings) noised to step T and denoised
     with their own class/caption and φ. Shows what the denoiser keeps and loses from a given noise level on."""
@@ -103,7 +173,7 @@ def grid_labels(spec, args):
     else:
         base = list(args.prompts or [])
         if args.prompt_file:
-            base += [line.strip() for line in open(args.prompt_file) if line.strip()]
+            base += read_prompts(args.prompt_file, "--prompt-file")[0]
         base = base or ["a red square on the left", "a blue circle on the right"]
     return [lab for lab in base for _ in range(args.n_per)]
 
@@ -112,6 +182,8 @@ def main(argv=None):
     p = get_parser()
     args = p.parse_args(argv)
 
+    if args.npz is not None and (not args.npz.endswith(".npz") or args.denoise_from is not None):
+        p.error(f"--npz {args.npz}: expected a path ending in .npz, without --denoise-from")
     if args.denoise_from is not None:
         if not 0 <= args.denoise_from < diffusion.T:
             p.error(f"--denoise-from {args.denoise_from}: T must be in 0..{diffusion.T - 1}")
@@ -130,8 +202,8 @@ def main(argv=None):
         args.control_cfg, rule = run.default_beta(ck.get("args", {}))
         print(f"control guidance {rule} (--control-cfg overrides)")
     kw = dict(steps=args.steps, cfg=args.cfg, control_cfg=args.control_cfg, sampler=args.sampler, device=device,
-              batch_size=args.batch_size, precision=precision, schedule_scale=args.schedule_scale, progress=True,
-              clip_x0=args.clip_x0)
+              batch_size=args.batch_size, precision=precision, schedule_scale=args.schedule_scale,
+              progress=args.progress, clip_x0=args.clip_x0)
     if args.denoise_from is not None:
         return denoise_training_crops(model, spec, args, out_dir, kw)
     labels = grid_labels(spec, args)  # row-major: one row per class / prompt
@@ -144,7 +216,11 @@ def main(argv=None):
             data.to_pil(img).save(os.path.join(out_dir, f"{s:06d}.png"))
     grid = os.path.join(out_dir, "grid.png")
     data.save_grid(imgs, grid, nrow=args.nrow or args.n_per)
-    print(f"wrote {len(imgs)} images and {grid}")
+    if args.npz:
+        order = sorted(range(len(seeds)), key=seeds.__getitem__)  # ascending seed: as the PNG files sort
+        write_adm_batch(args.npz, imgs[order], [labels[i] for i in order] if spec["semantic"]["kind"] == "class"
+                        else None)
+    print(f"wrote {len(imgs)} images and {grid}" + (f" and {args.npz}" if args.npz else ""))
 
 
 if __name__ == "__main__":

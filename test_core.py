@@ -2833,3 +2833,122 @@ def test_bad_class_map_file(tmp_path):
                    "--class-map", "--num-classes")
     _one_line_exit(["--ckpt", ckpt, "--num-classes", "5", "--out", str(out)], "--num-classes 5", "--class-map")
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- sample.py / evaluate.py: ADM sample batches
+@pytest.fixture(scope="module")
+def adm_ckpt(tmp_path_factory):
+    """A 2-step class-conditional checkpoint at 16 px (10 classes)."""
+    out = tmp_path_factory.mktemp("adm") / "run"
+    with _trn_one_thread():
+        train.main([*_TRN_FAST, "--max-steps", "2", "--sample-every", "0", "--out-dir", str(out)])
+    return str(out / "ckpt.pt")
+
+
+def _adm_eval(ckpt, tmp_path, *flags):
+    """evaluate.py's metrics JSON for the run's checkpoint (judge + FID vs held-out items; one cache per test)."""
+    out = str(tmp_path / f"eval{len(glob.glob(str(tmp_path / 'eval*.json')))}.json")
+    with _trn_one_thread():
+        evaluate.main(["--ckpt", ckpt, "--ref", "heldout", "--ref-max", "20", "--no-fid-floor", "--judge-train", "300",
+                       "--judge-heldout", "50", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", out,
+                       *flags])
+    return json.load(open(out))
+
+
+def test_adm_npz(adm_ckpt, tmp_path):
+    # sample.py --npz: arr_0 = the PNGs pixel for pixel (N, H, W, 3) uint8 in ascending seed order, arr_1 = labels
+    folder, npz = tmp_path / "s", str(tmp_path / "s.npz")
+    seeds, labels = [10, 0, 11, 1], [0, 0, 1, 1]  # --classes 0 1 --n-per 2: label = seed % 10, in a shuffled order
+    with _trn_one_thread():
+        sample.main(["--ckpt", adm_ckpt, "--classes", "0", "1", "--n-per", "2", "--seeds", ",".join(map(str, seeds)),
+                     "--steps", "2", "--out-dir", str(folder), "--npz", npz, "--no-progress"])
+    f = np.load(npz)
+    order = sorted(range(4), key=seeds.__getitem__)
+    assert f.files == ["arr_0", "arr_1"] and f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (4, 16, 16, 3)
+    for k, i in enumerate(order):
+        assert np.array_equal(f["arr_0"][k], np.asarray(Image.open(folder / f"{seeds[i]:06d}.png")))
+    assert f["arr_1"].dtype == np.int64 and f["arr_1"].tolist() == [labels[i] for i in order]
+    # evaluate.py scores the batch exactly as the folder of its PNGs: same FID, same judge (labels from arr_1)
+    os.remove(folder / "grid.png")
+    m_png = _adm_eval(adm_ckpt, tmp_path, "--images", str(folder))
+    m_npz = _adm_eval(adm_ckpt, tmp_path, "--images", npz)
+    assert m_npz["fid_n"] == m_npz["judge_n"] == 4
+    assert json.dumps(m_npz, sort_keys=True) == json.dumps(m_png, sort_keys=True)  # NaN per-class entries included
+    relabelled = str(tmp_path / "relabelled.npz")
+    sample.write_adm_batch(relabelled, torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2), (f["arr_1"] + 3) % 10)
+    assert sample.read_samples(relabelled)[1].tolist() == ((f["arr_1"] + 3) % 10).tolist()
+    # evaluate.py --npz while generating: the samples folder as one batch, labels seed % K; scoring it gives the
+    # generating run's numbers
+    gen_npz = str(tmp_path / "gen.npz")
+    m_gen = _adm_eval(adm_ckpt, tmp_path, "--num-samples", "4", "--steps", "2", "--lam", "4", "--npz", gen_npz)
+    g = np.load(gen_npz)
+    pngs = sorted(glob.glob(os.path.splitext(adm_ckpt)[0] + "_samples_n4_*/*.png"))
+    assert len(pngs) == 4 and g["arr_1"].tolist() == [0, 1, 2, 3]
+    assert np.array_equal(g["arr_0"], np.stack([np.asarray(Image.open(p)) for p in pngs]))
+    m_again = _adm_eval(adm_ckpt, tmp_path, "--images", gen_npz)
+    assert {k: v for k, v in m_gen.items() if k.startswith("fid")} == {k: v for k, v in m_again.items()
+                                                                       if k.startswith("fid")}
+    assert m_gen["judge_acc"] == m_again["judge_acc"] and m_gen["judge_ceiling"] == m_again["judge_ceiling"]
+    # bad input: one line naming the flag, nothing written
+    unlabelled = str(tmp_path / "unlabelled.npz")
+    sample.write_adm_batch(unlabelled, torch.from_numpy(g["arr_0"]).permute(0, 3, 1, 2))
+    for flags, words in ((["--npz", str(tmp_path / "x.txt")], "--npz"), (["--images", npz, "--npz", gen_npz], "--npz"),
+                         (["--images", str(tmp_path / "none.npz")], "--images"), (["--images", unlabelled], "arr_1")):
+        with pytest.raises(SystemExit) as e:
+            _adm_eval(adm_ckpt, tmp_path / "bad", *flags)
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / "x.txt") and not os.path.exists(tmp_path / "bad")
+    r = subprocess.run([sys.executable, "sample.py", "--ckpt", adm_ckpt, "--npz", str(tmp_path / "y.npy")],
+                       cwd=_TRN_REPO, env=_trn_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--npz" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ref_npz_stored_stats(tmp_path):
+    # an ADM reference batch holds images arr_0 and their statistics mu/sigma: the stored statistics are used (as ADM's
+    # evaluator does), --ref-max takes its seeded subset of arr_0 instead; arr_0 alone is computed from the images
+    net = lambda x: x.float().mean((2, 3)).double()  # noqa: E731  a 3-d stand-in for Inception
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8)
+    stored = dict(mu=np.arange(3.0), sigma=np.eye(3) * 7)  # not the images' statistics
+    paths = {k: str(tmp_path / f"{k}.npz") for k in ("both", "images", "stats")}
+    np.savez(paths["both"], arr_0=imgs, **stored)
+    np.savez(paths["images"], imgs)
+    np.savez(paths["stats"], **stored)
+    feats = imgs.reshape(30, -1, 3).mean(1)
+    subset = np.sort(np.random.default_rng(0).permutation(30)[:10])
+    for path, limit, (mu, sigma) in ((paths["both"], None, (stored["mu"], stored["sigma"])),
+                                     (paths["stats"], None, (stored["mu"], stored["sigma"])),
+                                     (paths["images"], None, evaluate.stats(feats)),
+                                     (paths["both"], 10, evaluate.stats(feats[subset]))):
+        got = evaluate.ref_stats(net, path, limit=limit)
+        np.testing.assert_allclose(got[0], mu, rtol=1e-12, atol=1e-12)  # float64 means of uint8 values
+        np.testing.assert_allclose(got[1], sigma, rtol=1e-12, atol=1e-9)
+    for limit, words in ((10, "--ref-max"), (None, "mu/sigma")):  # no images to subset / nothing to read
+        np.savez(tmp_path / "empty.npz", other=np.zeros(2))
+        with pytest.raises(SystemExit) as e:
+            evaluate.ref_stats(net, paths["stats"] if limit else str(tmp_path / "empty.npz"), limit=limit)
+        assert words in str(e.value) and "--ref" in str(e.value), str(e.value)
+    for flags, which in (([], "stored mu/sigma"), (["--ref-max", "10"], "arr_0")):  # the metrics JSON says which
+        args = evaluate.get_parser().parse_args(["--images", "x", "--ref", paths["both"], *flags])
+        assert evaluate.fid_reference(args, net, None, 8, 4)[3]["fid_ref_stats"] == which
+
+
+def test_progress_flag(adm_ckpt, tmp_path, capsys):
+    # --no-progress silences every bar (generation, Inception features of samples and reference, LPIPS protocol,
+    # the judge's training; sample.py's sampling steps); the default shows them
+    names = ("generating", "Inception features of the samples", "Inception features of the reference",
+             "LPIPS size protocol", "training the judge")
+    for n, progress in ((2, "--no-progress"), (3, "--progress")):  # a new samples folder and cache: every loop runs
+        with _trn_one_thread():
+            evaluate.main(["--ckpt", adm_ckpt, "--num-samples", str(n), "--steps", "1", "--ref", "embedded",
+                           "--ref-max", "4", "--judge", "--judge-train", "50", "--judge-heldout", "10",
+                           "--lpips-prompts", "1", "--lpips-net", "pixel", "--lpips-sizes", "8", "16",
+                           "--cache-dir", str(tmp_path / f"cache{n}"), "--out", str(tmp_path / f"{n}.json"),
+                           progress])
+            sample.main(["--ckpt", adm_ckpt, "--classes", "0", "--n-per", "1", "--steps", "2", "--out-dir",
+                         str(tmp_path / "s"), progress])
+        err = capsys.readouterr().err
+        if progress == "--no-progress":
+            assert "it/s" not in err and "s/it" not in err and not any(d in err for d in names + ("sampling",)), err
+        else:
+            assert all(d in err for d in names + ("sampling",)), err
