@@ -2880,7 +2880,8 @@ def test_adm_npz(adm_ckpt, tmp_path):
     # evaluate.py --npz while generating: the samples folder as one batch, labels seed % K; scoring it gives the
     # generating run's numbers
     gen_npz = str(tmp_path / "gen.npz")
-    m_gen = _adm_eval(adm_ckpt, tmp_path, "--num-samples", "4", "--steps", "2", "--lam", "4", "--npz", gen_npz)
+    m_gen = _adm_eval(adm_ckpt, tmp_path, "--num-samples", "4", "--steps", "2", "--lam", "4",
+                      "--npz", gen_npz)
     g = np.load(gen_npz)
     pngs = sorted(glob.glob(os.path.splitext(adm_ckpt)[0] + "_samples_n4_*/*.png"))
     assert len(pngs) == 4 and g["arr_1"].tolist() == [0, 1, 2, 3]
