@@ -627,6 +627,7 @@ class MMDiT(_Transformer):
         super().__init__(**kw)
         if context_weights not in CONTEXT_WEIGHTS:
             raise ValueError(f"context_weights must be one of {CONTEXT_WEIGHTS}, got {context_weights!r}")
+        self.context_weights = context_weights
         D, text_dim, pooled_dim = self.hidden, kw.get("text_dim"), kw.get("pooled_dim")
         self.context_embedder = nn.Linear(text_dim, D) if text_dim is not None else None
         self.pooled_embedder = (nn.Sequential(nn.Linear(pooled_dim, D), nn.SiLU(), nn.Linear(D, D))

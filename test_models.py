@@ -1,9 +1,12 @@
-"""Tests of models.py's paper Tab. A1 configurations: `.venv/bin/python -m pytest -q test_models.py`.
-
-Every cell of Tab. A1 (params, GFLOPs at 256 and 512 px, class and text rows) against the models tab_a1_model
-builds, counted on the meta device; the meta count against a real one; the context-stream options of MMDiT and the
-SD 1.x UNet layout against what they claim to be (DiT w/ Att, shared weights, diffusers' UNet2DConditionModel).
-"""
+"""Tests of models.py: `.venv/bin/python -m pytest -q test_models.py` (CPU, a minute). Every denoiser against its
+diffusers counterpart on tiny random weights (DiT, PixArt-α, SD3's mmDiT, the SDXL and SD 1.x UNets), rebuilt from
+its run spec alone; zero-initialised outputs and a gradient for every parameter in every conditioning mode; the
+resampled PE grid; mDT-v2's masking (training only, drawn from its generator, the unmasked pass trained too); the
+original DiT layout's import; every cell of the paper's Tab. A1 (params, GFLOPs at 256 and 512 px, class and text
+rows) against the models tab_a1_model builds, counted on the meta device, and the meta count against a real one; the
+context-stream options of MMDiT against what they claim to be (DiT w/ Att, shared weights)."""
+import io
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup must fail at once, never retry
@@ -12,9 +15,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bench  # noqa: E402
+import diffusion  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
 import transfer  # noqa: E402
+from diffusion import Schedule  # noqa: E402
+from models import UNET_SIZES, UNet  # noqa: E402
+from transfer import import_diffusers_unet, unet_kwargs_from_diffusers  # noqa: E402
 
 # Paper Tab. A1 as printed: (column, cond) -> (params M, GFLOPs @256, GFLOPs @512); the text row's four numbers are
 # UNet, PixArt, mmDiT, Att-DiT.
@@ -232,3 +239,315 @@ def test_tab_a1_text_unet_is_sd1():
         ref(torch.randn(1, 4, 32, 32, device=meta), torch.zeros(1, device=meta), **ctx)
     want = (sum(p.numel() for p in ref.parameters()) / 1e6, fc.get_total_flops() / 1e9)
     assert bench.tab_a1_count("UNet-SDXL", "text", 256) == pytest.approx(want, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- models.py
+
+_CTRL = ("crop", "size", "flip")
+
+
+def _modes(arch):
+    """Every conditioning mode an architecture supports: class via each class_in, and text."""
+    cls = models.MODELS[arch]
+    modes = [dict(num_classes=10, class_in=ci) if "class_in" in models.arch_kwargs(arch) else dict(num_classes=10)
+             for ci in getattr(cls, "class_in_modes", ("adaln",))]  # the UNet takes no class_in: attention only
+    if getattr(cls, "supports_text", False):
+        modes.append(dict(text_dim=48, pooled_dim=24))
+    return modes
+
+
+_CASES = [(a, m) for a in models.MODELS for m in _modes(a)]
+_CASE_IDS = [f"{a}-{m.get('class_in', 'attn' if 'num_classes' in m else 'text')}" for a, m in _CASES]
+
+
+def _model_inputs(B=2, C=4, R=16, text_dim=48, pooled_dim=24):
+    return (torch.randn(B, C, R, R), torch.randint(0, 1000, (B,)),
+            {"y": torch.tensor([3, 10, 7, 1][:B]), "text": torch.randn(B, 77, text_dim),
+             "pooled": torch.randn(B, pooled_dim), "phi": torch.rand(B, 5) * 256, "keep_ctrl": torch.ones(B)})
+
+
+def _rebuilt(ref, ours):
+    """Regression: an imported model is saved, rebuilt from its build_model arguments alone (a run spec's "model",
+    JSON round-tripped as config.json does) and reloaded; it must compute exactly what the imported model computes:
+    nothing may be set after construction."""
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    model = models.build_model(**json.loads(json.dumps(transfer.diffusers_kwargs(ref))))
+    model.load_state_dict(torch.load(buf))
+    return model.eval()
+
+
+def _preds(out):
+    """A model's output as a tuple of predictions: mDT-v2 returns (unmasked, masked) in train mode."""
+    return out if isinstance(out, tuple) else (out,)
+
+
+def test_equivalence_dit(randomize):
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    ref = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10).eval()
+    randomize(ref)
+    with pytest.raises(ValueError):  # untied per-block embedders cannot be one DiT: the importer must refuse
+        transfer.import_diffusers(ref)
+    with torch.no_grad():  # converted DiT checkpoints tie them: do the same
+        for blk in ref.transformer_blocks[1:]:
+            blk.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
+    ours = transfer.import_diffusers(ref).eval()
+    x, t, cond = _model_inputs()
+    with torch.no_grad():
+        want = ref(x, timestep=t, class_labels=cond["y"]).sample[:, :4]  # eps half of eps + variance
+        got = ours(x, t, cond)
+        assert torch.equal(_rebuilt(ref, ours)(x, t, cond), got)
+    err = (got - want).abs().max().item()
+    print(f"DiT max abs err {err:.2e}")
+    assert transfer._size(1152, 28, 16) == "XL"  # a public DiT-XL/2 travels as size XL
+    assert err <= _fp32_tol(want), err  # fp32 rounding of the outputs (_fp32_tol)
+
+
+def test_equivalence_pixart(randomize):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    ref = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                   num_layers=2, cross_attention_dim=32, sample_size=16, patch_size=2,
+                                   caption_channels=48, interpolation_scale=2).eval()  # 2: PE grid / 2 (PixArt 512)
+    randomize(ref)
+    ours = transfer.import_diffusers(ref).eval()
+    x, t, cond = _model_inputs()
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=cond["text"], timestep=t,
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :4]
+        got = ours(x, t, cond)
+        assert torch.equal(_rebuilt(ref, ours)(x, t, cond), got)
+    err = (got - want).abs().max().item()
+    print(f"PixArt max abs err {err:.2e}")
+    assert err <= _fp32_tol(want), err  # fp32 rounding of the outputs (_fp32_tol)
+
+
+@pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
+def test_equivalence_sd3_mmdit(qk_norm, randomize):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    ref = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=32,
+                                qk_norm=qk_norm).eval()
+    randomize(ref)
+    ours = transfer.import_diffusers(ref).eval()
+    x, t, cond = _model_inputs()
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], timestep=t).sample
+        got = ours(x, t, cond)
+        # a non-square input exercises SD3's centre-cropped PE on both axes
+        x2 = torch.randn(2, 4, 12, 20)
+        want2 = ref(x2, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], timestep=t).sample
+        got2 = ours(x2, t, cond)
+        rebuilt = _rebuilt(ref, ours)
+        assert torch.equal(rebuilt(x, t, cond), got) and torch.equal(rebuilt(x2, t, cond), got2)
+    err = max((got - want).abs().max().item(), (got2 - want2).abs().max().item())
+    print(f"SD3 (qk_norm={qk_norm}) max abs err {err:.2e}")
+    assert err <= _fp32_tol(want), err  # fp32 rounding of the outputs (_fp32_tol)
+
+
+def _build(arch, **kw):
+    """build_model at 16 px latents (the UNet takes no input_size: it is fully convolutional)."""
+    if arch != "unet":
+        kw["input_size"] = 16
+    return models.build_model(arch, "tiny", in_channels=4, control=_CTRL, **kw)
+
+
+@pytest.mark.parametrize("arch,mode", _CASES, ids=_CASE_IDS)
+def test_zero_init_outputs_zero(arch, mode):
+    torch.manual_seed(0)
+    model = _build(arch, **mode)
+    x, t, cond = _model_inputs()
+    for train in (True, False):
+        model.train(train)
+        for out in _preds(model(x, t, cond)):
+            assert out.shape == x.shape
+            assert torch.equal(out, torch.zeros_like(out)), f"{arch} fresh output is not exactly 0"
+
+
+@pytest.mark.parametrize("arch,mode", _CASES, ids=_CASE_IDS)
+def test_every_param_gets_grad(arch, mode, randomize):
+    torch.manual_seed(0)
+    model = _build(arch, **mode).train()
+    randomize(model)
+    x, t, cond = _model_inputs(B=4)
+    cond["phi"][:, 2] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # flip flag as the data gives it
+    t = torch.tensor([10, 300, 600, 900])  # gamma_c(t) > 0 for some samples, so the size branch is live
+    sum(p.square().mean() for p in _preds(model(x, t, cond))).backward()
+    dead = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not dead, f"{arch}: parameters without gradient: {dead}"
+
+
+def test_pe_resample(randomize):
+    n_base = 8
+    base = models.grid_1d(n_base, "resample", n_base)
+    up = models.grid_1d(2 * n_base, "resample", n_base)
+    assert up.min() == base.min() and up.max() == base.max() == n_base  # same span at 2x resolution
+    assert len(up) == 2 * n_base and torch.allclose(up[1] - up[0], torch.tensor(n_base / (2 * n_base - 1), dtype=up.dtype))
+    ext = models.grid_1d(2 * n_base, "extrapolate")
+    assert ext.max() > models.grid_1d(n_base, "extrapolate").max()  # extrapolation leaves the trained range
+    # a model built for 16x16 latents runs at 32x32 in both modes, and the modes give different embeddings there
+    torch.manual_seed(0)
+    outs = {}
+    for mode in models.PE_GRIDS:
+        model = models.build_model("dit", "tiny", input_size=16, in_channels=4, num_classes=10, pe_grid=mode)
+        randomize(model)
+        pe = model.x_embedder.pos_embed(16, 16, torch.device("cpu"))
+        assert pe.shape == (1, 256, model.hidden)
+        x, t, cond = _model_inputs(R=32)
+        outs[mode] = (pe, model(x, t, cond))
+        assert outs[mode][1].shape == x.shape
+    assert not torch.allclose(outs["resample"][0], outs["extrapolate"][0])
+
+
+def _mdt_tiny(randomize):
+    torch.manual_seed(0)
+    model = models.build_model("mdt", "tiny", input_size=16, in_channels=4, num_classes=10, mask_ratio=0.3)
+    randomize(model)
+    return model
+
+
+def test_mdt_masking_train_only(randomize):
+    model = _mdt_tiny(randomize)
+    x, t, cond = _model_inputs()
+    model.eval()
+    with torch.no_grad():
+        e1, e2 = model(x, t, cond), model(x, t, cond)
+        model.mask_ratio = 0.0  # eval output must not depend on the mask ratio at all
+        e3 = model(x, t, cond)
+        model.mask_ratio = 0.3
+        model.train()
+        tr = model(x, t, cond)
+    assert torch.equal(e1, e2) and torch.equal(e1, e3), "eval output changed: masking leaked into eval"
+    assert isinstance(tr, tuple) and len(tr) == 2, "mDT-v2 in train mode returns (unmasked, masked) predictions"
+    assert not torch.allclose(tr[1], e1, atol=1e-4), "training mode output ignores the mask"
+
+
+def test_mdt_trains_unmasked_pass(randomize):
+    """Regression: MDTv2 adds the loss of the full, unmasked input at every step (same t, same x_t), so the path used at
+    inference is trained too; the training loss is the sum of the two passes' losses."""
+    model = _mdt_tiny(randomize)
+    x0, t, cond = _model_inputs(B=3)
+    cond = {"y": torch.tensor([3, 10, 7])}
+    eps, sched = torch.randn_like(x0), Schedule()
+    with torch.no_grad():
+        want_full = model.eval()(sched.q_sample(x0, t, eps), t, cond)  # the inference path
+        model.train()
+        gen = lambda: dict(cond, mask_generator=torch.Generator().manual_seed(5))  # the same mask in both calls
+        full, masked = model(sched.q_sample(x0, t, eps), t, gen())
+        _, per_sample, _ = diffusion.loss_fn(model, sched, x0, gen(), t, eps)
+    assert torch.equal(full, want_full), "the unmasked pass of training is not the inference path"
+    mse = lambda p: (p - eps).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(per_sample, mse(full) + mse(masked), rtol=1e-6, atol=0)
+
+
+def test_mdt_mask_from_generator(randomize):
+    """Regression: mDT's mask comes from cond["mask_generator"] (train.py: a function of (seed, step, chunk)), not from the
+    global RNG, so mDT training is a function of (seed, step)."""
+    model = _mdt_tiny(randomize).train()
+    x, t, cond = _model_inputs()
+    cond = {"y": cond["y"]}
+    outs = []
+    with torch.no_grad():
+        for gseed, global_seed in ((5, 0), (5, 1), (6, 0)):
+            torch.manual_seed(global_seed)
+            outs.append(model(x, t, dict(cond, mask_generator=torch.Generator().manual_seed(gseed)))[1])
+    assert torch.equal(outs[0], outs[1]), "the mask depends on the global RNG"
+    assert not torch.allclose(outs[0], outs[2]), "the mask ignores its generator"
+
+
+def test_import_dit_original_layout(randomize):
+    """A facebookresearch/DiT-style state_dict (stored pos_embed, 8 output channels eps + variance) imports exactly."""
+    torch.manual_seed(0)
+    src = models.build_model("dit", "tiny", input_size=16, in_channels=4, num_classes=10)
+    randomize(src)
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    D, p = src.hidden, src.patch_size
+    for n in ("weight", "bias"):  # interleave a fake variance half: rows are ordered (p, q, c) with c = 8 channels
+        eps = sd[f"final_layer.linear.{n}"].view(p * p, 4, *sd[f"final_layer.linear.{n}"].shape[1:])
+        sd[f"final_layer.linear.{n}"] = torch.cat([eps, torch.randn_like(eps)], 1).flatten(0, 1)
+    sd["pos_embed"] = torch.zeros(1, 64, D)
+    ours = transfer.import_dit_original(sd)
+    x, t, cond = _model_inputs()
+    with torch.no_grad():
+        assert torch.equal(ours(x, t, cond), src(x, t, cond))
+
+
+# ----------------------------------------------------------------------------- models.py: SDXL UNet
+
+# tiny SDXL-style reference config (REFERENCES.md): 2 levels, cross-attn at the coarse one, "text_time" add-embedding
+_UNET_DIFFUSERS_CFG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    norm_num_groups=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), cross_attention_dim=32,
+    transformer_layers_per_block=(1, 1), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8)
+
+
+def _unet_perturb(model, std=0.02):
+    """Give every parameter (zero-initialised ones included) a random nudge, so no branch starts dead."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def _unet_conds(B, num_classes=None, text_dim=32, pooled_dim=24):
+    phi = torch.tensor([[3.0, 5.0, 1.0, 300.0, 400.0]]).repeat(B, 1)  # crop_top, crop_left, flip, orig_h, orig_w
+    if num_classes:
+        return {"y": torch.arange(B) % (num_classes + 1), "phi": phi}  # includes the null id
+    return {"text": torch.randn(B, 7, text_dim), "pooled": torch.randn(B, pooled_dim), "phi": phi}
+
+
+def test_equivalence_sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    ref = _unet_perturb(UNet2DConditionModel(**_UNET_DIFFUSERS_CFG)).eval()  # diffusers zero-inits nothing here,
+    ours = import_diffusers_unet(UNet(**unet_kwargs_from_diffusers(ref.config)), ref).eval()  # but perturb anyway
+    B = 2
+    x, t = torch.randn(B, 4, 16, 15), torch.tensor([10, 937])  # odd width exercises the upsample-to-skip-size path
+    text, pooled = torch.randn(B, 7, 32), torch.randn(B, 24)
+    time_ids = torch.tensor([[512.0, 640, 16, 32, 256, 256], [1024, 768, 0, 0, 512, 512]])
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=text,
+                   added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        got = ours(x, t, {"text": text, "pooled": pooled, "time_ids": time_ids})
+    err = (got - want).abs().max().item()
+    assert want.abs().max() > 0.1 and err <= _fp32_tol(want), f"max abs diff {err:.3g}"  # fp32 rounding
+    # importing into a model with our control: the (zero-init) control embedder is the only new module
+    ours_c = import_diffusers_unet(UNet(**unet_kwargs_from_diffusers(ref.config), control=("crop", "size")), ref)
+    phi = torch.tensor([[16.0, 32, 0, 512, 640], [0, 0, 1, 1024, 768]])
+    with torch.no_grad():
+        got = ours_c.eval()(x, t, {"text": text, "pooled": pooled, "time_ids": time_ids, "phi": phi})
+    assert (got - want).abs().max() <= _fp32_tol(want)  # fp32 rounding of the outputs
+    # the phi route builds the same time ids: (orig_h, orig_w, crop_top, crop_left, target = 8 x latent size)
+    x = torch.randn(B, 4, 16, 16)
+    ids = torch.tensor([[512.0, 640, 16, 32, 128, 128], [1024, 768, 0, 0, 128, 128]])
+    with torch.no_grad():
+        a = ours(x, t, {"text": text, "pooled": pooled, "phi": phi})
+        b = ours(x, t, {"text": text, "pooled": pooled, "time_ids": ids})
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["class", "text", "text_sdxl"])
+def test_unet_zero_init_and_grads(mode):
+    torch.manual_seed(0)
+    kw = dict(num_classes=10) if mode == "class" else dict(text_dim=32, pooled_dim=24)
+    model = UNet(**UNET_SIZES["tiny"], **kw, in_channels=4, control=("crop", "size", "flip"), gamma="uniform",
+                 time_ids=mode == "text_sdxl")
+    cond = _unet_conds(4, **({"num_classes": 10} if mode == "class" else {}))
+    x, t = torch.randn(4, 4, 8, 8), torch.tensor([0, 250, 500, 999])
+    assert torch.equal(model(x, t, cond), torch.zeros_like(x))  # fresh model: eps = 0 exactly
+    _unet_perturb(model)
+    loss = (model(x, t, cond) - torch.randn_like(x)).pow(2).mean()
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    assert not dead, f"parameters without gradient: {dead}"

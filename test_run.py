@@ -1,10 +1,11 @@
-"""
-Tests of run.py (the run: presets and their precedence, the run spec, checkpoints in both formats, --init-from,
-sampling from a checkpoint) and of the training CLI features that write the run's files (ema.safetensors,
---keep-every, TensorBoard events). CPU, tiny models, a few training steps each.
-
-    HF_HUB_OFFLINE=1 python -m pytest -q test_run.py
-"""
+"""Tests of run.py: `.venv/bin/python -m pytest -q test_run.py` (CPU, tiny models, a few training steps each). The
+presets and their precedence (flag > recipe row > scale > tiny) and --print-config; --size XL resolving to the
+paper's run at 256 and 512 px, and the recipe rows' sizes; the run spec (the schedule it holds and generate sampling
+as the run trained, --width / --depth); checkpoints in both formats, written atomically, and --init-from; the
+evaluation default of β; the memory plan's activation count; and the training CLI features that write the run's files
+(ema.safetensors, --keep-every, TensorBoard events)."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -15,10 +16,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import bench  # noqa: E402
+import data  # noqa: E402
+import diffusion  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
 import transfer  # noqa: E402
+from diffusion import T  # noqa: E402
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # a few steps of the default job's tiny model: enough to move the weights away from their init
@@ -231,3 +236,172 @@ def test_recipe_rows(recipe, capsys):
         with torch.device("meta"):
             n = sum(p.numel() for p in models.build_model(**model_kw).parameters()) / 1e6
         assert abs(n / paper_m - 1) < 0.02, f"{recipe} {kind}: {n:.2f} M vs Tab. A1 {column} {paper_m} M"
+
+
+# ----------------------------------------------------------------------------- checkpoints; the spec's schedule, size
+
+def test_atomic_checkpoint(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    path = str(tmp_path / "ckpt.pt")
+    good = {"step": 1, "w": torch.randn(4)}
+    run.save_checkpoint(good, path)
+
+    def crash(*_):  # the process dies after writing the temp file, before the rename
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_checkpoint({"step": 2, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+
+    real_save = torch.save
+
+    def half_write(obj, f):  # the process dies in the middle of writing
+        real_save(obj, f)
+        f.truncate(10)
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(torch, "save", half_write)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_checkpoint({"step": 3, "w": torch.zeros(4)}, path)
+    monkeypatch.undo()
+    ck = torch.load(path, weights_only=False)
+    assert ck["step"] == 1 and torch.equal(ck["w"], good["w"])
+    run.save_checkpoint({"step": 4, "w": torch.ones(4)}, path)  # and the next good write replaces it
+    assert torch.load(path, weights_only=False)["step"] == 4
+
+
+def test_objective_flags_travel(train_spec):
+    # train.py's diffusion flags: defaults are today's eps-DDPM, --recipe sd3 is rectified flow with logit-normal t
+    # (explicit flags win), impossible combinations are refused, the run spec's schedule entry holds them all, and
+    # run.generate samples as the run trained.
+    a = vars(train.parse_args(["--no-tiny-recipe"]))  # the paper's recipe (Tab. A4) at tiny size
+    assert diffusion.schedule_spec(a) == {**diffusion.SCHEDULE_DEFAULTS, "t_density": "uniform"}
+    assert (a["objective"], a["class_in"]) == ("eps", "attn")
+    a = vars(train.parse_args([]))  # the tiny default: TINY_RECIPE's deviations; any explicit flag still wins
+    assert (a["objective"], a["t_density"], a["class_in"]) == ("rf", "logit-normal", "adaln")
+    assert vars(train.parse_args(["--class-in", "attn"]))["class_in"] == "attn"
+    assert vars(train.parse_args(["--size", "S"]))["objective"] == "eps"
+    sd3_args, sd3 = train_spec(["--recipe", "sd3", "--resolution", "16", "--patch-size", "4"])
+    assert (sd3_args.objective, sd3_args.t_density) == ("rf", "logit-normal")
+    assert sd3["schedule"] == diffusion.schedule_spec(vars(sd3_args)) and sd3["schedule"]["objective"] == "rf"
+    assert vars(train.parse_args(["--recipe", "sd3", "--objective", "eps"]))["t_density"] == "uniform"
+    for bad in (["--no-tiny-recipe", "--zero-snr"], ["--no-tiny-recipe", "--shift", "3"]):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            train.parse_args(bad)
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ts = []
+
+        def forward(self, x, t, cond):
+            self.ts.append(t.clone())
+            return torch.zeros_like(x)
+
+    eps_sched = {**sd3["schedule"], "objective": "eps", "t_density": "uniform"}
+    for sch, first, n in [(sd3["schedule"], T, 4), (eps_sched, T - 1, 4), ({**sd3["schedule"], "shift": 3.0}, T, 4)]:
+        spec, rec = {**sd3, "schedule": sch}, Recorder()
+        out = run.generate(rec, spec, [0], [1], steps=n, cfg=1.0)
+        assert len(rec.ts) == n and rec.ts[0].tolist() == [first], sch["objective"]
+        if sch["objective"] == "rf":  # v = 0 leaves the starting noise unchanged through every Euler step
+            noise = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(out[0], noise.clamp(-1, 1))
+            assert rec.ts[0].dtype == torch.float32
+            torch.testing.assert_close(torch.cat(rec.ts), diffusion.make_schedule(**sch).timesteps(n))
+
+
+def test_width_depth_and_clip_overrides(train_spec):
+    # --width / --depth replace the preset's (heads keep its head width of 16) in the run spec, and what is built
+    # from the spec has them; generate(clip_x0=) overrides the spec's x0 clamping exactly as a run trained with it
+    _, spec = train_spec(["--width", "96", "--depth", "2", "--resolution", "16"])
+    assert spec["model"]["size"] == {"hidden": 96, "depth": 2, "heads": 6}
+    m = models.build_model(**spec["model"])
+    assert (len(m.blocks), m.heads, m.hidden) == (2, 6, 96)
+    assert sum(p.numel() for p in m.parameters()) > sum(p.numel() for p in models.build_model(
+        **{**spec["model"], "size": "tiny"}).parameters())
+    assert train_spec(["--resolution", "16"])[1]["model"]["size"] == "tiny"
+
+    class Far(torch.nn.Module):  # predicts x0 = -2 x_t, i.e. v = (x_t - x0) / s = 3 x_t / s: x0 leaves [-1, 1]
+        def forward(self, x, t, cond):
+            return 3 * x / (t / T).view(-1, 1, 1, 1)
+
+    clipped = {**spec, "schedule": {**spec["schedule"], "clip_x0": True}}
+    plain = run.generate(Far(), spec, [0, 1], [1, 2], steps=4, cfg=1.0)
+    over = run.generate(Far(), spec, [0, 1], [1, 2], steps=4, cfg=1.0, clip_x0=True)
+    torch.testing.assert_close(over, run.generate(Far(), clipped, [0, 1], [1, 2], steps=4, cfg=1.0))
+    assert (over - plain).abs().max() > 0.1
+    torch.testing.assert_close(run.generate(Far(), clipped, [0, 1], [1, 2], steps=4, cfg=1.0,
+                                                     clip_x0=False), plain)
+
+
+# ----------------------------------------------------------------------------- the paper's run by scale
+# What --size XL resolves to, written out from the paper (Berrada et al. 2024), not from train.py's tables.
+PAPER_RUN = {  # key: (value at 256 px, value at 512 px, where the paper says it)
+    "vae": ("stabilityai/sd-vae-ft-ema", "stabilityai/sd-vae-ft-ema", "§3.1: latent diffusion on the SD VAE"),
+    "global_batch": (2048, 384, "§4: batch 2048 at 256, 384 at 512"),
+    "lr": (1e-3, 1e-3, "§4: constant lr 10 x 10^-4; Tab. A2"),
+    "adam_betas": ([0.9, 0.95], [0.9, 0.95], "Tab. A4 ours: AdamW (0.9, 0.95)"),
+    "weight_decay": (0.03, 0.03, "Tab. A4 ours: weight decay 0.03"),
+    "crop": ("global", "global", "§3.4 / Fig. 8c: global crops at 256 for a standalone model; local only for transfer"),
+    "gamma": ("cosine", "cosine", "Tab. A4 / Eq. 1: cosine gamma_c"),
+    "gamma_alpha": (8.0, 8.0, "Tab. 2a: alpha = 8"),
+    "text_pad": ("noisy", "noisy", "Tab. 3: noisy replicate padding"),
+    "beta_txt": (0.02, 0.02, "Tab. 3: beta_txt = 0.02"),
+    "max_steps": (600_000, 600_000, "§4: 500k-1M on IN1k; Tab. 4a's IN1k pre-training is 600k"),
+    "objective": ("eps", "eps", "Tab. A4 ours: target eps"),
+    "arch": ("mmdit", "mmdit", "Tab. A4 ours: mmDiT++"),
+    "class_in": ("attn", "attn", "Tab. A4: condition disentanglement, class through attention"),
+    "control": (["crop", "size", "flip"], ["crop", "size", "flip"], "§2.1 / §3.3: crop, size and flip control"),
+    "pe_grid": ("resample", "resample", "Tab. A4: resampled positional embedding"),
+}
+
+
+def test_paper_recipe_table():
+    """--size XL resolves to the paper's run at 256 and 512 px (the table above, with its sources); --print-config
+    prints the same spec and args as one JSON line without loading data; --size tiny keeps the CPU job."""
+    for col, res in enumerate((256, 512)):
+        a = vars(train.parse_args(["--size", "XL", "--resolution", str(res)]))
+        for k, vals in PAPER_RUN.items():
+            assert a[k] == vals[col], f"--size XL at {res} px: {k} = {a[k]!r}, the paper's {vals[col]!r} ({vals[2]})"
+    sd3 = vars(train.parse_args(["--size", "XL", "--recipe", "sd3"]))
+    assert sd3["adam_betas"] == [0.9, 0.999] and sd3["crop"] == "global"  # Tab. A4 SD3 column
+    assert vars(train.parse_args(["--size", "XL", "--global-batch", "256"]))["global_batch"] == 256  # flags win
+    tiny = vars(train.parse_args([]))  # the CPU job, unchanged
+    assert (tiny["resolution"], tiny["vae"], tiny["lr"], tiny["global_batch"], tiny["max_steps"], tiny["crop"],
+            tiny["ema_decay"], tiny["warmup"]) == (data.RESOLUTION, "none", 2e-3, 32, 2400, "global", 0.999, 100)
+    argv = ["--size", "XL", "--resolution", "512", "--data", "imagefolder", "--data-path", "/does/not/exist",
+            "--print-config"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        train.main(argv)  # exits before the (missing) data or the VAE would be loaded
+    lines = buf.getvalue().strip().splitlines()
+    assert len(lines) == 1, lines
+    cfg = json.loads(lines[0])
+    assert cfg["args"]["global_batch"] == 384 and cfg["spec"]["data"]["resolution"] == 512
+    assert cfg["spec"]["model"]["input_size"] == 64 and cfg["spec"]["model"]["in_channels"] == 4  # 512 / 8, SD VAE
+    assert cfg["spec"]["latent"]["scale"] == data.VAE_SCALE and cfg["spec"]["semantic"]["num_classes"] is None
+
+
+def test_eval_beta_follows_recipe():
+    """Control guidance beta: 1.375 for a full-size ours checkpoint (Tab. A3), 1 for tiny and baseline runs."""
+    assert run.default_beta({"recipe": "ours", "size": "XL"})[0] == 1.375
+    assert run.default_beta({"recipe": "ours", "size": "tiny"})[0] == 1.0
+    assert run.default_beta({"recipe": "sd3", "size": "XL"})[0] == 1.0
+    assert run.default_beta({})[0] == 1.0
+
+
+# ----------------------------------------------------------------------------- the memory plan's activation count
+@pytest.mark.parametrize("text", [False, True])
+def test_activation_count_fake_equals_real(text):
+    """The memory plan counts autograd's saved bytes on fake tensors; the same forward on real tensors saves
+    exactly as many bytes (a tiny latent mmDiT at 256 px), and the count grows with the batch."""
+    kw = dict(arch="mmdit", size="tiny", input_size=32, in_channels=4,
+              control=["crop", "size", "flip"], **(dict(text_dim=bench.TEXT_DIM, pooled_dim=bench.POOLED_DIM) if text
+                                                    else dict(num_classes=10)))
+    spec = {"model": kw, "latent": dict(vae="sd", scale=0.18215, channels=4, down=8), "data": {"resolution": 256}}
+    counts = {}
+    for B in (1, 3):
+        fake, n_fake = run.saved_bytes(spec, B, fake=True)
+        real, n_real = run.saved_bytes(spec, B, fake=False)
+        assert (fake, n_fake) == (real, n_real), f"B={B}: fake {fake} B != real {real} B"
+        counts[B] = real
+    assert counts[3] > counts[1] > 0

@@ -502,10 +502,9 @@ def export_blockers(model, spec):
         return out
     if arch in ("dit", "pixart") and model.blocks[0].attn.k_norm is not None:
         out.append(("qk_norm", "q/k RMSNorm"))
-    if model.x_embedder.stem is not None:
-        out.append((f"--stem {m['stem']}", "conv stem"))
-    if model.head is not None:
-        out.append((f"--head {m['head']}", "conv head"))
+    if arch == "mmdit" and getattr(model, "context_weights", "full") != "full":
+        out.append((f"--context-weights {model.context_weights}", "a context stream with weights of its own (SD3's "
+                    "full stream: --context-weights full)"))
     if model.mlp_ratio != MLP_RATIO:
         out.append((f"mlp_ratio {model.mlp_ratio:g}", f"MLP width ({MLP_RATIO:g} x hidden in {cls})"))
     shift = model.t_embedder.freq_shift
