@@ -814,11 +814,11 @@ def replace_flag(flags, name, value):
 
 TRANSFER_VARIANTS = {  # name: (pre-training flags, transfer.py flags, fine-tune flag change)
     "baseline": ([], [], None), "extrapolate": ([], ["--pe-grid", "extrapolate"], None),
-    "no-rescale": ([], [], ("--schedule-scale", 1.0)), "local": (["--crop", "local"], [], None)}
+    "no-rescale": ([], ["--no-rescale"], None), "local": (["--crop", "local"], [], None)}
 # what each transfer evaluation keeps, per fine-tune step: the judge's exact count, FID and the file
 TRANSFER_KEYS = ("judge_acc", "judge_acc_k", "judge_acc_n", "judge_acc_d", "fid", "_path")
 TRANSFER_WHAT = {"baseline": "(resample PE, Eq. 3 rescale, global crops)",
-                 "extrapolate": "transfer.py --pe-grid extrapolate", "no-rescale": "fine-tune --schedule-scale 1",
+                 "extrapolate": "transfer.py --pe-grid extrapolate", "no-rescale": "transfer.py --no-rescale",
                  "local": "pre-train --crop local"}
 
 

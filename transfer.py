@@ -90,13 +90,14 @@ def _fmt(v):
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def transfer_resolution(spec, sd, resolution, pe_grid="resample"):
+def transfer_resolution(spec, sd, resolution, pe_grid="resample", rescale=True):
     """Resolution r -> r' (§2.2): (new spec, weights, report, train.py flags). The schedule scale multiplies by
-    r'/r (Eq. 3); transformers keep their positions spanning the pre-training grid [0, pe_base]."""
+    r'/r (Eq. 3; rescale=False keeps it, the ablation of Fig. 8); transformers keep their positions spanning the
+    pre-training grid [0, pe_base]."""
     b, m = copy.deepcopy(spec), spec["model"]
     factor = resolution / spec["data"]["resolution"]
     b["data"]["resolution"] = resolution
-    b["schedule"]["scale"] = spec["schedule"]["scale"] * factor
+    b["schedule"]["scale"] = spec["schedule"]["scale"] * (factor if rescale else 1.0)
     if "schedule_scale" in m:  # the 'step' gamma_c thresholds the sigma of this schedule
         b["model"]["schedule_scale"] = b["schedule"]["scale"]
     flags = {"--resolution": resolution}
@@ -726,6 +727,8 @@ def get_parser():
                    help="PE grid at r': resample spans the pre-training range (paper), extrapolate = arange "
                    "(default: resample)")
     # dataset transfer
+    p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True, help="with --resolution: "
+                   "multiply the schedule scale by r'/r (Eq. 3); --no-rescale keeps the pre-training schedule")
     p.add_argument("--num-classes", type=int, default=None, help="extend the class table to this many classes "
                    "(ImageNet-22k: 21841)")
     p.add_argument("--class-map", default=None, help="JSON list: new class id of each old class, as "
@@ -826,7 +829,8 @@ def main(argv=None):
                                                          args.text_pad, args.beta_txt)
         flags.update(f)
     if args.resolution is not None:
-        spec, sd, reports["resolution"], f = transfer_resolution(spec, sd, args.resolution, args.pe_grid)
+        spec, sd, reports["resolution"], f = transfer_resolution(spec, sd, args.resolution, args.pe_grid,
+                                                                           args.rescale)
         flags.update(f)
     if not reports:
         raise SystemExit("transfer.py: nothing to do: give --resolution, --num-classes and/or --to-text")
