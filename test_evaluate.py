@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import formats  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
 import sample  # noqa: E402
@@ -319,13 +320,13 @@ def _evaluate(prompt_runs, tmp_path, prompts, *flags):
 def test_read_prompts(tmp_path):
     # one caption per line: stripped, blank lines skipped, order kept
     (tmp_path / "p.txt").write_text("  a red circle on the left \n\n\t a blue square\n   \nzebra\n")
-    assert evaluate.read_prompts(str(tmp_path / "p.txt")) == (["a red circle on the left", "a blue square", "zebra"],
+    assert formats.read_prompts(str(tmp_path / "p.txt")) == (["a red circle on the left", "a blue square", "zebra"],
                                                               "lines")
     # COCO: the first listed caption of each image, images by ascending id, inner whitespace collapsed
     anns = [dict(image_id=42, id=1, caption="b dog"), dict(image_id=7, id=2, caption=" a\ncat "),
             dict(image_id=42, id=3, caption="b second"), dict(image_id=19, id=4, caption="c bird"),
             dict(image_id=7, id=5, caption="a second")]
-    assert evaluate.read_prompts(_coco_json(tmp_path / "c.json", anns)) == (["a cat", "c bird", "b dog"], "coco")
+    assert formats.read_prompts(_coco_json(tmp_path / "c.json", anns)) == (["a cat", "c bird", "b dog"], "coco")
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "blank", "folder", "binary", "bad json", "no annotations",
@@ -350,7 +351,7 @@ def test_read_prompts_errors(tmp_path, kind):
     elif kind == "no image_id":
         path.write_text(json.dumps({"annotations": [{"caption": "a cat"}]}))
     with pytest.raises(SystemExit) as e:
-        evaluate.read_prompts(str(path))
+        formats.read_prompts(str(path))
     msg = str(e.value)
     assert "--prompts" in msg and str(path) in msg and "\n" not in msg, msg
 
@@ -439,8 +440,8 @@ def test_adm_npz(adm_ckpt, tmp_path, one_thread, repo_dir, script_env):
     assert m_npz["fid_n"] == m_npz["judge_n"] == 4
     assert json.dumps(m_npz, sort_keys=True) == json.dumps(m_png, sort_keys=True)  # NaN per-class entries included
     relabelled = str(tmp_path / "relabelled.npz")
-    sample.write_adm_batch(relabelled, torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2), (f["arr_1"] + 3) % 10)
-    assert sample.read_samples(relabelled)[1].tolist() == ((f["arr_1"] + 3) % 10).tolist()
+    formats.write_adm_batch(relabelled, torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2), (f["arr_1"] + 3) % 10)
+    assert formats.read_samples(relabelled)[1].tolist() == ((f["arr_1"] + 3) % 10).tolist()
     # evaluate.py --npz while generating: the samples folder as one batch, labels seed % K; scoring it gives the
     # generating run's numbers
     gen_npz = str(tmp_path / "gen.npz")
@@ -456,7 +457,7 @@ def test_adm_npz(adm_ckpt, tmp_path, one_thread, repo_dir, script_env):
     assert m_gen["judge_acc"] == m_again["judge_acc"] and m_gen["judge_ceiling"] == m_again["judge_ceiling"]
     # bad input: one line naming the flag, nothing written
     unlabelled = str(tmp_path / "unlabelled.npz")
-    sample.write_adm_batch(unlabelled, torch.from_numpy(g["arr_0"]).permute(0, 3, 1, 2))
+    formats.write_adm_batch(unlabelled, torch.from_numpy(g["arr_0"]).permute(0, 3, 1, 2))
     for flags, words in ((["--npz", str(tmp_path / "x.txt")], "--npz"), (["--images", npz, "--npz", gen_npz], "--npz"),
                          (["--images", str(tmp_path / "none.npz")], "--images"), (["--images", unlabelled], "arr_1")):
         with pytest.raises(SystemExit) as e:
