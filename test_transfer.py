@@ -48,10 +48,10 @@ def _fp32_tol(values, ulps=64):
 def _spec(argv):
     """The run spec train.py resolves for argv (embedded data, CPU), as its checkpoints carry it."""
     argv = ["--device", "cpu", *argv]
-    args, set_by = train.parse(argv)
+    args = train.parse_args(argv)
     ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, seed=args.seed)
     enc = conditioning.get_text_encoder(args.text_encoder, args.text_encoder_path) if args.semantic == "text" else None
-    return run.resolve_spec(args, ds, None, enc, {k for k, v in set_by.items() if v == "flag"})
+    return run.resolve_spec(args, ds, None, enc, train.explicit_flags(argv))
 
 
 def _ckpt(path, argv, extra=None, seed=0):
@@ -316,7 +316,7 @@ def _folder_tree(root, wnids):
 def _tiny_ckpt(path):
     """A class checkpoint of train.py's default tiny model (embedded data: 10 classes) with non-init weights."""
     argv = ["--device", "cpu"]
-    args, set_by = train.parse(argv)
+    args = train.parse_args(argv)
     ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, seed=args.seed)
     spec = run.resolve_spec(args, ds, None, None, train.explicit_flags(argv))
     torch.manual_seed(0)

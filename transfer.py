@@ -503,7 +503,7 @@ def export_blockers(model, spec):
         return out
     if arch in ("dit", "pixart") and model.blocks[0].attn.k_norm is not None:
         out.append(("qk_norm", "q/k RMSNorm"))
-    if arch == "mmdit" and getattr(model, "context_weights", "full") != "full":
+    if arch == "mmdit" and model.context_weights != "full":
         out.append((f"--context-weights {model.context_weights}", "a context stream with weights of its own (SD3's "
                     "full stream: --context-weights full)"))
     if model.mlp_ratio != MLP_RATIO:
