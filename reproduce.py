@@ -21,7 +21,7 @@ evaluations are named by a hash of their whole argv: a rerun skips those whose o
 finished run leaves done.json with it; an evaluation its JSON), and any other flag (--train-args, --lam,
 --eval-steps, ...) makes new ones.
 
-Statistics: the rule is verdict()'s docstring (VERDICT_RULE). Every row is trained with the design seeds (`--seeds`;
+Statistics: the rule is verdicts.verdict()'s docstring (VERDICT_RULE). Every row is trained with the design seeds (`--seeds`;
 default three, or five where the pilot runs say three cannot detect the metric's sampling floor at 80 % power:
 seeds_for_power on PILOT) and, when a claim is decided on them, with the confirmation seeds fixed in advance
 (`--confirm-seeds`, default the two after the design seeds); a decisive verdict needs both. Rows are reported as mean
@@ -35,9 +35,10 @@ decides nothing (it is off by default: at N = 500 its Inception network alone wo
 RESULTS.md beside this file): the text between `<!-- reproduce:<study> -->` and `<!-- /reproduce:<study> -->`,
 appended at the end when the markers are absent; everything outside the markers is kept.
 
-How the scripts are called: this file imports only library files (data.py). Each command runs as a subprocess
+How the scripts are called: this file imports only library files (data.py; harness.py runs the commands, verdicts.py
+holds the rule). Each command runs as a subprocess
 (`python train.py ...`, a fresh interpreter, exactly what a user types); `--in-process` instead calls the script's
-`main(argv)` with the same argv, as test_core.py does, for the smoke test. Either way the interface is the CLI, and
+`main(argv)` with the same argv, as test_reproduce.py does, for the smoke test. Either way the interface is the CLI, and
 the fine-tune flags of `transfer` are read from what transfer.py prints.
 
 Default sizes: `--steps` per study and N = 500 were sized for <= 30 min at three seeds on a 2-core Zen 4 (5.7
@@ -51,25 +52,22 @@ runs timed there (see CAL_STEPS_PER_S).
 import argparse
 import contextlib
 import datetime
-import fractions
 import functools
-import hashlib
-import importlib
 import io
 import json
-import math
 import os
-import platform
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 
-from scipy import stats
-
 import data
+from harness import (BUDGET_S, CAL_MACHINE, CAL_STEPS_PER_S, REF_MACHINE, REF_STEPS_PER_S, Study, command_seconds,
+                     digest, estimate, machine, minsec, timing_md)
+from verdicts import (POS_FRACTION, POS_Z, capability, claim_stats, claims_md, fmt, mean, num, paired_deltas,
+                      rule_note, sampling_floor, seeds_for_power, verdict)
+from verdicts import VERDICT_RULE, VERDICTS  # noqa: F401  the rule and its outcomes, read as reproduce.VERDICTS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STUDIES = ("control", "guidance", "padding", "flip", "transfer")
@@ -94,30 +92,8 @@ CENTER = ["--crop", "center"]
 EVAL_STEPS = 25
 NUM_SAMPLES, AUX_SAMPLES = 500, 100  # images of a deciding / of any other evaluation
 LOW_RES = data.RESOLUTION // 2  # transfer: pre-train at half the default job's resolution, fine-tune at it
-# time model of --dry-run, fitted to runs timed alone on a 2-core AMD EPYC Zen 4 where bench.py's default job makes
-# CAL_STEPS_PER_S (mmDiT-tiny, 24 px, batch 32, fp32); every term scales with CAL_STEPS_PER_S / --steps-per-s. A
-# training step costs (resolution / 24)^TOKEN_EXP of the bench step (300 steps at 16 px: 36.5 s with START_S of
-# start-up and saving); a guided sampling step of one image costs SAMPLE_COST training images (500 images x 25 steps:
-# 31 s); a text run (77 tokens of the tiny tower besides the image's) costs TEXT_COST times a class run, in training
-# (175 vs 330 img/s) and sampling (55 vs 24 s); the judge trains once per study (JUDGE_S); TF-Inception on 2 CPU
-# cores: 0.32 s per image (RESULTS.md: 5000 reference images in ~27 min), not scaled
-CAL_STEPS_PER_S, TOKEN_EXP, SAMPLE_COST, TEXT_COST, START_S, JUDGE_S = 5.72, 1.5, 0.63, 2.0, 7.0, 51.0
-REF_STEPS_PER_S, REF_RES, REF_BATCH, INCEPTION_S, BUDGET_S = 2.5, 24, 32, 0.32, 1800
-REF_MACHINE = "the Zen 1 (2-core AMD EPYC, AVX2)"  # RESULTS.md's slow machine, where REF_STEPS_PER_S was measured
-CAL_MACHINE = "the Zen 4 (2-core AMD EPYC, AVX-512)"  # where the time model was fitted and the budget applies
-
-# the verdict rule (verdict's docstring): test level and power, the sampling floor, the confirmation seeds
-ALPHA, POWER = 0.05, 0.80  # two-sided level of the paired t-test; power that sizes the seeds and the MDE
-MIN_IMAGES = 2  # a difference of fewer images than this never counts, whatever its standard error says
 CONFIRM_N = 2  # default confirmation seeds: the CONFIRM_N seeds after the largest design seed
 DESIGN_SEEDS = (3, 5)  # design seeds of a study: three, or five where the pilot says three cannot (even if five cannot)
-# positive control: the capability clears its floor by POS_Z standard errors of one run's measurement and by a
-# practical margin: the floor itself (a distance) or POS_FRACTION of the way from chance to always right (an accuracy)
-POS_Z, POS_FRACTION = 3.0, 0.25
-# accuracies evaluate.py writes as float32 fractions, and the key of the number of images each is over
-COUNTS = {"judge_acc": "judge_n", "caption_shape": "caption_n", "caption_side": "caption_n",
-          "caption_colour": "caption_n"}
-CAPTION_PARTS = ("shape", "side", "colour")
 # pilot runs that size the design seeds: per claim of each study, (Δ per seed, baseline mean, treatment mean, N) of
 # the 3-seed runs at the defaults (RESULTS.md's blocks of 2026-12-03/04, under the earlier ±2 sd rule); control has
 # none (its pilot's size conditioning was absent: nothing to size a test on), so it keeps three
@@ -195,249 +171,6 @@ PAPER = {
 }
 
 
-# ----------------------------------------------------------------------------- running the CLIs
-def digest(argv):
-    """A short hash of an argv: the name of the runs and evaluations it makes."""
-    return hashlib.sha1(shlex.join([str(a) for a in argv]).encode()).hexdigest()[:10]
-
-
-class Runner:
-    """Runs `python <script>.py argv` (subprocess, or main(argv) in this process), logging every command and its
-    measured wall (walls.json, by command line, kept across invocations)."""
-
-    def __init__(self, args, out):
-        self.args, self.out, self.plan, self.ran = args, out, [], 0
-        os.makedirs(out, exist_ok=True)
-
-    def __call__(self, script, argv, capture=False):
-        argv = [str(a) for a in argv]
-        line = shlex.join(["python", f"{script}.py", *argv])
-        self.plan.append((script, argv))
-        if self.args.dry_run:
-            print(line)
-            return ""
-        with open(os.path.join(self.out, "commands.sh"), "a") as f:
-            f.write(line + "\n")
-        self.ran += 1
-        print(f"\n$ {line}", flush=True)
-        t0 = time.time()
-        if self.args.in_process:
-            main = importlib.import_module(script).main
-            buf = io.StringIO()
-            with contextlib.redirect_stdout(buf) if capture else contextlib.nullcontext():
-                main(argv)
-            out = buf.getvalue()
-        else:
-            r = subprocess.run([sys.executable, f"{script}.py", *argv], cwd=REPO, check=True, text=True,
-                               stdout=subprocess.PIPE if capture else None)
-            out = r.stdout or ""
-        walls = self.walls()
-        walls[line] = round(time.time() - t0, 2)
-        with data.atomic_write(os.path.join(self.out, "walls.json"), "w") as f:
-            json.dump(walls, f, indent=0)
-        return out
-
-    def walls(self):
-        """{command line: seconds} of every command this study's folder has timed."""
-        path = os.path.join(self.out, "walls.json")
-        return json.load(open(path)) if os.path.isfile(path) else {}
-
-
-class Study:
-    """The runs of one study: train (skipped when done.json holds the same argv), evaluate (skipped when its JSON
-    exists; its name hashes the argv). fresh: plan as if nothing were on disk (the time table's full plan)."""
-
-    def __init__(self, args, fresh=False):
-        self.args, self.fresh = args, fresh
-        self.out = os.path.join(args.out_dir, args.study)
-        self.run = Runner(args, self.out)
-        self.extra_train = shlex.split(args.train_args)
-        self.extra_eval = shlex.split(args.eval_args)
-        self.planned = set()  # runs, evaluations and transfers already issued in this invocation
-        self.seed_list = list(args.seeds)  # the seeds of the current stage: design, then design + confirmation
-        self.results, self.claims, self.positive = {}, [], None
-
-    def train(self, name, seed, flags, steps=None, init=None, final=None):
-        """One train.py run: <--train-args> + flags, --seed, --max-steps; returns its directory, named by a hash of
-        the argv with --max-steps = final (default: steps), so the resumed segments of one fine-tune share it."""
-        a = self.args
-        steps = steps or a.steps
-
-        def argv(d, n):
-            return [str(x) for x in [*self.extra_train, *flags, "--seed", seed, "--max-steps", n, "--out-dir", d,
-                                     "--device", a.device, *(["--init-from", init] if init else [])]]
-        d = os.path.join(self.out, f"{name}_s{seed}_{digest(argv('', final or steps))}")  # the row's own flags win
-        cmd, done = argv(d, steps), os.path.join(d, "done.json")
-        finished = json.load(open(done)).get("finished", []) if os.path.isfile(done) else []
-        if (d, steps) in self.planned or (not self.fresh and cmd in finished):
-            return d
-        self.planned.add((d, steps))
-        self.run("train", cmd)
-        if not a.dry_run:  # every finished argv of the directory (the segments of a fine-tune resume in it)
-            with data.atomic_write(done, "w") as f:
-                json.dump({"steps": steps, "argv": cmd, "finished": [*finished, cmd]}, f)
-        return d
-
-    def evaluate(self, ckpt, tag, flags=(), fid=True, deciding=True):
-        """evaluate.py on a checkpoint -> its metrics dict with exact counts (exact(); None in a dry run); N =
-        --num-samples where the result decides a verdict, else --aux-samples (at most --num-samples). The JSON is
-        named by a hash of the whole argv, so any other flag re-scores."""
-        a = self.args
-        n = a.num_samples if deciding else min(a.aux_samples, a.num_samples)
-        fid_flags = ["--ref", "heldout", "--ref-max", a.ref_max] if (fid and a.fid) else ["--no-fid", "--ref",
-                                                                                           "heldout"]
-        rest = ["--num-samples", n, "--steps", a.eval_steps, "--batch-size", a.eval_batch, "--device", a.device,
-                *self.extra_eval, *fid_flags, *flags]
-        for flag in ("judge_train", "cache_dir", "inception_path", "lpips_alex_path"):
-            if getattr(a, flag) is not None:
-                rest += ["--" + flag.replace("_", "-"), getattr(a, flag)]
-        rest = [str(x) for x in rest]
-        out = f"{os.path.splitext(ckpt)[0]}_{tag}_n{n}_{digest([ckpt, *rest])}_eval.json"
-        if out in self.planned or (not self.fresh and os.path.isfile(out)):
-            return None if a.dry_run else exact(json.load(open(out)), out)
-        self.planned.add(out)
-        self.run("evaluate", ["--ckpt", ckpt, "--out", out, *rest])
-        return None if a.dry_run else exact(json.load(open(out)), out)
-
-    def seeds(self, fn, design_only=False):
-        """fn(seed) -> metrics dict, for every seed of the stage (design_only: the design seeds, for the rows that
-        only the positive control reads): {key: [values over seeds]}."""
-        per = [fn(s) for s in (self.args.seeds if design_only else self.seed_list)]
-        if any(p is None for p in per):
-            return {}
-        return {k: [p.get(k) for p in per] for k in set().union(*per)}
-
-
-# ----------------------------------------------------------------------------- exact metrics and the verdict rule
-def fmt(vals, digits=3):
-    """Mean over seeds, '± sd' with two or more seeds; '—' when missing."""
-    vals = [v for v in (vals or []) if finite(v)]
-    if not vals:
-        return "—"
-    m = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return f"{m:.{digits}f}"
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{m:.{digits}f} ± {sd:.{digits}f}"
-
-
-def mean(vals):
-    """Mean of the finite values (nan when there are none)."""
-    vals = [v for v in (vals or []) if finite(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def finite(v):
-    """A number that is neither nan nor infinite (bool and None are not numbers here)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def related(metric, suffix):
-    """The key of a metric's companion value: ('judge_acc@200', 'k') -> 'judge_acc_k@200'."""
-    base, at, step = metric.partition("@")
-    return f"{base}_{suffix}{at}{step}"
-
-
-def exact(m, path="metrics"):
-    """An evaluate.py metrics dict with every accuracy as an exact count, in float64: <key>_k of <key>_n images agree
-    and <key> = k / n. evaluate.py writes float32 fractions, so k = round(acc · n), checked to be a count to within
-    float32 rounding (else a one-line error naming the file). caption_mean becomes the three parts' counts over 3n
-    (<key>_d is each value's denominator) and caption_mean_chance their mean chance; judge_acc_chance = 1/classes.
-    _path records the file."""
-    m = {**m, "_path": path}
-    for key, nkey in COUNTS.items():
-        acc, n = m.get(key), m.get(nkey)
-        if not (finite(acc) and isinstance(n, int) and n > 0):
-            continue
-        k = round(acc * n)
-        if not 0 <= k <= n or abs(acc * n - k) > n * 2.0 ** -23:  # float32 of k/n is within 2^-24 of it
-            sys.exit(f"reproduce.py: {path}: {key} = {acc!r} over {nkey} = {n} images is not a count of images")
-        m.update({key: k / n, f"{key}_k": k, f"{key}_n": n, f"{key}_d": n})
-    parts = [f"caption_{p}" for p in CAPTION_PARTS]
-    if all(f"{p}_k" in m for p in parts) and len({m[f"{p}_n"] for p in parts}) == 1:
-        n, k = m["caption_side_n"], sum(m[f"{p}_k"] for p in parts)
-        m.update(caption_mean=k / (3 * n), caption_mean_k=k, caption_mean_n=n, caption_mean_d=3 * n)
-        if all(finite(m.get(f"{p}_chance")) for p in parts):
-            m["caption_mean_chance"] = sum(m[f"{p}_chance"] for p in parts) / len(parts)
-    if finite(m.get("judge_chance")):
-        m["judge_acc_chance"] = m["judge_chance"]
-    return m
-
-
-def paired_deltas(b, t, metric):
-    """treatment − baseline per seed (None where either is missing), from the exact counts where both rows have
-    them (the exact difference, rounded once to float64), else from the values."""
-    out = []
-    for i, (bv, tv) in enumerate(zip(b.get(metric) or [], t.get(metric) or [])):
-        cnt = [(r.get(related(metric, "k")) or [None] * (i + 1))[i] for r in (b, t)]
-        den = [(r.get(related(metric, "d")) or [None] * (i + 1))[i] for r in (b, t)]
-        if all(isinstance(x, int) for x in cnt + den):
-            out.append(float(fractions.Fraction(cnt[1], den[1]) - fractions.Fraction(cnt[0], den[0])))
-        else:
-            out.append(tv - bv if finite(bv) and finite(tv) else None)
-    return out
-
-
-def sampling_floor(b, t, metric):
-    """The smallest treatment − baseline the metric resolves at its N, from the rows' per-seed numbers: for an
-    accuracy, the binomial standard error of a difference of two proportions, sqrt(p_b(1 − p_b)/N_b +
-    p_t(1 − p_t)/N_t) (p: mean over seeds; N: images of one evaluation), and at least MIN_IMAGES images; for a mean
-    over P prompts (the size distance), its standard error sqrt(sd_b²/P_b + sd_t²/P_t) (sd over prompts,
-    root-mean-square over seeds). nan where the rows lack what it needs."""
-    def part(r):
-        vals, n = r.get(metric) or [], [v for v in (r.get(related(metric, "n")) or []) if finite(v)]
-        if n:
-            p = mean(vals)
-            return p * (1 - p) / min(n), min(n)
-        sd, prompts = r.get(related(metric, "sd")) or [], r.get(related(metric, "prompts")) or []
-        var = [s * s / k for s, k in zip(sd, prompts) if finite(s) and finite(k) and k > 0]
-        return (mean(var), None) if var else (float("nan"), None)
-    (vb, nb), (vt, nt) = part(b), part(t)
-    se = math.sqrt(vb + vt) if finite(vb + vt) else float("nan")
-    return max(se, MIN_IMAGES / min(nb, nt)) if nb and nt and finite(se) else se
-
-
-def power(n, effect, sd, alpha=ALPHA):
-    """Power of the two-sided paired t-test at level alpha over n seeds to detect a mean Δ of `effect` when Δ has
-    standard deviation sd across seeds (noncentral t with n − 1 degrees of freedom)."""
-    if n < 2:
-        return 0.0
-    if sd == 0:
-        return 1.0 if effect else alpha
-    df, nc = n - 1, abs(effect) * math.sqrt(n) / sd
-    tc = stats.t.ppf(1 - alpha / 2, df)
-    lower = stats.nct.cdf(-tc, df, nc)  # the far tail: below 1e-9 where scipy's series gives nan
-    return float(stats.nct.sf(tc, df, nc) + (lower if lower == lower else 0.0))
-
-
-def seeds_for_power(pilot, effect, target=POWER, alpha=ALPHA, most=100):
-    """The fewest seeds (>= 2) whose paired t-test detects a mean Δ of `effect` with `target` power, sd(Δ) taken
-    from a pilot's per-seed Δ (ddof 1); None when even `most` seeds cannot."""
-    d = [float(v) for v in pilot if finite(v)]
-    if len(d) < 2:
-        return None
-    m = sum(d) / len(d)
-    sd = math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1))
-    return next((n for n in range(2, most + 1) if power(n, effect, sd, alpha) >= target), None)
-
-
-def mde(n, sd, target=POWER, alpha=ALPHA):
-    """Minimum detectable effect of the paired t-test over n seeds with sd(Δ) = sd: the mean Δ it detects with
-    `target` power (inf below two seeds)."""
-    if n < 2 or not finite(sd):
-        return float("inf")
-    if sd == 0:
-        return 0.0
-    hi = sd
-    while power(n, hi, sd, alpha) < target:
-        hi *= 2
-    lo = 0.0
-    for _ in range(60):  # bisection: power rises with the effect
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if power(n, mid, sd, alpha) < target else (lo, mid)
-    return hi
-
-
 @functools.lru_cache(maxsize=None)
 def design_seeds(study):
     """How many design seeds a study runs by default: three if the t-test over three seeds detects each pilot claim's
@@ -447,67 +180,11 @@ def design_seeds(study):
     return DESIGN_SEEDS[0] if all(k is not None and k <= DESIGN_SEEDS[0] for k in need) else DESIGN_SEEDS[1]
 
 
-def claim_stats(deltas, floor, confirm=None):
-    """The numbers behind a verdict: the paired t-test of the design seeds' Δ (n, mean, sd, t, p), the floor, the
-    design-stage decision (the sign of mean Δ where p < ALPHA and |mean Δ| > floor, else 0), the MDE, the seeds
-    sd(Δ) needs for POWER at the floor, and the confirmation seeds' mean Δ and whether it holds."""
-    d = [float(v) for v in deltas if finite(v)]
-    n = len(d)
-    m = sum(d) / n if n else float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in d) / (n - 1)) if n > 1 else float("nan")
-    if n < 2:
-        t, p = float("nan"), 1.0
-    elif sd <= 1e-9 * abs(m) or sd == 0:  # every seed moved by the same amount (up to float rounding): no spread
-        # to doubt it (p 0), or no move at all (p 1)
-        t, p = (math.copysign(float("inf"), m), 0.0) if m else (0.0, 1.0)
-    else:
-        r = stats.ttest_1samp(d, 0.0)
-        t, p = float(r.statistic), float(r.pvalue)
-    decision = int(math.copysign(1, m)) if p < ALPHA and finite(floor) and abs(m) > floor else 0
-    c = [float(v) for v in (confirm or []) if finite(v)]
-    cm = sum(c) / len(c) if c else float("nan")
-    holds = bool(c) and decision != 0 and math.copysign(1, cm) == decision and abs(cm) > floor
-    need = seeds_for_power(d, floor) if finite(floor) and floor > 0 else None
-    return dict(n=n, mean=m, sd=sd, t=t, p=p, floor=floor, decision=decision, mde=max(mde(n, sd), floor)
-                if finite(floor) else float("inf"), seeds_needed=need, confirm_n=len(c), confirm_mean=cm,
-                confirmed=holds)
-
-
-def verdict(deltas, expected_sign, floor, confirm=None, absent=None):
-    """The verdict rule. Δ = treatment − baseline per training seed, paired (both rows share the seed and the
-    evaluation noise), in float64 from exact counts (an accuracy is k of N images). Seeds come in two sets fixed in
-    advance: design seeds (three, or five where a pilot's sd(Δ) says three cannot detect the floor at 80 % power)
-    and confirmation seeds (two more). (1) Positive control: the study first measures, in the same runs, the
-    capability its claims act on, against its floor (a distance: its 8-bit floor, threshold floor + max(3 standard
-    errors of one run, the floor); an accuracy: chance, threshold chance + max(3 standard errors, a quarter of the
-    way from chance to 1)); if it fails, the verdict is 'inconclusive: <capability> absent'. (2) Floor: a Δ counts
-    only if |mean Δ| exceeds the metric's own sampling error at N images, whatever the seeds say: for an accuracy
-    the binomial standard error of a difference of two proportions, sqrt(p_b(1 − p_b)/N + p_t(1 − p_t)/N), and at
-    least 2 images; for a mean over prompts its standard error. (3) Test: a two-sided paired t-test of mean Δ = 0
-    over the design seeds at level 0.05 (not the exact sign-flip test: its smallest two-sided p is 2/2^n, 0.25 at
-    three seeds and 0.0625 at five, so it can never reach 0.05). (4) Confirmation: on the confirmation seeds mean Δ
-    has the same sign and clears the floor too. 'reproduced': (2)-(4) hold with the paper's sign; 'contradicted':
-    they hold with the opposite sign; otherwise 'no effect', reported with the minimum detectable effect of the
-    design: the larger of the floor and the mean Δ the t-test over the design seeds detects with 80 % power at the
-    observed sd(Δ)."""
-    if absent:
-        return f"inconclusive: {absent} absent"
-    s = claim_stats(deltas, floor, confirm)
-    if not s["decision"] or not s["confirmed"]:
-        return "no effect"
-    return "reproduced" if (s["decision"] > 0) == (expected_sign > 0) else "contradicted"
-
-
-VERDICTS = ("reproduced", "contradicted", "no effect", "inconclusive")
-VERDICT_RULE = " ".join(verdict.__doc__.split())  # one paragraph; RESULTS.md's "Verdict rule" quotes it
-
-
 # ----------------------------------------------------------------------------- positive controls
 def positive_control(study):
-    """POSITIVE[study] on the study's results, design seeds only: per row the measured capability (mean over
-    seeds) against threshold = floor + max(POS_Z · one run's standard error, margin), margin = the floor itself for a
-    distance (its 8-bit floor) and POS_FRACTION · (1 − chance) for an accuracy (floor: chance); passed when every
-    row clears it. None when the study has no positive control; passed None when the rows are not measured."""
+    """POSITIVE[study] on the study's results, design seeds only: per row the measured capability against its
+    threshold (verdicts.capability); passed when every row clears it. None when the study has no positive control;
+    passed None when the rows are not measured."""
     a, spec = study.args, POSITIVE.get(study.args.study)
     if spec is None:
         return None
@@ -517,30 +194,10 @@ def positive_control(study):
     out = dict(capability=spec["capability"].format(**fill), what=spec["what"].format(**fill), rows={})
     for row in spec["rows"](a):
         r = {k: (v or [])[:nd] for k, v in (study.results.get(row) or {}).items()}
-        vals = [v for v in r.get(metric, []) if finite(v)]
-        if not vals:
-            out["rows"][row] = None
-            continue
-        if spec["kind"] == "distance":
-            floor = mean(r.get(related(metric, "floor")))
-            se = math.sqrt(mean([s * s / k for s, k in zip(r.get(related(metric, "sd"), []),
-                                                           r.get(related(metric, "prompts"), [])) if finite(s)]))
-            margin = floor
-        else:
-            floor = mean(r.get(related(metric, "chance")))
-            n = min([k for k in r.get(related(metric, "n"), []) if finite(k)] or [float("nan")])
-            se, margin = math.sqrt(floor * (1 - floor) / n), POS_FRACTION * (1 - floor)
-        thr = floor + max(POS_Z * se, margin)
-        out["rows"][row] = dict(values=vals, measured=mean(vals), floor=floor, threshold=thr,
-                                passed=finite(thr) and mean(vals) > thr)
+        out["rows"][row] = capability(spec["kind"], r, metric)
     rows = list(out["rows"].values())
     out["passed"] = None if not rows or any(r is None for r in rows) else all(r["passed"] for r in rows)
     return out
-
-
-def num(v, digits=4):
-    """A number to `digits` decimals, '—' where it is not finite (one prompt has no standard error)."""
-    return f"{v:.{digits}f}" if finite(v) else "—"
 
 
 def positive_md(pc, a):
@@ -584,46 +241,6 @@ def claims(study, res, final=None):
                         verdict=verdict(d, sign, floor, c, absent)))
     return out
 
-
-def signed(v, digits=3):
-    """A signed number, '—' where missing."""
-    return "—" if v is None or not finite(v) else f"{v:+.{digits}f}"
-
-
-def claims_md(cl, a, ran_confirm):
-    """The verdict table: one line per claim, the design seeds' test beside the confirmation seeds."""
-    if not cl:
-        return ""
-    lines = ["", "| claim | decided by | treatment − baseline | Δ per design seed | mean Δ ± sd | p (paired t) | "
-             "floor | confirmation Δ | MDE (80 %) | seeds for 80 % at the floor | paper's sign | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in cl:
-        s = c["stats"]
-        if c["confirm"]:
-            conf = (", ".join(signed(v) for v in c["confirm"]) + f" (mean {signed(s['confirm_mean'])}: " +
-                    ("holds" if s["confirmed"] else "does not hold" if s["decision"] else "design not decisive")
-                    + ")")
-        else:
-            conf = ("not run (no design-stage decision)" if a.confirm_seeds and not ran_confirm else
-                    "none (--confirm-seeds empty)" if not a.confirm_seeds else "—")
-        p = "—" if s["n"] < 2 else f"{s['p']:.3g}"
-        need = s["seeds_needed"] or ("—" if s["n"] < 2 or not finite(s["floor"]) else "> 100")
-        floor = f"{s['floor']:.4f}" if finite(s["floor"]) else "—"
-        mde_ = f"{s['mde']:.4f}" if finite(s["mde"]) else "∞"
-        lines.append(f"| {c['claim']} | {c['name']} | {c['treatment']} − {c['baseline']} | "
-                     f"{', '.join(signed(v) for v in c['deltas']) or '—'} | {fmt(c['deltas'])} | {p} | {floor} | "
-                     f"{conf} | {mde_} | {need} | {'+' if c['sign'] > 0 else '−'} | **{c['verdict']}** |")
-    return "\n".join(lines)
-
-
-def rule_note(a):
-    """The block's one-line statement of the rule's parameters (the rule itself: RESULTS.md, 'Verdict rule')."""
-    conf = " ".join(map(str, a.confirm_seeds)) or "none"
-    return (f"verdict rule (reproduce.verdict): two-sided paired t-test over the design seeds "
-            f"{' '.join(map(str, a.seeds))} at {ALPHA:g}, |mean Δ| beyond the metric's sampling floor at N (binomial "
-            f"SE of a difference of proportions, ≥ {MIN_IMAGES} images; a distance's SE over prompts), the same sign "
-            f"and floor on the confirmation seeds {conf}, a passed positive control; 'no effect' carries the MDE at "
-            f"{POWER:.0%} power")
 
 
 def write_table(study, title, header, rows, notes=(), extra="", final=None):
@@ -926,75 +543,6 @@ def transfer(study):
     return {"curves": curves, "best_lam": {lo: b_lo, hi: b_hi}}
 
 
-# ----------------------------------------------------------------------------- time estimate (--dry-run)
-def command_seconds(plan, a, rate=None):
-    """Seconds of each planned command at `rate` steps/s of the default job (default: --steps-per-s), by the time
-    model above (training steps and guided sampling scaled by tokens and text, start-up per command, the FID network
-    per image), and the seconds spent once per study (the judge and the held-out reference once per resolution)."""
-    rate = rate or a.steps_per_s
-    slow = CAL_STEPS_PER_S / rate
-    per, res = [], {}
-    for script, argv in plan:
-        opt = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
-        sec = START_S * slow
-        if script == "train":
-            r = int(opt.get("--resolution", data.RESOLUTION))
-            text = TEXT_COST if opt.get("--semantic") == "text" else 1.0
-            res[opt["--out-dir"]] = (r, text)
-            prev = res.get(opt["--out-dir"] + ":steps", 0)  # fine-tune segments resume
-            steps = int(opt["--max-steps"]) - prev
-            res[opt["--out-dir"] + ":steps"] = int(opt["--max-steps"])
-            sec += steps / rate * (r / REF_RES) ** TOKEN_EXP * text
-        elif script == "evaluate":
-            ck = opt["--ckpt"]
-            r, text = res.get(os.path.dirname(ck), (2 * a.low_res if "_init" in ck else data.RESOLUTION, 1.0))
-            n, s = int(opt["--num-samples"]), int(opt["--steps"])
-            lp = int(opt.get("--lpips-prompts", 0)) * 5
-            sec += (n + lp) * s * SAMPLE_COST / REF_BATCH / rate * (r / REF_RES) ** TOKEN_EXP * text
-            sec += INCEPTION_S * n if "--no-fid" not in argv else 0
-        per.append(sec)
-    n_res = len({2 * a.low_res, a.low_res}) if a.study == "transfer" else 1  # held-out references, cached after
-    once = JUDGE_S * slow * n_res + (INCEPTION_S * (a.ref_max + a.num_samples) * n_res if a.fid else 0)
-    return per, once
-
-
-def estimate(plan, a, rate=None):
-    """Seconds of the planned commands and the once-per-study work at `rate` (command_seconds)."""
-    per, once = command_seconds(plan, a, rate)
-    return sum(per) + once
-
-
-def timing_md(plan, a, walls, wall):
-    """Markdown: the --dry-run time model's estimate of each kind of command in the study's full plan beside the
-    walls measured for those commands (walls.json), and the study's wall."""
-    slow, once_slow = command_seconds(plan, a)
-    cal, once_cal = command_seconds(plan, a, CAL_STEPS_PER_S)
-    rows, order = {}, []
-    for (script, argv), s1, s2 in zip(plan, slow, cal):
-        if script not in rows:
-            rows[script] = [0, 0.0, 0.0, 0.0, 0]
-            order.append(script)
-        w = walls.get(shlex.join(["python", f"{script}.py", *argv]))
-        r = rows[script]
-        r[0], r[1], r[2] = r[0] + 1, r[1] + s1, r[2] + s2
-        if w is not None:
-            r[3], r[4] = r[3] + w, r[4] + 1
-
-    def line(name, n, e1, e2, meas):
-        return f"| {name} | {n} | {minsec(e1)} | {minsec(e2)} | {meas} |"
-    out = [f"| commands | count | estimate at {a.steps_per_s:g} steps/s | estimate for {CAL_MACHINE} at "
-           f"{CAL_STEPS_PER_S:g} steps/s | measured |",
-           "|---|---|---|---|---|"]
-    for script in order:
-        n, e1, e2, w, k = rows[script]
-        out.append(line(f"{script}.py", n, e1, e2, f"{minsec(w)} ({k} of {n} timed)" if k else "—"))
-    out.append(line("judge, held-out references (once per study; inside the commands' walls)", "—", once_slow,
-                    once_cal, "—"))
-    timed = sum(r[3] for r in rows.values())
-    out.append(line("**all**", len(plan), sum(slow) + once_slow, sum(cal) + once_cal,
-                    f"{minsec(timed)} in the commands; {minsec(wall)} wall of the study"))
-    return "\n".join(out)
-
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1150,25 +698,6 @@ def full_plan(args, confirm):
             stage(study, [*dry.seeds, *dry.confirm_seeds])
     return study.run.plan, study.run.walls()
 
-
-def machine():
-    """lscpu's model name (else platform's) with its family / model and AVX-512 or AVX2 (a bare "AMD EPYC" names
-    several generations), and the core count."""
-    name, detail = "", ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ":" in ln)}
-        name, flags = info.get("Model name", ""), info.get("Flags", "").split()
-        simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-        detail = ", ".join(x for x in (f"family {info['CPU family']} model {info['Model']}" if "CPU family" in info
-                                       and "Model" in info else "", simd) if x)
-    name = name or platform.processor() or platform.machine()
-    return f"{name} ({detail}), {os.cpu_count()} cores" if detail else f"{name}, {os.cpu_count()} cores"
-
-
-def minsec(sec):
-    m, s = divmod(int(sec + 0.5), 60)
-    return f"{m} min {s} s"
 
 
 def write_results(path, blocks):

@@ -21,6 +21,7 @@ from scipy import stats  # noqa: E402
 
 import evaluate  # noqa: E402
 import reproduce  # noqa: E402
+import verdicts  # noqa: E402
 
 TINY_TRAIN = "--global-batch 4 --warmup 1 --sample-every 0 --log-every 1 --no-progress"
 
@@ -32,7 +33,7 @@ def _f32(k, n):
 
 def _judge_row(counts, n=500):
     """A row of per-seed judge metrics as reproduce's results hold them, from evaluate.py-style float32 JSONs."""
-    per = [reproduce.exact({"judge_acc": _f32(k, n), "judge_n": n, "judge_chance": 0.1}) for k in counts]
+    per = [verdicts.exact({"judge_acc": _f32(k, n), "judge_n": n, "judge_chance": 0.1}) for k in counts]
     return {key: [p.get(key) for p in per] for key in per[0]}
 
 
@@ -45,12 +46,12 @@ def test_verdict_rule():
     # saw |mean| − 2·sd > 0 and called it reproduced
     base, treat = _judge_row([67, 69, 90]), _judge_row([65, 66, 89])
     assert base["judge_acc_k"] == [67, 69, 90] and base["judge_acc"][0] == 67 / 500  # exact, float64
-    d = reproduce.paired_deltas(base, treat, "judge_acc")
+    d = verdicts.paired_deltas(base, treat, "judge_acc")
     assert d == [-2 / 500, -3 / 500, -1 / 500]
-    floor = reproduce.sampling_floor(base, treat, "judge_acc")
+    floor = verdicts.sampling_floor(base, treat, "judge_acc")
     pb, pt = (67 + 69 + 90) / 1500, (65 + 66 + 89) / 1500
     assert floor == pytest.approx(math.sqrt(pb * (1 - pb) / 500 + pt * (1 - pt) / 500), rel=1e-12)
-    s = reproduce.claim_stats(d, floor, confirm=[-2 / 500, -2 / 500])
+    s = verdicts.claim_stats(d, floor, confirm=[-2 / 500, -2 / 500])
     # t = mean / (sd / √3) = -2√3; Student's t with 2 df: two-sided p = 1 − |t| / sqrt(2 + t²) = 1 − sqrt(6/7)
     assert s["t"] == pytest.approx(-2 * math.sqrt(3), rel=1e-12)
     assert s["p"] == pytest.approx(1 - math.sqrt(6 / 7), rel=1e-10) and 0.074 < s["p"] < 0.075
@@ -58,18 +59,18 @@ def test_verdict_rule():
     assert reproduce.verdict(d, -1, 0.0, confirm=[-2 / 500, -2 / 500]) == "no effect"  # p > 0.05 even without floor
     # one image per seed, every seed: no spread (p = 0), but below the metric's own sampling error: never counts
     one = [1 / 500] * 3
-    assert reproduce.claim_stats(one, floor)["p"] == 0.0
+    assert verdicts.claim_stats(one, floor)["p"] == 0.0
     assert reproduce.verdict(one, +1, floor, confirm=[1 / 500, 1 / 500]) == "no effect"
     assert reproduce.verdict(one, +1, 1e-4, confirm=[1 / 500, 1 / 500]) == "reproduced"  # it is the floor that stops it
     small = {"judge_acc": [0.5], "judge_acc_n": [500]}
-    assert reproduce.sampling_floor(small, small, "judge_acc") == pytest.approx(math.sqrt(0.5 / 500), rel=1e-12)
+    assert verdicts.sampling_floor(small, small, "judge_acc") == pytest.approx(math.sqrt(0.5 / 500), rel=1e-12)
     tiny = {"judge_acc": [0.0], "judge_acc_n": [500]}  # no binomial spread at p = 0: the 2-image minimum
-    assert reproduce.sampling_floor(tiny, tiny, "judge_acc") == 2 / 500
+    assert verdicts.sampling_floor(tiny, tiny, "judge_acc") == 2 / 500
     # a known p: Δ = 0.048, 0.055, 0.052 (the padding pilot's noisy − zero)
     d = [0.048, 0.055, 0.052]
     m, sd = np.mean(d), np.std(d, ddof=1)
     t = m / (sd / math.sqrt(3))
-    s = reproduce.claim_stats(d, 0.03)
+    s = verdicts.claim_stats(d, 0.03)
     assert s["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
     assert s["p"] == pytest.approx(stats.ttest_1samp(d, 0.0).pvalue, rel=1e-12) and s["p"] < 0.05
     assert reproduce.verdict(d, +1, 0.03, confirm=[0.05, 0.04]) == "reproduced"
@@ -85,12 +86,12 @@ def test_verdict_rule():
     assert reproduce.VERDICTS == ("reproduced", "contradicted", "no effect", "inconclusive")
     assert all(word in reproduce.VERDICT_RULE for word in reproduce.VERDICTS)
     # one seed: no test; 'no effect' with an infinite MDE
-    s = reproduce.claim_stats([0.2], 0.03)
+    s = verdicts.claim_stats([0.2], 0.03)
     assert s["p"] == 1.0 and s["mde"] == float("inf") and reproduce.verdict([0.2], +1, 0.03, [0.2]) == "no effect"
     # an accuracy that is not k of n images is refused in one line naming the file
     with pytest.raises(SystemExit, match="x_eval.json: judge_acc"):
-        reproduce.exact({"judge_acc": 0.1341, "judge_n": 500}, "x_eval.json")
-    cap = reproduce.exact({"caption_shape": _f32(60, 500), "caption_side": _f32(480, 500),
+        verdicts.exact({"judge_acc": 0.1341, "judge_n": 500}, "x_eval.json")
+    cap = verdicts.exact({"caption_shape": _f32(60, 500), "caption_side": _f32(480, 500),
                            "caption_colour": _f32(450, 500), "caption_n": 500})
     assert cap["caption_mean_k"] == 990 and cap["caption_mean"] == 990 / 1500 and cap["caption_mean_n"] == 500
 
@@ -99,17 +100,17 @@ def test_power_and_seeds():
     """Power of the paired t-test (noncentral t) is alpha at no effect and rises with n; seeds_for_power is the
     first n reaching 80 %; the MDE is the effect detected with 80 %; the pilot numbers set five seeds where three
     cannot detect the sampling floor."""
-    assert reproduce.power(3, 0.0, 0.01) == pytest.approx(0.05, abs=1e-12)
+    assert verdicts.power(3, 0.0, 0.01) == pytest.approx(0.05, abs=1e-12)
     # power by simulation of the t-test: 20000 paired experiments of n = 5 seeds, effect 0.02, sd 0.015
     rng = np.random.default_rng(0)
     sims = rng.normal(0.02, 0.015, size=(20000, 5))
     hit = (stats.ttest_1samp(sims, 0.0, axis=1).pvalue < 0.05).mean()
-    assert abs(reproduce.power(5, 0.02, 0.015) - hit) < 4 * math.sqrt(hit * (1 - hit) / 20000)
+    assert abs(verdicts.power(5, 0.02, 0.015) - hit) < 4 * math.sqrt(hit * (1 - hit) / 20000)
     pilot = [0.010, 0.007, -0.015]  # padding's noisy − replicate: sd(Δ) 0.0137
     sd = np.std(pilot, ddof=1)
-    n = reproduce.seeds_for_power(pilot, 0.0297)
-    assert reproduce.power(n, 0.0297, sd) >= 0.8 > reproduce.power(n - 1, 0.0297, sd) and n == 4
-    assert reproduce.power(5, reproduce.mde(5, sd), sd) == pytest.approx(0.8, abs=1e-6)
+    n = verdicts.seeds_for_power(pilot, 0.0297)
+    assert verdicts.power(n, 0.0297, sd) >= 0.8 > verdicts.power(n - 1, 0.0297, sd) and n == 4
+    assert verdicts.power(5, verdicts.mde(5, sd), sd) == pytest.approx(0.8, abs=1e-6)
     assert reproduce.design_seeds("guidance") == 3 and reproduce.design_seeds("control") == 3
     assert reproduce.design_seeds("padding") == 5 and reproduce.design_seeds("flip") == 5
     args = reproduce.parse(["padding"])
@@ -326,7 +327,7 @@ def _check_block(study, body, res, args):
                 vals = [v for v, _ in _seed_values({"_path": row["pre__path"]}, metric)]
             else:
                 vals = [v for v, _ in _seed_values(row, metric, at)]
-            assert cell == reproduce.fmt(vals, digits), (study, name, h, cell, vals)
+            assert cell == verdicts.fmt(vals, digits), (study, name, h, cell, vals)
     claims_tab = next(t for t in rest if t[0][0] == "claim")
     pos = re.search(r"\npositive control \(([^)]*)\).*\*\*(passed|failed)\*\*", body)
     assert pos, study
