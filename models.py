@@ -2,7 +2,7 @@
 The denoisers the paper compares (paper §2 "Model architectures", Tab. A1), in plain PyTorch:
 DiT (class in adaLN, or class in attention), mDT-v2, PixArt-α, mmDiT (SD3) and the SDXL UNet, with their blocks,
 size presets and the registry. Attention goes through F.scaled_dot_product_attention only. Weight importers
-(diffusers, facebookresearch/DiT) live in transfer.py; everything a reference computes differently is a constructor
+(diffusers, facebookresearch/DiT) live in weights.py; everything a reference computes differently is a constructor
 argument, so an imported model is rebuilt from its keyword arguments alone. This file imports no project file but
 conditioning.py (the embedders); checkpoints, devices and sampling are run.py's.
 
@@ -106,7 +106,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.patch_size, self.dim = patch_size, dim
         self.pe_grid, self.pe_base = pe_grid, pe_base  # pe_base: grid size (patches) at pre-training resolution
-        # For imported reference grids (transfer.py): positions are divided by pe_scale (PixArt's
+        # For imported reference grids (weights.py): positions are divided by pe_scale (PixArt's
         # interpolation_scale; SD3's max_size/base_size), and SD3 centre-crops a pe_max x pe_max grid.
         self.pe_scale, self.pe_max = pe_scale, pe_max
         self._pe_key, self._pe = None, None  # cache: one PE per grid size / device (not a parameter, not saved)
@@ -419,7 +419,7 @@ class _Transformer(nn.Module):
             raise ValueError(f"{type(self).__name__}: class_in must be one of {self.class_in_modes}")
         self.in_channels, self.patch_size, self.hidden, self.depth, self.heads = in_channels, patch_size, hidden, depth, heads
         self.mlp_ratio, self.class_in = mlp_ratio, class_in
-        # t_freq_shift, pe_scale, pe_max: only to reproduce imported reference models (transfer.py), defaults = DiT
+        # t_freq_shift, pe_scale, pe_max: only to reproduce imported reference models (weights.py), defaults = DiT
         self.x_embedder = PatchEmbed(in_channels, hidden, patch_size, pe_grid, pe_base or input_size // patch_size,
                                      pe_scale, pe_max)
         self.t_embedder = TimestepEmbedder(hidden, freq_shift=t_freq_shift)
@@ -772,7 +772,7 @@ def arch_kwargs(arch):
 
 def build_model(arch, size="tiny", **kw):
     """MODELS[arch] at a SIZES (UNET_SIZES) preset, or at an explicit size dict such as {"hidden": 32, "depth": 2,
-    "heads": 2} (imported reference models of no preset size, transfer.diffusers_kwargs); kw: constructor keywords
+    "heads": 2} (imported reference models of no preset size, weights.diffusers_kwargs); kw: constructor keywords
     (arch_kwargs), e.g. input_size, in_channels, num_classes | text_dim + pooled_dim, class_in, control, gamma,
     pe_grid, patch_size. A keyword the architecture does not take is an error, never silently dropped: what a run
     spec says is what gets built."""

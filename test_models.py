@@ -2,9 +2,10 @@
 diffusers counterpart on tiny random weights (DiT, PixArt-α, SD3's mmDiT, the SDXL and SD 1.x UNets), rebuilt from
 its run spec alone; zero-initialised outputs and a gradient for every parameter in every conditioning mode; the
 resampled PE grid; mDT-v2's masking (training only, drawn from its generator, the unmasked pass trained too); the
-original DiT layout's import; every cell of the paper's Tab. A1 (params, GFLOPs at 256 and 512 px, class and text
-rows) against the models tab_a1_model builds, counted on the meta device, and the meta count against a real one; the
-context-stream options of MMDiT against what they claim to be (DiT w/ Att, shared weights)."""
+original DiT layout's import (weights.py, as the diffusers imports); every cell of the paper's Tab. A1 (params,
+GFLOPs at 256 and 512 px, class and text rows) against the models tab_a1_model builds, counted on the meta device,
+and the meta count against a real one; the context-stream options of MMDiT against what they claim to be (DiT w/ Att,
+shared weights)."""
 import io
 import json
 import os
@@ -18,10 +19,10 @@ import bench  # noqa: E402
 import diffusion  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
-import transfer  # noqa: E402
+import weights  # noqa: E402
 from diffusion import Schedule  # noqa: E402
 from models import UNET_SIZES, UNet  # noqa: E402
-from transfer import import_diffusers_unet, unet_kwargs_from_diffusers  # noqa: E402
+from weights import import_diffusers_unet, unet_kwargs_from_diffusers  # noqa: E402
 
 # Paper Tab. A1 as printed: (column, cond) -> (params M, GFLOPs @256, GFLOPs @512); the text row's four numbers are
 # UNet, PixArt, mmDiT, Att-DiT.
@@ -196,7 +197,7 @@ _SD1_CFG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=
 
 def test_equivalence_sd1_unet():
     """Our UNet with an SD 1.x layout (no attention at the coarsest level, mid_depth 1) computes what diffusers'
-    UNet2DConditionModel does (to fp32 rounding), imported through transfer.unet_kwargs_from_diffusers."""
+    UNet2DConditionModel does (to fp32 rounding), imported through weights.unet_kwargs_from_diffusers."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -204,9 +205,9 @@ def test_equivalence_sd1_unet():
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    kw = transfer.unet_kwargs_from_diffusers(ref.config)
+    kw = weights.unet_kwargs_from_diffusers(ref.config)
     assert kw["depth"] == (1, 1, 0) and kw["mid_depth"] == 1
-    ours = transfer.import_diffusers_unet(models.UNet(**kw), ref).eval()
+    ours = weights.import_diffusers_unet(models.UNet(**kw), ref).eval()
     ref = ref.eval()
     g = torch.Generator().manual_seed(2)
     x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 937])
@@ -273,7 +274,7 @@ def _rebuilt(ref, ours):
     buf = io.BytesIO()
     torch.save(ours.state_dict(), buf)
     buf.seek(0)
-    model = models.build_model(**json.loads(json.dumps(transfer.diffusers_kwargs(ref))))
+    model = models.build_model(**json.loads(json.dumps(weights.diffusers_kwargs(ref))))
     model.load_state_dict(torch.load(buf))
     return model.eval()
 
@@ -291,11 +292,11 @@ def test_equivalence_dit(randomize):
                                 num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10).eval()
     randomize(ref)
     with pytest.raises(ValueError):  # untied per-block embedders cannot be one DiT: the importer must refuse
-        transfer.import_diffusers(ref)
+        weights.import_diffusers(ref)
     with torch.no_grad():  # converted DiT checkpoints tie them: do the same
         for blk in ref.transformer_blocks[1:]:
             blk.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
-    ours = transfer.import_diffusers(ref).eval()
+    ours = weights.import_diffusers(ref).eval()
     x, t, cond = _model_inputs()
     with torch.no_grad():
         want = ref(x, timestep=t, class_labels=cond["y"]).sample[:, :4]  # eps half of eps + variance
@@ -303,7 +304,7 @@ def test_equivalence_dit(randomize):
         assert torch.equal(_rebuilt(ref, ours)(x, t, cond), got)
     err = (got - want).abs().max().item()
     print(f"DiT max abs err {err:.2e}")
-    assert transfer._size(1152, 28, 16) == "XL"  # a public DiT-XL/2 travels as size XL
+    assert weights._size(1152, 28, 16) == "XL"  # a public DiT-XL/2 travels as size XL
     assert err <= _fp32_tol(want), err  # fp32 rounding of the outputs (_fp32_tol)
 
 
@@ -315,7 +316,7 @@ def test_equivalence_pixart(randomize):
                                    num_layers=2, cross_attention_dim=32, sample_size=16, patch_size=2,
                                    caption_channels=48, interpolation_scale=2).eval()  # 2: PE grid / 2 (PixArt 512)
     randomize(ref)
-    ours = transfer.import_diffusers(ref).eval()
+    ours = weights.import_diffusers(ref).eval()
     x, t, cond = _model_inputs()
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=cond["text"], timestep=t,
@@ -337,7 +338,7 @@ def test_equivalence_sd3_mmdit(qk_norm, randomize):
                                 caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=32,
                                 qk_norm=qk_norm).eval()
     randomize(ref)
-    ours = transfer.import_diffusers(ref).eval()
+    ours = weights.import_diffusers(ref).eval()
     x, t, cond = _model_inputs()
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], timestep=t).sample
@@ -474,7 +475,7 @@ def test_import_dit_original_layout(randomize):
         eps = sd[f"final_layer.linear.{n}"].view(p * p, 4, *sd[f"final_layer.linear.{n}"].shape[1:])
         sd[f"final_layer.linear.{n}"] = torch.cat([eps, torch.randn_like(eps)], 1).flatten(0, 1)
     sd["pos_embed"] = torch.zeros(1, 64, D)
-    ours = transfer.import_dit_original(sd)
+    ours = weights.import_dit_original(sd)
     x, t, cond = _model_inputs()
     with torch.no_grad():
         assert torch.equal(ours(x, t, cond), src(x, t, cond))

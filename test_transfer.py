@@ -1,9 +1,9 @@
 """Tests of transfer.py: `.venv/bin/python -m pytest -q test_transfer.py` (CPU, a minute). Resolution transfer (the
 PE grid, Eq. 3's scale, Eq. 4's guidance, for the UNet too) with the fine-tune command it prints run through
 train.py, sample and evaluate; dataset transfer (class -> text, ImageNet-1k -> 22k class tables, class maps made from
-folders or wnid lists, bad maps refused in one line); and the diffusers export: a tiny random model of each
-exportable architecture, saved as a train.py checkpoint, exported with `transfer.py --to-diffusers` and loaded back
-with the diffusers class's from_pretrained, must compute our outputs (fp32 tolerance derived from the values,
+folders or wnid lists, bad maps refused in one line); and the diffusers export (weights.py): a tiny random model of
+each exportable architecture, saved as a train.py checkpoint, exported with `transfer.py --to-diffusers` and loaded
+back with the diffusers class's from_pretrained, must compute our outputs (fp32 tolerance derived from the values,
 _fp32_tol); importing the export back gives our weights bit for bit (the key maps are one mapping read in two
 directions); a part a class lacks stops the export in one line and writes nothing; which train.py recipes export is
 pinned by test_recipes_export."""
@@ -25,6 +25,7 @@ import models  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
 import transfer  # noqa: E402
+import weights  # noqa: E402
 
 TEXT = ["--semantic", "text", "--text-encoder", "tiny"]
 # train.py flags of a tiny exportable model per architecture (embedded data, 16 px pixels), and build_model
@@ -107,7 +108,7 @@ def test_diffusers_export(arch, tmp_path, capsys):
     transfer.main(["--ckpt", ckpt, "--to-diffusers", str(out)])
     assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert "from_pretrained" in capsys.readouterr().out
-    cls = getattr(diffusers, transfer.DIFFUSERS_CLASSES[arch])
+    cls = getattr(diffusers, weights.DIFFUSERS_CLASSES[arch])
     ref = cls.from_pretrained(str(out)).eval()
     ck = torch.load(ckpt, weights_only=False)
     ema, raw = _ours(spec, ck["ema"]), _ours(spec, ck["model"])
@@ -119,8 +120,8 @@ def test_diffusers_export(arch, tmp_path, capsys):
     assert want.abs().max() > 0.1 and err <= _fp32_tol(want), err  # fp32 rounding of the outputs
     assert (got - other).abs().max() > 100 * _fp32_tol(want)  # the EMA weights went out, not the raw ones
     # one mapping, two directions: importing the export gives back our weights bit for bit
-    back = (transfer.import_diffusers_unet(models.UNet(**transfer.unet_kwargs_from_diffusers(ref.config)), ref)
-            if arch == "unet" else transfer.import_diffusers(ref)).state_dict()
+    back = (weights.import_diffusers_unet(models.UNet(**weights.unet_kwargs_from_diffusers(ref.config)), ref)
+            if arch == "unet" else weights.import_diffusers(ref)).state_dict()
     assert set(back) == set(ck["ema"])
     for k, v in ck["ema"].items():
         if arch == "unet" and k == "add_embedder.0.weight":  # + the zero columns of the SDXL time ids it ignores
@@ -200,7 +201,7 @@ _RECIPES = [
 def test_recipes_export(argv, parts):
     spec = _spec(argv)
     model = models.build_model(**spec["model"])
-    found = [p for _, p in transfer.export_blockers(model, spec)]
+    found = [p for _, p in weights.export_blockers(model, spec)]
     assert len(found) == len(parts) and all(f.startswith(p) for f, p in zip(found, parts)), found
 
 
