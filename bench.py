@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import conditioning
-import data
+import latents
 import diffusion
 import models
 import run
@@ -346,7 +346,7 @@ def gpu_suite(args, device):
 
 # ----------------------------------------------------------------------------- scale suite
 # The real conditioning parts at their real sizes with seeded random weights (nothing is downloaded): the SD VAE's
-# architecture (data.SD_VAE_CONFIG, `--vae sd-random`) and open_clip's ViT-L-14 text tower (`--text-encoder-path
+# architecture (latents.SD_VAE_CONFIG, `--vae sd-random`) and open_clip's ViT-L-14 text tower (`--text-encoder-path
 # random`). The B step runs train.py itself as a command line (a script never imports another script).
 SCALE_VAE, SCALE_TEXT = "sd-random", ("ViT-L-14", conditioning.RANDOM_TEXT)
 SCALE_R = 256  # pixels: the paper's pre-training resolution (§4) -> 32 x 32 x 4 SD latents
@@ -465,7 +465,7 @@ def xl_forward(arch, size, text, vae, encoder, x_img):
     torch.manual_seed(0)
     model = build_ours(arch, size, SCALE_R, control=True, text=text).eval()
     with torch.no_grad():
-        x0 = data.encode(vae, x_img)  # (1, 4, 32, 32)
+        x0 = latents.encode(vae, x_img)  # (1, 4, 32, 32)
         cond = (conditioning.encode_text(encoder, SCALE_CAPTIONS[:1], "replicate") if text
                 else {"y": torch.zeros(1, dtype=torch.long)})
         cond.update(phi=run.default_phi({"data": {"resolution": SCALE_R}}, 1), keep_ctrl=torch.ones(1))
@@ -485,9 +485,9 @@ def scale_forwards(archs, size="XL"):
     256 px: rows of params, forward GFLOPs beside paper Tab. A1 (class-conditional; the text row is ambiguous) and
     wall time. Text archs run both class- and text-conditional."""
     rows, x_img = [], torch.rand(1, 3, SCALE_R, SCALE_R, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    vae = data.load_vae(SCALE_VAE)
+    vae = latents.load_vae(SCALE_VAE)
     with FlopCounterMode(display=False, custom_mapping=FLOP_MAP) as fc:
-        wall = timed(lambda: data.encode(vae, x_img), torch.device("cpu"))[0]
+        wall = timed(lambda: latents.encode(vae, x_img), torch.device("cpu"))[0]
     rows.append(dict(part="SD VAE encode", arch="AutoencoderKL", cond="-", wall_s=wall, gflops=fc.get_total_flops() / 1e9,
                      params_M=sum(p.numel() for p in vae.parameters()) / 1e6))
     encoder = conditioning.TextEncoder(*SCALE_TEXT)
@@ -621,7 +621,7 @@ def gpu_train_report(log_path, card, planned, global_batch):
 def gpu_train(args, device):
     """--suite gpu-train: `--recipe ours --size XL` for args.train_steps steps on one GPU at the memory plan's
     per-card batch (the 8-card run's 256 images, as micro-batch x --grad-accum for this card), on synthetic latents
-    (data.synthetic_latents: no dataset, no VAE weights), through train.py itself under torchrun. Off CUDA it only
+    (latents.synthetic_latents: no dataset, no VAE weights), through train.py itself under torchrun. Off CUDA it only
     prints the plan and the command (as --dry-run does), for the H200."""
     cuda = device.type == "cuda"
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else CARDS["H200"]
@@ -639,7 +639,7 @@ def gpu_train(args, device):
           flush=True)
     if dry:
         return []
-    data.synthetic_latents(os.path.join(root, "latents"), n=8 * per_card, num_classes=NUM_CLASSES)
+    latents.synthetic_latents(os.path.join(root, "latents"), n=8 * per_card, num_classes=NUM_CLASSES)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     row = gpu_train_report(os.path.join(root, "run", "log.jsonl"), card_of(total), planned, m["global_batch"])

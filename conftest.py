@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 import conditioning  # noqa: E402
 import data  # noqa: E402
+import latents  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
 
@@ -112,7 +113,7 @@ def _train_spec(argv=()):
     """(args, run spec) that train.py resolves for argv, without training."""
     args = train.parse_args(list(argv))
     ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, seed=args.seed)
-    vae = data.get_vae(args.vae) if args.vae != "none" and args.data != "latents" else None
+    vae = latents.get_vae(args.vae) if args.vae != "none" and args.data != "latents" else None
     enc = conditioning.get_text_encoder(args.text_encoder, args.text_encoder_path) if args.semantic == "text" else None
     return args, run.resolve_spec(args, ds, vae, enc, train.explicit_flags(list(argv)))
 

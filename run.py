@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import conditioning
 import data
+import latents
 import diffusion
 import models
 from conditioning import PHI_KEYS
@@ -77,7 +78,7 @@ TINY_RECIPE = dict(objective="rf", class_in="adaln", context_weights="full")
 # The scale layer: at S/B/L/XL every default is the paper's run (§4, Tab. A2, Tab. A4).
 PAPER_SCALE = dict(
     resolution=256,  # §4: pre-training at 256 x 256 (512 is fine-tuned from it, transfer.py)
-    vae=data.DEFAULT_VAE,  # §3.1: latent diffusion on the SD VAE's latents (sd-vae-ft-ema)
+    vae=latents.DEFAULT_VAE,  # §3.1: latent diffusion on the SD VAE's latents (sd-vae-ft-ema)
     lr=1e-3,  # §4: "a constant learning rate of 10 x 10^-4" at batch 2048; Tab. A2: the largest that does not diverge
     max_steps=600_000,  # §4: 500k-1M iterations on ImageNet-1k (300k-500k on CC12M); 600k = Tab. 4a's IN1k run
     ema_decay=0.9999,  # deviation: the paper states no EMA; DiT's 0.9999
@@ -164,8 +165,8 @@ def resolve_latent(args, ds, vae, explicit):
         if args.vae == "none":
             return dict(data.PIXELS)
         if vae is not None:
-            return data.vae_latent(args.vae, vae)
-        sd = args.vae == data.DEFAULT_VAE  # --print-config: no VAE loaded; the SD VAE's constants are known
+            return latents.vae_latent(args.vae, vae)
+        sd = args.vae == latents.DEFAULT_VAE  # --print-config: no VAE loaded; the SD VAE's constants are known
         return dict(vae=args.vae, scale=data.VAE_SCALE if sd else None, channels=data.LATENT_CH if sd else None,
                     down=data.VAE_DOWN if sd else None)
     if ds is None:  # --print-config: the shards' meta.json is not read
@@ -628,7 +629,7 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
     model.eval()
     sem, lat, control = spec["semantic"], spec["latent"], spec["model"].get("control")
     enc = conditioning.semantic_encoder(sem, device)
-    vae = data.get_vae(lat["vae"], str(device)) if lat["vae"] else None
+    vae = latents.get_vae(lat["vae"], str(device)) if lat["vae"] else None
     null_sem = conditioning.semantic_null(sem, enc, device)
     sched = diffusion.schedule_from_args(spec["schedule"], device, scale=schedule_scale, clip_x0=clip_x0)
     phi = default_phi(spec, len(seeds)) if phi is None else phi
@@ -653,7 +654,7 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
 
         x = noise.to(device)
         if images is not None:  # SDEdit: data noised to the first sampling step
-            z = images[sl].to(device) if vae is None else data.encode(vae, images[sl].to(device), lat["scale"])
+            z = images[sl].to(device) if vae is None else latents.encode(vae, images[sl].to(device), lat["scale"])
             x = sched.q_sample(z.float(), torch.full((len(z),), t0, device=device), x)
         if sampler == "ddim":
             x = diffusion.ddim_sample(eps_fn, x, sched, steps, progress=progress, t_start=t_start)
@@ -661,6 +662,6 @@ def generate(model, spec, seeds, labels, phi=None, steps=50, cfg=1.5, control_cf
             gens = [torch.Generator(device).manual_seed(s + (1 << 32)) for s in seeds[sl]]
             x = diffusion.ddpm_sample(eps_fn, x, sched, steps, generator=gens, progress=progress, t_start=t_start)
         if vae is not None:
-            x = data.decode(vae, x, lat["scale"])
+            x = latents.decode(vae, x, lat["scale"])
         out.append(x.float().clamp(-1, 1).cpu())
     return torch.cat(out)

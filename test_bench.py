@@ -17,6 +17,7 @@ import torch  # noqa: E402
 import bench  # noqa: E402
 import conditioning  # noqa: E402
 import data  # noqa: E402
+import latents  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
 import train  # noqa: E402
@@ -84,7 +85,7 @@ def test_bench_cli_smoke(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- real-size parts (bench.py --suite scale)
-# stabilityai/sd-vae-ft-ema (diffusers AutoencoderKL, its config.json = data.SD_VAE_CONFIG): 83.65 M parameters
+# stabilityai/sd-vae-ft-ema (diffusers AutoencoderKL, its config.json = latents.SD_VAE_CONFIG): 83.65 M parameters
 _SD_VAE_PARAMS = 83_653_863
 # open_clip ViT-L-14's text tower, counted from its config (width 768, 12 layers, MLP 3072, vocab 49408, 77 tokens):
 # token + position embeddings, 12 x (qkv + out projection with biases, 2 LayerNorms, MLP), ln_final, the 768 x 768
@@ -99,7 +100,7 @@ _slow = pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="real-size 
 def _spy_parts(monkeypatch):
     """Record what train.py's pipeline feeds the denoiser: the VAE and its latents, the text tower and its tokens."""
     seen = {"vae": set(), "latent": [], "tower": set(), "text": [], "pad": []}
-    encode, encode_text = data.encode, conditioning.encode_text
+    encode, encode_text = latents.encode, conditioning.encode_text
 
     def spy_encode(vae, images, *a, **kw):
         z = encode(vae, images, *a, **kw)
@@ -216,7 +217,7 @@ def test_gpu_train_ready(tmp_path, monkeypatch, capsys):
     assert a["global_batch"] == 2048 // bench.PLAN_GPUS and a["grad_accum"] == accum and a["resolution"] == 256
     assert a["ckpt_every"] == 0  # no 21 GB checkpoint unless --save-ckpt
     # the same pipeline at tiny size: synthetic latents in extract_latents' format -> train.py -> the report
-    meta = data.synthetic_latents(str(tmp_path / "lat"), n=12, resolution=32, num_classes=10, shard_size=5)
+    meta = latents.synthetic_latents(str(tmp_path / "lat"), n=12, resolution=32, num_classes=10, shard_size=5)
     assert meta["shards"] == 3 and data.LatentDataset(str(tmp_path / "lat"))[11]["latent"].shape == (4, 4, 4)
     train.main(["--size", "tiny", "--data", "latents", "--data-path", str(tmp_path / "lat"), "--global-batch", "4",
                 "--max-steps", "3", "--log-every", "1", "--sample-every", "0", "--no-progress", "--device", "cpu",

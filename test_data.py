@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+import latents  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- data.py: crops, bad files, latent shards
@@ -105,15 +106,15 @@ def test_bad_images_skipped(tmp_path):
 def test_latent_shards_roundtrip(tmp_path, fp32_tol):
     torch.manual_seed(0)
     ds = data.build_dataset("embedded", resolution=32, crop="mix", seed=1, length=6)
-    vae = data.load_vae("tiny")
-    meta = data.extract_latents(ds, vae, str(tmp_path), k=2, shard_size=5, dtype=torch.float32)
+    vae = latents.load_vae("tiny")
+    meta = latents.extract_latents(ds, vae, str(tmp_path), k=2, shard_size=5, dtype=torch.float32)
     assert meta["rows"] == 12 and len([f for f in os.listdir(tmp_path) if f.startswith("shard_")]) == 3
     assert json.load(open(tmp_path / "meta.json"))["scale"] == data.VAE_SCALE
     expected = {}  # (key, φ) -> latent, computed independently of the writer
     for j in range(2):
         ds.set_epoch(j)
         b = data.collate([ds[i] for i in range(6)])
-        z = data.encode(vae, b["image"])
+        z = latents.encode(vae, b["image"])
         assert z.shape == (6, 4, 4, 4)
         for i in range(6):
             expected[(b["key"][i], tuple(b["phi"][i].tolist()))] = (z[i], b["y"][i].item(), b["caption"][i])
@@ -129,8 +130,8 @@ def test_latent_shards_roundtrip(tmp_path, fp32_tol):
             seen.add((s["key"], tuple(s["phi"].tolist())))
     assert len(seen) == 12  # both stored crops of every image are served across epochs
     with pytest.raises(SystemExit, match="--vae"):  # missing weights: one line naming the flag
-        data.load_vae("/nonexistent/vae")
-    x = data.decode(vae, s["latent"][None])
+        latents.load_vae("/nonexistent/vae")
+    x = latents.decode(vae, s["latent"][None])
     assert x.shape == (1, 3, 32, 32) and x.abs().max() <= 1
 
 
@@ -199,7 +200,7 @@ def _expected_latents(ds, vae, k):
     for j in range(k):
         ds.set_epoch(j)
         b = data.collate([ds[i] for i in range(len(ds))])
-        z = data.encode(vae, b["image"])
+        z = latents.encode(vae, b["image"])
         for i in range(len(ds)):
             expected[(b["key"][i], tuple(b["phi"][i].tolist()))] = (z[i], b["y"][i].item(), b["caption"][i])
     return expected
@@ -213,9 +214,9 @@ def _shard_mtimes(out):
 def test_latents_memory_mapped(tmp_path, monkeypatch):
     torch.manual_seed(0)
     ds = data.build_dataset("embedded", resolution=32, crop="mix", seed=1, length=6)
-    vae = data.load_vae("tiny")
+    vae = latents.load_vae("tiny")
     out = str(tmp_path / "lat")
-    meta = data.extract_latents(ds, vae, out, k=2, shard_size=5, vae_name="tiny")  # float16, the CLI default
+    meta = latents.extract_latents(ds, vae, out, k=2, shard_size=5, vae_name="tiny")  # float16, the CLI default
     assert meta["rows"] == 12 and meta["shards"] == 3 and meta["format"] == "npy" and meta["dtype"] == "float16"
     assert sorted(f for f in os.listdir(out) if f.startswith("shard_")) == [f"shard_{n:05d}" for n in range(3)]
     expected = _expected_latents(ds, vae, 2)
@@ -241,33 +242,33 @@ def test_latents_memory_mapped(tmp_path, monkeypatch):
 
     # resume: finished shards are skipped; a killed shard (stale .tmp, no folder) is written again, identically
     encoded = []
-    real_encode = data.encode
+    real_encode = latents.encode
     monkeypatch.setattr(data, "encode", lambda v, x, *a, **kw: encoded.append(len(x)) or real_encode(v, x, *a, **kw))
     before, ref = _shard_mtimes(out), np.array(lds.arrays[1]["latent"])
     os.rename(os.path.join(out, "shard_00001"), os.path.join(out, "shard_00001.tmp"))
     os.remove(os.path.join(out, "meta.json"))
     with pytest.raises(SystemExit, match="meta.json"):
         data.build_dataset("latents", out)
-    assert data.extract_latents(ds, vae, out, k=2, shard_size=5, vae_name="tiny") == meta
+    assert latents.extract_latents(ds, vae, out, k=2, shard_size=5, vae_name="tiny") == meta
     assert sum(encoded) == 5 and not os.path.exists(os.path.join(out, "shard_00001.tmp"))
     after = _shard_mtimes(out)
     assert after["shard_00000"] == before["shard_00000"] and after["shard_00002"] == before["shard_00002"]
     assert np.array_equal(np.load(os.path.join(out, "shard_00001", "latent.npy")), ref)
     encoded.clear()
-    assert data.extract_latents(ds, vae, out, k=2, shard_size=5, vae_name="tiny") == meta and not encoded
+    assert latents.extract_latents(ds, vae, out, k=2, shard_size=5, vae_name="tiny") == meta and not encoded
     with pytest.raises(SystemExit, match="shard_00000: written with other settings.*seed"):
-        data.extract_latents(data.build_dataset("embedded", resolution=32, crop="mix", seed=2, length=6), vae, out,
+        latents.extract_latents(data.build_dataset("embedded", resolution=32, crop="mix", seed=2, length=6), vae, out,
                              k=2, shard_size=5, vae_name="tiny")
 
     # sharded over ranks: rank r of w writes shards r::w; the last to finish writes the same meta.json
     out2 = str(tmp_path / "ranks")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert data.extract_latents(ds, vae, out2, k=2, shard_size=5, vae_name="tiny") == \
+    assert latents.extract_latents(ds, vae, out2, k=2, shard_size=5, vae_name="tiny") == \
         dict(complete=False, shards=3, finished=1)
     assert sorted(os.listdir(out2)) == ["shard_00001"]
     monkeypatch.setenv("RANK", "0")
-    assert data.extract_latents(ds, vae, out2, k=2, shard_size=5, vae_name="tiny") == meta
+    assert latents.extract_latents(ds, vae, out2, k=2, shard_size=5, vae_name="tiny") == meta
     for n in range(3):
         for c in ("latent", "phi", "crop_size", "y"):
             a, b = (np.load(os.path.join(o, f"shard_{n:05d}", f"{c}.npy")) for o in (out, out2))
@@ -289,7 +290,7 @@ def test_latents_memory_mapped(tmp_path, monkeypatch):
 def test_latent_meta_mismatch(tmp_path):
     ds = data.build_dataset("embedded", resolution=32, seed=0, length=3)
     out = tmp_path / "lat"
-    data.extract_latents(ds, data.load_vae("tiny"), str(out), k=1, shard_size=2, dtype=torch.float32)
+    latents.extract_latents(ds, latents.load_vae("tiny"), str(out), k=1, shard_size=2, dtype=torch.float32)
     good = json.loads((out / "meta.json").read_text())
     data.build_dataset("latents", str(out))
 

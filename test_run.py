@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import data  # noqa: E402
+import latents  # noqa: E402
 import diffusion  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
@@ -188,8 +189,7 @@ def test_init_from_spec(tmp_path, tiny_run):
 def test_resolution_follows_latent_shards(tmp_path, capsys):
     """--data latents at full size without --resolution: the shards' 512 px (meta.json) sets the resolution, and with
     it the scale's batch (384) and crops (global): not 256 px's 2048 on local crops."""
-    import data
-    data.synthetic_latents(str(tmp_path / "lat"), n=4, resolution=512, num_classes=10, shard_size=4)
+    latents.synthetic_latents(str(tmp_path / "lat"), n=4, resolution=512, num_classes=10, shard_size=4)
     args, by = train.parse(["--size", "XL", "--data", "latents", "--data-path", str(tmp_path / "lat")])
     assert (args.resolution, by["resolution"]) == (512, "data")
     assert (args.global_batch, args.crop) == (run.PAPER_BATCH[512], "global")

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 import data  # noqa: E402
+import latents  # noqa: E402
 import diffusion  # noqa: E402
 import evaluate  # noqa: E402
 import models  # noqa: E402
@@ -213,12 +214,12 @@ def e2e(tmp_path_factory, one_thread, save_tiny_clip):
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
     paths.update(imagefolder=str(root / "imagefolder"), captions=str(root / "captions"), wds=str(root / "wds"))
-    vae = data.load_vae("tiny")
+    vae = latents.load_vae("tiny")
     with one_thread():
         for sem, src in (("class", dict(source="imagefolder", path=paths["imagefolder"], seed=0, length=None)),
                          ("text", dict(source="embedded", path=None, seed=0, length=12))):
             ds = data.build_dataset(src["source"], src["path"], resolution=32, seed=0, length=12)
-            data.extract_latents(ds, vae, str(root / f"latents_{sem}"), vae_name="tiny", source=src)
+            latents.extract_latents(ds, vae, str(root / f"latents_{sem}"), vae_name="tiny", source=src)
             paths[f"latents_{sem}"] = str(root / f"latents_{sem}")
     save_tiny_clip(root, "e2e-tiny-clip", root / "tiny_clip.pt")
     feats = {f"features.{k}": v for k, v in torchvision.models.alexnet().features.state_dict().items()}
@@ -361,7 +362,7 @@ def test_transfer_to_text_command_parses(e2e, tmp_path, capsys, one_thread):
 
 # ----------------------------------------------------------------------------- missing weights, offline
 
-@pytest.mark.parametrize("flags,flag", [(["--vae", data.DEFAULT_VAE], "--vae"),
+@pytest.mark.parametrize("flags,flag", [(["--vae", latents.DEFAULT_VAE], "--vae"),
                                         (["--semantic", "text", "--text-encoder", "ViT-L-14",
                                           "--text-encoder-path", "openai"], "--text-encoder-path")])
 def test_missing_weights_offline(tmp_path, flags, flag, repo_dir):

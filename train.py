@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import conditioning
 import data
+import latents
 import diffusion
 import models
 import run as runlib
@@ -87,7 +88,7 @@ def get_parser():
         "centred min(H,W) square, flipped like the others unless --no-flip", "global", choices=data.CROPS)
     add(g, "--flip", "random horizontal flip, p = 0.5", True, action=argparse.BooleanOptionalAction)
     add(g, "--num-workers", "DataLoader worker processes per rank", 0, type=int)
-    add(g, "--vae", f"'none' = pixel space; else a diffusers AutoencoderKL name/path (e.g. {data.DEFAULT_VAE}) "
+    add(g, "--vae", f"'none' = pixel space; else a diffusers AutoencoderKL name/path (e.g. {latents.DEFAULT_VAE}) "
         "whose latents the model is trained on", "none")
     add(g, "--semantic", "semantic condition", "class", choices=["class", "text"])
     add(g, "--num-classes", "class count (none: taken from the dataset)", type=int)
@@ -393,7 +394,7 @@ def load_data(args, run):
     """The dataset and the frozen networks outside the model (VAE, text encoder)."""
     ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
                             seed=args.seed)
-    vae = data.get_vae(args.vae, str(run.device)) if args.vae != "none" and args.data != "latents" else None
+    vae = latents.get_vae(args.vae, str(run.device)) if args.vae != "none" and args.data != "latents" else None
     enc = conditioning.get_text_encoder(args.text_encoder, args.text_encoder_path, str(run.device)) \
         if args.semantic == "text" else None
     return ds, vae, enc
@@ -494,7 +495,7 @@ def get_micro_batch(batches, meter, args, run, spec, nets, null_sem, g):
     x0 = (b["latent"] if "latent" in b else b["image"]).to(device, non_blocking=True)
     with torch.no_grad():
         if nets.vae is not None:
-            x0 = data.encode(nets.vae, x0, spec["latent"]["scale"])
+            x0 = latents.encode(nets.vae, x0, spec["latent"]["scale"])
         cond = conditioning.semantic_cond(sem, b.get("y") if sem["kind"] == "class" else b["caption"], nets.encoder,
                                           device, training=True, generator=g)
     if runlib.takes_phi(spec["model"]):
