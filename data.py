@@ -41,7 +41,7 @@ VAE_DOWN, LATENT_CH = 8, 4  # SD VAE (latents.DEFAULT_VAE): 8x spatial downsampl
 SOURCES = ("embedded", "imagefolder", "captions", "wds", "latents")
 SOURCE_PATHS = {"imagefolder": "a root/<class>/<image> folder", "captions": "a folder of images with .txt captions",
                 "wds": "tar shards: a folder, a glob or dir/{00000..00099}.tar",
-                "latents": "a folder written by python data.py --out"}  # what --data-path is, per source
+                "latents": "a folder written by python latents.py --out"}  # what --data-path is, per source
 CROP_RANGES = {"global": (0.9, 1.0), "local": (0.4, 0.6), "mix": (0.4, 1.0)}  # §2.2, Fig. 8c: side = u * min(H, W)
 CROPS = (*CROP_RANGES, "center")  # center: the centred min(H, W) square (evaluation's view; training may use it)
 FLIP_P = 0.5
@@ -483,7 +483,6 @@ def tar_groups(path):
 #   latent.npy (N, C, h, w) fp16|fp32, phi.npy (N, 5) float32, crop_size.npy (N,) int64, [y.npy (N,) int64],
 #   info.json {"rows", "keys", ["captions"], "n_bad", "n_noorig", "plan"}.
 # LatentDataset memory-maps the .npy files (np.load(mmap_mode="r")): a process holds in RAM only what it reads.
-# Folders of the previous format (shard_*.pt, torch.save'd columns) are still read, fully into RAM.
 SHARD_ARRAYS = ("latent", "phi", "crop_size", "y")
 SHARD_INFO = "info.json"
 
@@ -506,20 +505,7 @@ def _open_shard(d, mmap=True):
                 arrays[c] = np.load(path, mmap_mode="r" if mmap else None)
     except (OSError, ValueError, EOFError) as e:
         raise SystemExit(f"{path}: unreadable latent shard file ({type(e).__name__}: {e}); re-run extraction "
-                         f"(python data.py --out ...) after deleting {d}") from None
-    return arrays, info
-
-
-def _legacy_shard(f):
-    """A shard_*.pt of the previous format -> (arrays, info), in RAM."""
-    try:
-        cols = torch.load(f, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file: one line naming it
-        raise SystemExit(f"{f}: unreadable latent shard ({type(e).__name__})") from None
-    arrays = {c: cols[c].numpy() for c in SHARD_ARRAYS if c in cols}
-    info = dict(rows=len(cols["key"]), keys=list(cols["key"]))
-    if "caption" in cols:
-        info["captions"] = list(cols["caption"])
+                         f"(python latents.py --out ...) after deleting {d}") from None
     return arrays, info
 
 
@@ -527,7 +513,7 @@ def check_latent_shard(meta, arrays, info, where):
     """The arrays of one shard against meta.json and its own info: any disagreement -> one-line SystemExit naming
     the file (a shard from another extraction, a different VAE, resolution or dtype, a truncated write)."""
     def bad(what, name="latent"):
-        raise SystemExit(f"{where if where.endswith('.pt') else os.path.join(where, name + '.npy')}: {what} "
+        raise SystemExit(f"{os.path.join(where, name + '.npy')}: {what} "
                          f"disagrees with meta.json ({os.path.join(os.path.dirname(where), 'meta.json')}); "
                          f"the folder mixes extractions - re-extract into a new --out")
     z, n = arrays.get("latent"), info.get("rows")
@@ -568,18 +554,18 @@ class LatentDataset(torch.utils.data.Dataset):
             self.meta = json.load(open(os.path.join(root, "meta.json")))
         except (OSError, ValueError) as e:
             raise SystemExit(f"{os.path.join(root, 'meta.json')}: {type(e).__name__}; not a finished latents folder "
-                             f"(python data.py --out {root} writes it after the last shard)") from None
-        dirs, legacy = latent_shard_dirs(root), sorted(glob.glob(os.path.join(root, "shard_*.pt")))
-        if dirs and legacy:
-            raise SystemExit(f"{root}: holds both shard_*.pt (old format) and shard_NNNNN/ folders; keep one")
+                             f"(python latents.py --out {root} writes it after the last shard)") from None
+        dirs = latent_shard_dirs(root)
+        if not dirs:
+            raise SystemExit(f"{root}: no shard_NNNNN/ folders (python latents.py --out {root} writes them)")
         m = self.meta
         if dirs and m.get("shards") is not None and len(dirs) != m["shards"]:
             raise SystemExit(f"{os.path.join(root, 'meta.json')}: {m['shards']} shards vs {len(dirs)} shard folders "
                              f"in {root} (an unfinished or mixed extraction)")
-        self.shards, self.legacy = dirs or legacy, not dirs
+        self.shards = dirs
         self.arrays, keys, self.captions, counts, has_caps = [], [], [], [], set()
         for d in self.shards:
-            arrays, info = _open_shard(d) if dirs else _legacy_shard(d)
+            arrays, info = _open_shard(d)
             check_latent_shard(m, arrays, info, d)
             if info["rows"]:  # (an empty shard has no columns to disagree with)
                 has_caps.add("captions" in info)
@@ -603,11 +589,8 @@ class LatentDataset(torch.utils.data.Dataset):
         self.latent = dict(vae=m.get("vae") or None, scale=m.get("scale", VAE_SCALE), channels=m.get("channels", LATENT_CH),
                            down=m.get("down", VAE_DOWN))
 
-    def __getstate__(self):  # to a spawned worker: paths, not the mapped (or legacy in-RAM) arrays
-        st = dict(self.__dict__)
-        if not self.legacy:
-            st["arrays"] = None
-        return st
+    def __getstate__(self):  # to a spawned worker: paths, not the mapped arrays
+        return {**self.__dict__, "arrays": None}
 
     def __setstate__(self, st):
         self.__dict__.update(st)

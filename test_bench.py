@@ -114,7 +114,7 @@ def _spy_parts(monkeypatch):
         seen["text"].append(tuple(out["text"].shape))
         seen["pad"].append(padding)
         return out
-    monkeypatch.setattr(data, "encode", spy_encode)
+    monkeypatch.setattr(latents, "encode", spy_encode)
     monkeypatch.setattr(conditioning, "encode_text", spy_text)
     return seen
 

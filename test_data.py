@@ -243,7 +243,7 @@ def test_latents_memory_mapped(tmp_path, monkeypatch):
     # resume: finished shards are skipped; a killed shard (stale .tmp, no folder) is written again, identically
     encoded = []
     real_encode = latents.encode
-    monkeypatch.setattr(data, "encode", lambda v, x, *a, **kw: encoded.append(len(x)) or real_encode(v, x, *a, **kw))
+    monkeypatch.setattr(latents, "encode", lambda v, x, *a, **kw: encoded.append(len(x)) or real_encode(v, x, *a, **kw))
     before, ref = _shard_mtimes(out), np.array(lds.arrays[1]["latent"])
     os.rename(os.path.join(out, "shard_00001"), os.path.join(out, "shard_00001.tmp"))
     os.remove(os.path.join(out, "meta.json"))
@@ -273,18 +273,8 @@ def test_latents_memory_mapped(tmp_path, monkeypatch):
         for c in ("latent", "phi", "crop_size", "y"):
             a, b = (np.load(os.path.join(o, f"shard_{n:05d}", f"{c}.npy")) for o in (out, out2))
             assert np.array_equal(a, b), (n, c)
-
-    # the previous format (torch.save'd shard_*.pt) is still read
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    cols = dict(latent=torch.randn(3, 4, 4, 4), phi=torch.rand(3, 5), crop_size=torch.tensor([30, 31, 32]),
-                y=torch.tensor([1, 2, 3]), key=["a", "b", "c"], caption=["x", "y", "z"])
-    torch.save(cols, legacy / "shard_00000.pt")
-    (legacy / "meta.json").write_text(json.dumps(dict(rows=3, resolution=32, num_classes=10)))
-    old = data.build_dataset("latents", str(legacy))
-    assert len(old) == 3 and torch.equal(old[1]["latent"], cols["latent"][1]) and old[1]["caption"] == "y"
-    assert old[2]["y"] == 3 and old[2]["crop_size"] == 32 and torch.equal(old[0]["phi"], cols["phi"][0])
-    assert torch.equal(pickle.loads(pickle.dumps(old))[1]["latent"], cols["latent"][1])
+    assert torch.equal(pickle.loads(pickle.dumps(data.build_dataset("latents", out)))[1]["latent"],
+                       data.build_dataset("latents", out)[1]["latent"])  # a worker's copy reopens the shards
 
 
 def test_latent_meta_mismatch(tmp_path):
@@ -312,6 +302,8 @@ def test_latent_meta_mismatch(tmp_path):
     (out / "shard_00001" / "latent.npy").write_bytes(b"truncated")
     with pytest.raises(SystemExit, match=r"shard_00001/latent\.npy: unreadable"):
         data.build_dataset("latents", str(out))
-    torch.save({}, out / "shard_00009.pt")
-    with pytest.raises(SystemExit, match="both shard_"):
-        data.build_dataset("latents", str(out))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "meta.json").write_text(json.dumps(good))
+    with pytest.raises(SystemExit, match=r"empty: no shard_NNNNN/ folders \(python latents\.py --out"):
+        data.build_dataset("latents", str(empty))
