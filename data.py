@@ -310,7 +310,8 @@ class ImageFolderDataset(_Augmented, torch.utils.data.Dataset):
         self.files = [(os.path.join(root, c, f), y) for y, c in enumerate(self.classes)
                       for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMG_EXTS)]
         self.root, self.num_classes = root, len(self.classes)
-        assert self.files, f"no images found under {root}/<class>/"
+        if not self.files:  # one line naming the path and the layout expected, not an AssertionError
+            raise SystemExit(f"--data-path {root}: no images in class subfolders ({SOURCE_PATHS['imagefolder']})")
 
     def __len__(self):
         return len(self.files)
@@ -336,7 +337,11 @@ class CaptionFolderDataset(ImageFolderDataset):
         self.root = root
         self.files = sorted((os.path.join(d, f), None) for d, _, fs in os.walk(root) for f in fs
                             if f.lower().endswith(IMG_EXTS))
-        assert self.files, f"no images found under {root}"
+        if not self.files:
+            raise SystemExit(f"--data-path {root}: no images ({SOURCE_PATHS['captions']})")
+        if not any(os.path.exists(os.path.splitext(p)[0] + ".txt") for p, _ in self.files):
+            raise SystemExit(f"--data-path {root}: {len(self.files)} images but no <name>.txt caption beside any "
+                             "of them (--data imagefolder reads images without captions)")
 
     def __getitem__(self, i):
         path = self.files[i][0]
@@ -382,7 +387,10 @@ class WdsDataset(_Augmented, torch.utils.data.IterableDataset):
     def __init__(self, path, **kw):
         super().__init__(**kw)
         self.shards, self.skip, self.select = expand_shards(path), 0, None
-        assert self.shards, f"no .tar shards found at {path}"
+        missing = [p for p in self.shards if not os.path.isfile(p)]
+        if not self.shards or missing:  # one line naming the path and the layout expected
+            what = f"{missing[0]} (of {len(self.shards)}) does not exist" if missing else "no .tar shards there"
+            raise SystemExit(f"--data-path {path}: {what} ({SOURCE_PATHS['wds']})")
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
 from conditioning import ORIG_H, ORIG_W, PHI_KEYS
 from data import (CROPS, LATENT_CH, SHARD_INFO, SOURCES, VAE_DOWN, VAE_SCALE, _open_shard, atomic_write, build_dataset,
                   collate, latent_shape, preview)
@@ -138,7 +139,7 @@ def _unit_batches(ds, segs, batch_size, num_workers):
 
 
 def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=torch.float16, device="cpu",
-                    num_workers=0, vae_name="", source=None, rank=None, world=None):
+                    num_workers=0, vae_name="", source=None, rank=None, world=None, progress=True):
     """Encode k augmented passes (epochs 0..k-1) over ds into out/shard_NNNNN/ (.npy arrays, memory-mapped by
     LatentDataset) with φ, crop size, key, y/caption. meta.json records the VAE (what train.py's run spec takes its
     "latent" section from) and `source`, the build_dataset arguments of the images (evaluate.py --ref train computes
@@ -147,7 +148,9 @@ def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=tor
     Resumable: a shard is renamed into place only once complete, and a rerun skips the finished ones (refusing,
     in one line, shards written with other settings). Shardable: rank r of world w (RANK / WORLD_SIZE, as torchrun
     sets them) writes shards r::w; whichever rank finds every shard finished writes meta.json (the same content
-    from any rank). Returns meta, or {"complete": False, ...} from a rank that finished before the others."""
+    from any rank). `progress`: a tqdm bar (images, rate, ETA) on stderr from rank 0, over the images this rank
+    encodes (webdataset: counted, no total). Returns meta, or {"complete": False, ...} from a rank that finished
+    before the others."""
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     os.makedirs(out, exist_ok=True)
@@ -161,6 +164,10 @@ def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=tor
         crop=ds.crop, flip=ds.flip, seed=ds.seed, inputs=len(ds.shards) if iterable else len(ds), source=source)))
     units = _latent_units(ds, k, shard_size)
     ch, h, w = latent_shape(latent, ds.resolution)
+    todo = [n for n in range(rank, len(units), world) if not os.path.isdir(os.path.join(out, f"shard_{n:05d}"))]
+    total = None if iterable else sum(b - a for n in todo for _, a, b in units[n])
+    bar = tqdm(total=total, desc=f"latents -> {out}", unit="img", disable=not progress or rank != 0,
+               dynamic_ncols=True)
     for n in range(rank, len(units), world):
         d = os.path.join(out, f"shard_{n:05d}")
         if os.path.isdir(d):  # finished by an earlier run
@@ -174,6 +181,7 @@ def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=tor
         for b in _unit_batches(ds, units[n], batch_size, num_workers):
             info["n_bad"] += b["n_bad"]
             info["n_noorig"] += b.get("n_noorig", 0)
+            bar.update(b["n_bad"] + len(b.get("key", ())))
             if "image" not in b:
                 continue
             z = encode(vae, b["image"].to(device), latent["scale"]).to(dtype).cpu()  # (B, 4, R/8, R/8)
@@ -189,6 +197,7 @@ def extract_latents(ds, vae, out, k=1, batch_size=64, shard_size=4096, dtype=tor
             arrays = dict(latent=np.zeros((0, ch, h, w), np_dtype), phi=np.zeros((0, len(PHI_KEYS)), np.float32),
                           crop_size=np.zeros(0, np.int64))
         _write_latent_shard(out, n, arrays, info)
+    bar.close()
     done = [os.path.join(out, f"shard_{n:05d}") for n in range(len(units))]
     if not all(os.path.isdir(d) for d in done):
         return dict(complete=False, shards=len(units), finished=sum(os.path.isdir(d) for d in done))
@@ -253,15 +262,19 @@ if __name__ == "__main__":
     p.add_argument("--shard-size", type=int, default=4096, help="input samples per shard (wds: one per tar, pass)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers for decoding")
     p.add_argument("--preview", default=None, help="write a PNG grid of embedded examples here and exit")
+    p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction,
+                   help="progress bar with ETA on stderr (rank 0; --no-progress for logs)")
     args = p.parse_args()
     if args.preview:
         preview(args.preview, seed=args.seed)
     else:
-        assert args.out, "--out is required for extraction"
+        if not args.out:
+            p.error("--out FOLDER is required for extraction (or --preview FILE)")
         if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         ds = build_dataset(args.source, args.path, args.resolution, args.crop, args.flip, args.seed, args.length)
         src = dict(source=args.source, path=args.path, seed=args.seed, length=args.length)
         meta = extract_latents(ds, load_vae(args.vae, args.device), args.out, args.k, args.batch_size,
-                               args.shard_size, getattr(torch, args.dtype), args.device, args.num_workers, args.vae, src)
+                               args.shard_size, getattr(torch, args.dtype), args.device, args.num_workers, args.vae, src,
+                               progress=args.progress)
         print(json.dumps(meta))

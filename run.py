@@ -179,12 +179,23 @@ def resolve_latent(args, ds, vae, explicit):
     return lat
 
 
+def check_source(args, ds):
+    """The data can feed the mode: some sample of the first 8 reads, and text mode has captions. One line naming the
+    path otherwise; train.py calls it before the VAE and the text encoder load."""
+    first = data.first_items(ds, 8)
+    if not first:  # every sample unreadable: say so, not that the source lacks captions or labels
+        refuse(f"--data-path {args.data_path}: no readable sample in the first 8 (--data {args.data} reads "
+               f"{data.SOURCE_PATHS.get(args.data, 'embedded images')})")
+    if args.semantic == "text" and ("caption" not in first[0] or all(s.get("missing_caption") for s in first)):
+        refuse(f"--semantic text: --data {args.data} has no captions at {args.data_path} (the captions and wds "
+               "sources read <key>.txt, latent shards their info.json's captions; imagefolder has none)")
+
+
 def resolve_semantic(args, ds, encoder):
     """Class count and null id (the dataset's own count unless --num-classes), or the text encoder set-up."""
+    if ds is not None:
+        check_source(args, ds)
     if args.semantic == "text":
-        if ds is not None and "caption" not in (data.first_items(ds, 1) or [{}])[0]:
-            refuse(f"--semantic text: --data {args.data} has no captions (embedded, captions, wds and latent shards of "
-                   "captioned data have)")
         return dict(kind="text", encoder=args.text_encoder, pretrained=args.text_encoder_path, pad=args.text_pad,
                     beta_txt=args.beta_txt, dim=encoder and encoder.dim, pooled_dim=encoder and encoder.pooled_dim)
     n = args.num_classes or getattr(ds, "num_classes", None)

@@ -307,3 +307,77 @@ def test_latent_meta_mismatch(tmp_path):
     (empty / "meta.json").write_text(json.dumps(good))
     with pytest.raises(SystemExit, match=r"empty: no shard_NNNNN/ folders \(python latents\.py --out"):
         data.build_dataset("latents", str(empty))
+
+
+# ----------------------------------------------------------------------------- bad data paths: one line each
+def _bad_layouts(root):
+    """Each case: (train.py flags, words the one line must hold). The folders are written here."""
+    empty = root / "empty"
+    (empty / "cls_a").mkdir(parents=True)  # a class folder with no image in it
+    nocap = root / "nocap"
+    nocap.mkdir()
+    (nocap / "a.jpg").write_bytes(_jpeg_bytes(0))  # an image without its a.txt
+    notar = root / "notar"
+    notar.mkdir()
+    (notar / "readme.txt").write_text("no shards here\n")
+    txtless = root / "txtless"
+    txtless.mkdir()
+    _write_tar(txtless / "00000.tar", {f"{k:05d}.jpg": _jpeg_bytes(k) for k in range(3)})  # images, no .txt
+    broken = root / "broken"
+    broken.mkdir()
+    _write_tar(broken / "00000.tar", {f"{k:05d}.jpg": b"not a jpeg" for k in range(3)})
+    return [
+        (["--data", "imagefolder", "--data-path", str(root / "absent")], ["absent", "no such folder"]),
+        (["--data", "imagefolder", "--data-path", str(empty)], [str(empty), "no images", "<class>"]),
+        (["--data", "captions", "--data-path", str(nocap), "--semantic", "text"], [str(nocap), ".txt caption"]),
+        (["--data", "wds", "--data-path", str(notar)], [str(notar), "no .tar shards"]),
+        (["--data", "wds", "--data-path", str(notar), "--semantic", "text"], [str(notar), "no .tar shards"]),
+        (["--data", "wds", "--data-path", str(root / "s-{00000..00003}.tar")], ["s-00000.tar", "does not exist"]),
+        (["--data", "wds", "--data-path", str(txtless), "--semantic", "text"], [str(txtless), "no captions", ".txt"]),
+        (["--data", "wds", "--data-path", str(broken), "--semantic", "text"], [str(broken), "no readable sample"]),
+        (["--data", "latents", "--data-path", str(notar)], [str(notar), "meta.json"]),
+    ]
+
+
+def test_bad_data_paths(tmp_path):
+    """A missing folder, an empty ImageFolder, images without captions, a folder without shards (with --semantic text
+    too: it must say "no shards", not "no captions"), a shard pattern naming absent files, shards without the key the
+    mode needs, shards of unreadable images, a folder that is not a latents folder: each stops train.py with
+    SystemExit (one line, no traceback) naming the path and what was expected, before anything is written."""
+    import subprocess
+    import sys
+    import train
+    cases = _bad_layouts(tmp_path)
+    for k, (flags, words) in enumerate(cases):
+        out = tmp_path / f"out{k}"
+        with pytest.raises(SystemExit) as e:
+            train.main([*flags, "--max-steps", "1", "--no-progress", "--device", "cpu", "--out-dir", str(out)])
+        line = str(e.value.code)
+        assert "\n" not in line and all(w in line for w in words), (flags, line)
+        assert not (out / "ckpt.pt").exists()
+    # the same through the interpreter: the message is the last line of stderr, and no traceback
+    flags, words = cases[6]
+    r = subprocess.run([sys.executable, "train.py", *flags, "--out-dir", str(tmp_path / "o")], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ,
+                       HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and all(w in r.stderr for w in words), r.stderr
+
+
+def test_latents_progress(tmp_path):
+    """python latents.py shows a bar with the image count and ETA on stderr; --no-progress shows none; both write
+    the same shards."""
+    import subprocess
+    import sys
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    base = [sys.executable, "latents.py", "--length", "6", "--resolution", "16", "--vae", "tiny", "--device", "cpu",
+            "--num-workers", "0", "--shard-size", "4", "--dtype", "float32"]
+    cwd = os.path.dirname(os.path.abspath(__file__))
+    on = subprocess.run([*base, "--out", str(tmp_path / "a")], capture_output=True, text=True, env=env, cwd=cwd)
+    off = subprocess.run([*base, "--out", str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True,
+                         env=env, cwd=cwd)
+    assert on.returncode == off.returncode == 0, on.stderr + off.stderr
+    assert "6/6" in on.stderr and "img" in on.stderr and "<" in on.stderr, on.stderr  # count, unit, ETA
+    assert "latents ->" not in off.stderr and "6/6" not in off.stderr, off.stderr
+    for n in range(2):
+        a, b = (np.load(tmp_path / r / f"shard_{n:05d}" / "latent.npy") for r in "ab")
+        assert a.shape[0] == (4, 2)[n] and np.array_equal(a, b)

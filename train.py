@@ -394,6 +394,7 @@ def load_data(args, run):
     """The dataset and the frozen networks outside the model (VAE, text encoder)."""
     ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
                             seed=args.seed)
+    runlib.check_source(args, ds)  # before minutes of loading frozen networks
     vae = latents.get_vae(args.vae, str(run.device)) if args.vae != "none" and args.data != "latents" else None
     enc = conditioning.get_text_encoder(args.text_encoder, args.text_encoder_path, str(run.device)) \
         if args.semantic == "text" else None
