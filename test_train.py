@@ -74,7 +74,7 @@ def test_resume_exact(tmp_path, arch, fast_flags, repo_dir, run_script, script_e
     killed_at = _load_ckpt(cut)["step"]
     assert 4 <= killed_at < n, f"the kill came too late (checkpoint at step {killed_at})"
     out = run_script(args + ["--out-dir", cut])
-    assert f"resumed from" in out and f"at step {killed_at}" in out
+    assert "resumed from" in out and f"at step {killed_at}" in out
     a, b = _load_ckpt(tmp_path / "straight"), _load_ckpt(cut)
     assert a["step"] == b["step"] == n and a["data"] == b["data"]
     log = [json.loads(line) for line in open(tmp_path / "straight" / "log.jsonl")]  # the lr warm-up as logged
