@@ -12,6 +12,7 @@ bad files never stop a run and the count reaches the training log even from Data
 
 Sources (build_dataset(source, ...)):
     embedded     procedural shapes, needs no files (default); class ids AND captions with colour + left/right
+    embedded-web the same shapes with web-like sizes: 4-64 px originals, small ones soft and filled by the object
     imagefolder  root/<class>/<img>  (ImageNet layout)                         map-style
     captions     folder of images with <name>.txt caption sidecars             map-style
     wds          webdataset tar shards (img2dataset: key.jpg|png + key.txt)  iterable (see WdsDataset)
@@ -38,7 +39,8 @@ from conditioning import ORIG_H, ORIG_W, PHI_KEYS
 # ----------------------------------------------------------------------------- constants (defined once)
 VAE_SCALE = 0.18215  # SD / LDM latent scale factor (diffusers AutoencoderKL config "scaling_factor")
 VAE_DOWN, LATENT_CH = 8, 4  # SD VAE (latents.DEFAULT_VAE): 8x spatial downsampling, 4 latent channels
-SOURCES = ("embedded", "imagefolder", "captions", "wds", "latents")
+EMBEDDED = ("embedded", "embedded-web")  # the procedural sources (no files)
+SOURCES = (*EMBEDDED, "imagefolder", "captions", "wds", "latents")
 SOURCE_PATHS = {"imagefolder": "a root/<class>/<image> folder", "captions": "a folder of images with .txt captions",
                 "wds": "tar shards: a folder, a glob or dir/{00000..00099}.tar",
                 "latents": "a folder written by python latents.py --out"}  # what --data-path is, per source
@@ -56,6 +58,11 @@ PIXELS = dict(vae=None, scale=1.0, channels=3, down=1)  # the run spec's "latent
 RESOLUTION = 16  # train.py's default --resolution (CPU, pixels): chosen by the tiny-default study in RESULTS.md
 SIDES = ("left", "right")  # the embedded captions' placement words
 HELDOUT_START = 1_000_000  # held-out items of the embedded dataset: indices never drawn in training (< length)
+# embedded-web: originals whose size shows in the pixels a 16 px model sees, as on the web (§2.2: size conditioning
+# acts on what size changes). Short side 4..64 px, drawn WEB_SUPERSAMPLE x larger and box-filtered down, so a small
+# original upsampled to the resolution is soft and a large one sharp; the object's radius falls from WEB_RADIUS[0]
+# of the short side at the smallest size to WEB_RADIUS[1] at the largest (log-linear): composition follows size.
+WEB_SIDES, WEB_RADIUS, WEB_SUPERSAMPLE = (4, 64), (0.38, 0.14), 4
 
 
 # ----------------------------------------------------------------------------- small shared helpers
@@ -211,21 +218,31 @@ def _shape_polygon(name, cx, cy, r):
             (cx + a, cy + r), (cx - a, cy + r), (cx - a, cy + a), (cx - r, cy + a), (cx - r, cy - a), (cx - a, cy - a)]
 
 
-def render_embedded(seed, i):
-    """Image i of the embedded dataset: (PIL image, class id, caption). Deterministic in (seed, i)."""
+def web_radius(side):
+    """embedded-web: the object's radius as a fraction of the short side, log-linear in the original's short side."""
+    (s0, s1), (r0, r1) = WEB_SIDES, WEB_RADIUS
+    return r0 + (r1 - r0) * math.log(side / s0) / math.log(s1 / s0)
+
+
+def render_embedded(seed, i, web=False):
+    """Image i of the embedded dataset (embedded-web when `web`): (PIL image, class id, caption). Deterministic in
+    (seed, i, web)."""
     rng = np.random.default_rng([seed, i, 7])
     y = i % len(CLASSES)
     cname, (colname, rgb) = CLASSES[y], list(COLORS.items())[int(rng.integers(len(COLORS)))]
-    side = int(rng.integers(48, 161))  # short side 48..160 px, aspect ratio 1:2 .. 2:1
-    long = int(side * rng.uniform(1.0, 2.0))
-    h, w = (side, long) if rng.random() < 0.5 else (long, side)
+    side = int(rng.integers(*WEB_SIDES, endpoint=True) if web else rng.integers(48, 161))  # short side, px
+    long = int(side * rng.uniform(1.0, 2.0))  # aspect ratio 1:2 .. 2:1
+    out_hw = (side, long) if rng.random() < 0.5 else (long, side)
+    ss = WEB_SUPERSAMPLE if web else 1  # drawn at ss x the original's size, then box-filtered down to it
+    h, w = out_hw[0] * ss, out_hw[1] * ss
     # dark two-tone vertical gradient background
     c0, c1 = rng.integers(0, 70, 3), rng.integers(0, 70, 3)
     ramp = np.linspace(0, 1, h)[:, None, None]
     bg = (c0 * (1 - ramp) + c1 * ramp).astype(np.uint8).repeat(w, axis=1)  # (h, w, 3)
     img = Image.fromarray(bg)
     d = ImageDraw.Draw(img)
-    r = min(h, w) * rng.uniform(0.18, 0.28)
+    u = rng.uniform(0.18, 0.28)  # radius / short side (embedded-web: scaled around web_radius(side))
+    r = min(h, w) * (web_radius(side) * u / 0.23 if web else u)
     pos = "left" if rng.random() < 0.5 else "right"
     cx = w * (rng.uniform(0.15, 0.4) if pos == "left" else rng.uniform(0.6, 0.85))
     cx = float(np.clip(cx, r, w - r))
@@ -246,6 +263,8 @@ def render_embedded(seed, i):
         d.rectangle((cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r), fill=col)
     else:
         d.polygon(_shape_polygon(cname, cx, cy, r), fill=col)
+    if ss > 1:
+        img = img.resize(out_hw[::-1], Image.Resampling.BOX)
     return img, y, embedded_caption(colname, cname, pos)
 
 
@@ -283,20 +302,21 @@ def heldout_indices(ds, n, start=HELDOUT_START):
 
 
 class EmbeddedDataset(_Augmented, torch.utils.data.Dataset):
-    """Procedural default dataset (no files): 10 shape classes, colour + left/right captions, varied sizes."""
+    """Procedural default dataset (no files): 10 shape classes, colour + left/right captions, varied sizes;
+    web=True is the embedded-web source (render_embedded)."""
 
-    def __init__(self, length=10_000, **kw):
+    def __init__(self, length=10_000, web=False, **kw):
         super().__init__(**kw)
-        self.length, self.num_classes = length, len(CLASSES)
+        self.length, self.web, self.num_classes = length, web, len(CLASSES)
 
     def __len__(self):
         return self.length
 
     def original(self, i):
-        return render_embedded(self.seed, i)[0]
+        return render_embedded(self.seed, i, self.web)[0]
 
     def __getitem__(self, i):
-        img, y, caption = render_embedded(self.seed, i)
+        img, y, caption = render_embedded(self.seed, i, self.web)
         return self.augment(img, (i,), y=y, caption=caption, key=str(i))
 
 
@@ -630,8 +650,8 @@ class LatentDataset(torch.utils.data.Dataset):
 def build_dataset(source="embedded", path=None, resolution=32, crop="global", flip=True, seed=0, length=10_000):
     """One entry point for every source (SOURCES). `length` sizes the embedded dataset."""
     kw = dict(resolution=resolution, crop=crop, flip=flip, seed=seed)
-    if source == "embedded":
-        return EmbeddedDataset(length=length, **kw)
+    if source in EMBEDDED:
+        return EmbeddedDataset(length=length, web=source == "embedded-web", **kw)
     if source not in SOURCES:
         raise SystemExit(f"--data {source}: choose one of {', '.join(SOURCES)}")
     if not path:  # one line naming the flag, not a traceback

@@ -605,15 +605,16 @@ def fid_reference(args, net, spec, res, n_gen):
     def ref(key, n, images=None):  # statistics at the sample resolution, cached under --cache-dir
         return ref_stats(net, key, res, n, args.cache_dir, images, progress=args.progress)
     if args.ref == "heldout":  # items the run never saw; the floor is N more of them vs the same reference
-        if spec is None or spec["data"]["source"] != "embedded":
+        if spec is None or spec["data"]["source"] not in data.EMBEDDED:
             die("--ref heldout needs a --ckpt trained on the embedded data")
-        seed = spec["data"]["seed"]
-        ds = data.build_dataset("embedded", resolution=res, crop="center", flip=False, seed=seed)
+        source, seed = spec["data"]["source"], spec["data"]["seed"]
+        ds = data.build_dataset(source, resolution=res, crop="center", flip=False, seed=seed)
         n = args.ref_max or 2000
-        mu_r, sig_r = ref(f"heldout:{seed}", n, data.dataset_images_at(ds, data.heldout_indices(ds, n)))
+        key = f"heldout:{seed}" if source == "embedded" else f"heldout:{source}:{seed}"  # the cache's key
+        mu_r, sig_r = ref(key, n, data.dataset_images_at(ds, data.heldout_indices(ds, n)))
         if args.fid_floor is not False:
             floor_idx = data.heldout_indices(ds, n_gen, start=data.HELDOUT_START + n)
-            mu_f, sig_f = ref(f"heldout-floor:{seed}:{n}", n_gen, data.dataset_images_at(ds, floor_idx))
+            mu_f, sig_f = ref(f"{key.replace('heldout', 'heldout-floor', 1)}:{n}", n_gen, data.dataset_images_at(ds, floor_idx))
             out.update(fid_floor=frechet_distance(mu_f, sig_f, mu_r, sig_r), fid_floor_n=n_gen)
         return mu_r, sig_r, n, out
     if args.ref in ("train", "embedded"):  # a dataset of data.py at the sample resolution, centre crop, no flip
@@ -623,7 +624,7 @@ def fid_reference(args, net, spec, res, n_gen):
         if src["source"] == "latents":  # the images the shards were encoded from (their meta.json)
             src = src.get("images") or die("--ref train: these latent shards do not record their source "
                                            "images (meta.json 'source'); pass --ref IMAGE_FOLDER")
-        n = args.ref_max or (src.get("length", 10_000) if src["source"] == "embedded" else None)
+        n = args.ref_max or (src.get("length", 10_000) if src["source"] in data.EMBEDDED else None)
         ds = data.build_dataset(src["source"], src["path"], resolution=res, crop="center",
                                 flip=False, seed=src["seed"], **({"length": n} if n else {}))
         key = f"{src['source']}:{src['path']}:{src['seed']}"
@@ -690,7 +691,7 @@ def judge_metrics(args, net, jds, K, spec, images):
     acc, per_class, _ = judge_accuracy(net, gen_x, gen_y, K)
     real_x, real_y = real_crops(jds, data.heldout_indices(jds, args.judge_heldout))
     ceil, ceil_pc, _ = judge_accuracy(net, real_x, real_y, K)
-    names = list(data.CLASSES) if spec["data"]["source"] == "embedded" else [str(c) for c in range(K)]
+    names = list(data.CLASSES) if spec["data"]["source"] in data.EMBEDDED else [str(c) for c in range(K)]
     print("class      samples  real (ceiling)")
     for c in range(K):
         print(f"{names[c]:<10} {per_class[c]:7.3f}  {ceil_pc[c]:7.3f}")
@@ -759,7 +760,7 @@ def main(argv=None):
     judge_on = args.judge if args.judge is not None else args.ref == "heldout" and is_class
     if judge_on and not is_class:
         die("--judge needs --ckpt of a class-conditional run")
-    text_embedded = bool(spec and spec["semantic"]["kind"] == "text" and spec["data"]["source"] == "embedded")
+    text_embedded = bool(spec and spec["semantic"]["kind"] == "text" and spec["data"]["source"] in data.EMBEDDED)
     caption_on = (args.caption_agreement if args.caption_agreement is not None
                   else text_embedded and args.ref == "heldout")
     if caption_on and not text_embedded:

@@ -87,6 +87,10 @@ TEXT = ["--semantic", "text", "--text-encoder", "tiny"]  # text mode on the embe
 # so its side stops following the caption): padding without flips, flip with them (the flip is then the only thing
 # that contradicts a caption's side, and φ says when)
 CENTER = ["--crop", "center"]
+# control and guidance train on the embedded-web source: 4-64 px originals, so the size condition has something in
+# the pixels to describe (on the default embedded data every original is >= 48 px and downsampled to 16 px, and the
+# size leaves no trace the model could follow)
+WEB = ["--data", "embedded-web"]
 # sampling steps of every evaluation (DDIM; Euler for rf, the tiny default): 25 so that three seeds at N = 500 fit
 # the budget (deviation: Fig. 8 uses 50, the paper's FID protocol 250)
 EVAL_STEPS = 25
@@ -281,7 +285,7 @@ def control(study):
     tag = "control" if a.lpips_net == "alex" else f"control_{a.lpips_net}"  # its own JSON per distance
     for sched in a.schedules:
         flags = [] if sched == "cosine" else ["--gamma", sched]
-        m = study.seeds(lambda s: study.evaluate(study.train(sched, s, flags) + "/ckpt.pt", tag,
+        m = study.seeds(lambda s: study.evaluate(study.train(sched, s, WEB + flags) + "/ckpt.pt", tag,
                                                  ["--lpips-prompts", a.lpips_prompts, "--lpips-net", a.lpips_net]))
         res[sched] = m
         rows.append([sched, " ".join(flags) or "(default: cosine, α = 8)", fmt(m.get("lpips"), 4),
@@ -291,7 +295,9 @@ def control(study):
     write_table(study, "Control conditioning: γ_c(t) (Tab. 2a, Tab. A6, Fig. 2)",
                 ["γ_c", "flag", dist, "8-bit floor", f"{dist}/HR", "FID", "judge", "judge ceiling",
                  "paper (IN1k-256)"], rows,
-                [setting(a), dist + ("" if a.lpips_net == "alex" else " (evaluate.py --lpips-net pixel: mean |a − b| "
+                [setting(a), f"every run: {' '.join(WEB)} (originals 4-64 px on their short side: small ones soft "
+                 "and filled by the object, large ones sharp, so size shows in the pixels)",
+                 dist + ("" if a.lpips_net == "alex" else " (evaluate.py --lpips-net pixel: mean |a − b| "
                                      "/ 2 in [0, 1], the offline stand-in for LPIPS, not on its scale)") +
                  f": {a.lpips_prompts} prompts, sizes resolution × (¼, ½, 1, 2, 4), same seed and class per prompt "
                  "(evaluate.py --lpips-prompts); /HR: sizes ≥ the resolution; 8-bit floor: the distance between each "
@@ -312,7 +318,7 @@ def guidance(study):
     phi = ["--lpips-prompts", a.lpips_prompts, "--lpips-net", a.lpips_net]  # the positive control: φ is followed
     for beta in a.betas:
         m = study.seeds(lambda s: study.evaluate(
-            study.train("default", s, []) + "/ckpt.pt", f"beta{beta:g}",
+            study.train("default", s, WEB) + "/ckpt.pt", f"beta{beta:g}",
             ["--beta", beta, *lam, *(phi if beta == a.betas[0] and s in a.seeds else [])]))
         res[beta] = m
         rows.append([f"{beta:g}", f"--beta {beta:g}", fmt(m.get("fid"), 1), fmt(m.get("judge_acc")),
@@ -320,7 +326,8 @@ def guidance(study):
     lam_txt = f"{a.lam:g}" if a.lam is not None else "evaluate.py's default (Eq. 4: 1.5 at the training resolution)"
     write_table(study, "Control guidance β of Eq. 2", ["β", "evaluate.py flag", "FID", "judge", "judge ceiling",
                                                        "paper"], rows,
-                [setting(a), f"one training run per seed, evaluated at every β with λ = {lam_txt}",
+                [setting(a), f"one training run per seed ({' '.join(WEB)}: sizes that show in the pixels, so φ has "
+                 f"something to steer), evaluated at every β with λ = {lam_txt}",
                  "β = 1 is plain classifier-free guidance (the control-dropped branch gets weight 0)",
                  f"the β = {a.betas[0]:g} evaluation of the design seeds also runs the size-conditioning protocol "
                  f"(evaluate.py --lpips-prompts {a.lpips_prompts} --lpips-net {a.lpips_net}) for the positive control",

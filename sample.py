@@ -103,7 +103,7 @@ def grid_labels(spec, args):
     """The grid's labels, --n-per of each: class ids (--classes: ids or embedded class names; default the first 10)
     or prompts (--prompts, --prompt-file; default two embedded-style captions)."""
     if spec["semantic"]["kind"] == "class":
-        names = list(data.CLASSES) if spec["data"]["source"] == "embedded" else []
+        names = list(data.CLASSES) if spec["data"]["source"] in data.EMBEDDED else []
         keys = args.classes if args.classes else list(range(min(spec["semantic"]["num_classes"], 10)))
         base = [names.index(c) if isinstance(c, str) and not c.isdigit() else int(c) for c in keys]
     else:

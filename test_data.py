@@ -67,6 +67,30 @@ def test_crop_metadata():
     assert not torch.equal(a, ds[5]["phi"])  # new epoch, new augmentation
 
 
+def test_embedded_web_sizes_show():
+    """embedded-web: the original's size shows in the 16 px crop the model sees (what size conditioning acts on):
+    small originals are soft (upsampled) and filled by their object, large ones sharp with a small object; the
+    embedded source's images are untouched by the web variant."""
+    ds = data.build_dataset("embedded-web", resolution=16, crop="center", flip=False, seed=0, length=300)
+    small, large = [], []
+    for i in range(300):
+        h, w = (int(v) for v in ds[i]["phi"][3:5])
+        assert (h, w) == np.asarray(ds.original(i)).shape[:2]  # φ records the web original's size
+        assert data.WEB_SIDES[0] <= min(h, w) <= data.WEB_SIDES[1] and max(h, w) <= 2 * min(h, w)
+        x = (ds[i]["image"].double() + 1) * 127.5  # uint8 scale
+        step = (x[:, :, 1:] - x[:, :, :-1]).abs().max().item()  # the sharpest horizontal edge
+        fg = (x.amax(0) >= 70).double().mean().item()  # backgrounds are < 70 in every channel
+        (small if min(h, w) <= 8 else large if min(h, w) >= 48 else []).append((step, fg))
+    assert len(small) >= 10 and len(large) >= 40
+    (s_step, s_fg), (l_step, l_fg) = np.mean(small, 0), np.mean(large, 0)
+    assert s_step < 0.75 * l_step, (s_step, l_step)  # soft vs sharp edges
+    assert s_fg > 3 * l_fg, (s_fg, l_fg)  # the object fills a small original, not a large one
+    assert data.web_radius(data.WEB_SIDES[0]) == data.WEB_RADIUS[0]
+    assert abs(data.web_radius(data.WEB_SIDES[1]) - data.WEB_RADIUS[1]) < 1e-12
+    a, b = data.render_embedded(0, 7), data.render_embedded(0, 7, web=True)
+    assert a[1:] == b[1:] and min(a[0].size) >= 48 and a[0].size != b[0].size  # same class and caption, other size
+
+
 def test_bad_images_skipped(tmp_path):
     torch.manual_seed(0)
     # ImageFolder: 3 good images in 2 classes + 3 bad files

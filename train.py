@@ -81,7 +81,7 @@ def get_parser():
     add(p, "--tiny-recipe", f"with --recipe ours --size tiny, apply the CPU job's deviations {runlib.TINY_RECIPE}",
         True, action=argparse.BooleanOptionalAction)
     g = p.add_argument_group("data")
-    add(g, "--data", "dataset source; 'embedded' needs no files", "embedded", choices=data.SOURCES)
+    add(g, "--data", "dataset source; 'embedded' and 'embedded-web' need no files", "embedded", choices=data.SOURCES)
     add(g, "--data-path", "dataset root / shard pattern (unused for 'embedded')")
     add(g, "--resolution", "training resolution in pixels", data.RESOLUTION, type=int)
     add(g, "--crop", "crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2); center: the "
