@@ -177,7 +177,8 @@ def load_image(path_or_file):
 
 
 class _Augmented:
-    """Shared augmentation: crop strategy + random flip, randomness from (seed, epoch, index) only."""
+    """Shared augmentation: crop strategy + random flip (flip: True = p FLIP_P, False, or a probability p),
+    randomness from (seed, epoch, index) only."""
 
     def __init__(self, resolution=32, crop="global", flip=True, seed=0):
         assert crop in CROPS, f"crop must be one of {CROPS}"
@@ -192,7 +193,8 @@ class _Augmented:
         rng = np.random.default_rng([self.seed, self.epoch, *index])  # deterministic given (seed, epoch, index)
         w, h = img.size
         top, left, side = sample_crop(h, w, self.crop, rng)
-        flip = bool(self.flip and rng.random() < FLIP_P)  # evaluation sets build with flip=False
+        p = FLIP_P if self.flip is True else float(self.flip or 0)  # flip: True (FLIP_P), False or a probability
+        flip = bool(p > 0 and rng.random() < p)  # evaluation sets build with flip=False
         vals = dict(crop_top=top, crop_left=left, flip=float(flip), orig_h=h, orig_w=w)
         phi = torch.tensor([vals[k] for k in PHI_KEYS], dtype=torch.float32)  # (5,) original-image pixels
         return {"image": crop_image(img, top, left, side, flip, self.resolution), "phi": phi, "crop_size": side,

@@ -614,7 +614,8 @@ def fid_reference(args, net, spec, res, n_gen):
         mu_r, sig_r = ref(key, n, data.dataset_images_at(ds, data.heldout_indices(ds, n)))
         if args.fid_floor is not False:
             floor_idx = data.heldout_indices(ds, n_gen, start=data.HELDOUT_START + n)
-            mu_f, sig_f = ref(f"{key.replace('heldout', 'heldout-floor', 1)}:{n}", n_gen, data.dataset_images_at(ds, floor_idx))
+            floor_key = key.replace("heldout", "heldout-floor", 1) + f":{n}"
+            mu_f, sig_f = ref(floor_key, n_gen, data.dataset_images_at(ds, floor_idx))
             out.update(fid_floor=frechet_distance(mu_f, sig_f, mu_r, sig_r), fid_floor_n=n_gen)
         return mu_r, sig_r, n, out
     if args.ref in ("train", "embedded"):  # a dataset of data.py at the sample resolution, centre crop, no flip

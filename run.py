@@ -179,6 +179,12 @@ def resolve_latent(args, ds, vae, explicit):
     return lat
 
 
+def data_flip(args):
+    """The data's flip setting from --flip / --flip-p: True (p = data.FLIP_P), False, or another probability."""
+    p = getattr(args, "flip_p", data.FLIP_P)  # specs of runs from before --flip-p existed flip at data.FLIP_P
+    return bool(args.flip) and (True if p == data.FLIP_P else p)
+
+
 def check_source(args, ds):
     """The data can feed the mode: some sample of the first 8 reads, and text mode has captions. One line naming the
     path otherwise; train.py calls it before the VAE and the text encoder load."""
@@ -270,7 +276,7 @@ def resolve_spec(args, ds, vae=None, encoder=None, explicit=frozenset()):
     if args.data == "latents" and ds is not None and ds.resolution:
         args.resolution = ds.resolution
     semantic = resolve_semantic(args, ds, encoder)
-    d = dict(source=args.data, path=args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
+    d = dict(source=args.data, path=args.data_path, resolution=args.resolution, crop=args.crop, flip=data_flip(args),
              seed=args.seed, orig_size=data.typical_orig_size(ds) if ds is not None else None,
              base_resolution=args.base_resolution)
     if args.data == "latents":  # the images the shards came from (evaluate.py --ref train)

@@ -405,3 +405,25 @@ def test_latents_progress(tmp_path):
     for n in range(2):
         a, b = (np.load(tmp_path / r / f"shard_{n:05d}" / "latent.npy") for r in "ab")
         assert a.shape[0] == (4, 2)[n] and np.array_equal(a, b)
+
+
+def test_flip_probability():
+    """--flip-p: the fraction of flipped samples follows p (exact count under the seeded generator, within 4 binomial
+    standard errors), p = data.FLIP_P is the plain --flip (same samples, same spec), and p outside (0, 1] is refused."""
+    import argparse
+    import run
+    import train
+    n = 2000
+    for p in (0.25, 0.9):
+        ds = data.build_dataset("embedded", resolution=8, crop="center", flip=p, seed=1, length=n)
+        k = sum(int(ds[i]["phi"][2]) for i in range(n))
+        assert abs(k - p * n) < 4 * (n * p * (1 - p)) ** 0.5, (p, k)
+    a = data.build_dataset("embedded", resolution=8, flip=True, seed=1, length=50)
+    b = data.build_dataset("embedded", resolution=8, flip=data.FLIP_P, seed=1, length=50)
+    assert all(torch.equal(a[i]["image"], b[i]["image"]) for i in range(50))
+    ns = argparse.Namespace
+    assert run.data_flip(ns(flip=True, flip_p=data.FLIP_P)) is True
+    assert run.data_flip(ns(flip=True, flip_p=0.25)) == 0.25 and run.data_flip(ns(flip=False, flip_p=0.25)) is False
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(SystemExit, match=f"--flip-p {float(bad)}"):
+            train.main(["--flip-p", bad, "--max-steps", "1", "--device", "cpu", "--out-dir", "/nonexistent/x"])

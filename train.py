@@ -86,7 +86,9 @@ def get_parser():
     add(g, "--resolution", "training resolution in pixels", data.RESOLUTION, type=int)
     add(g, "--crop", "crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2); center: the "
         "centred min(H,W) square, flipped like the others unless --no-flip", "global", choices=data.CROPS)
-    add(g, "--flip", "random horizontal flip, p = 0.5", True, action=argparse.BooleanOptionalAction)
+    add(g, "--flip", "random horizontal flip, p = --flip-p", True, action=argparse.BooleanOptionalAction)
+    add(g, "--flip-p", "probability of a flip under --flip (the flip study lowers it: below 0.5 a caption's side is "
+        "still learnable without flip in φ, and φ's flip carries the rest)", data.FLIP_P, type=float)
     add(g, "--num-workers", "DataLoader worker processes per rank", 0, type=int)
     add(g, "--vae", f"'none' = pixel space; else a diffusers AutoencoderKL name/path (e.g. {latents.DEFAULT_VAE}) "
         "whose latents the model is trained on", "none")
@@ -392,7 +394,8 @@ def split_batch(args, run, spec, frozen_params):
 
 def load_data(args, run):
     """The dataset and the frozen networks outside the model (VAE, text encoder)."""
-    ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop, flip=args.flip,
+    ds = data.build_dataset(args.data, args.data_path, resolution=args.resolution, crop=args.crop,
+                            flip=runlib.data_flip(args),
                             seed=args.seed)
     runlib.check_source(args, ds)  # before minutes of loading frozen networks
     vae = latents.get_vae(args.vae, str(run.device)) if args.vae != "none" and args.data != "latents" else None
@@ -716,7 +719,7 @@ def settings_table(args, run, spec, n_params):
     rows = [("recipe", f"{args.recipe} ({'the CPU job' if args.size == 'tiny' else 'the paper run, §4 / Tab. A4'})"),
             ("model", f"{m['arch']}-{args.size}, {n_params / 1e6:.2f} M params"),
             ("data", f"{args.data} {args.data_path or ''} at {args.resolution} px, crop {args.crop}, "
-                     f"flip {args.flip}"),
+                     f"flip {runlib.data_flip(args)}"),
             ("latent", lat["vae"] or "pixels"),
             ("batch", f"{args.global_batch} = {run.world} rank(s) x micro-batch {run.micro} x accum {args.grad_accum}"),
             ("optim", f"lr {args.lr:g} (warm-up {args.warmup}), betas {tuple(args.adam_betas)}, wd "
@@ -755,6 +758,8 @@ def check_flags(args, set_by):
     if args.size != "tiny" and set_by["data"] != "flag":
         runlib.refuse(f"--size {args.size} trains the paper's run: pass its data, --data imagefolder|wds|captions|"
                       "latents with --data-path (the embedded toy set is for --size tiny)")
+    if not 0 < args.flip_p <= 1:
+        runlib.refuse(f"--flip-p {args.flip_p}: a probability in (0, 1] (--no-flip turns flips off)")
     if args.keep_every and (args.keep_every < 0 or not args.ckpt_every or args.keep_every % args.ckpt_every):
         runlib.refuse(f"--keep-every {args.keep_every}: must be a multiple of --ckpt-every {args.ckpt_every}")
 
