@@ -219,9 +219,10 @@ def positive_md(pc, a):
     parts = []
     for row, r in pc["rows"].items():
         name = f"{row:g}" if isinstance(row, float) else row
+        each = f" ({'passed' if r and r['passed'] else 'failed'})" if len(pc["rows"]) > 1 else ""
         parts.append(f"{name}: not measured" if r is None else
                      f"{name}: {num(r['measured'])} (seeds {', '.join(num(v) for v in r['values'])}) vs {floor} "
-                     f"{num(r['floor'])}, threshold {num(r['threshold'])}")
+                     f"{num(r['floor'])}, threshold {num(r['threshold'])}{each}")
     outcome = {True: "passed", False: "failed", None: "not measured"}[pc["passed"]]
     return (f"positive control ({pc['capability']}): {pc['what']}; design seeds {' '.join(map(str, a.seeds))}; "
             f"threshold = {floor} + max({POS_Z:g} standard errors of one run, {margin}); {'; '.join(parts)}: "
@@ -231,11 +232,16 @@ def positive_md(pc, a):
 # ----------------------------------------------------------------------------- tables
 def claims(study, res, final=None):
     """Each claim of the study as {claim, metric, deltas (design seeds), confirm (confirmation seeds), stats,
-    verdict, ...}, pairing seeds by position in the stage's seed list."""
+    verdict, ...}, pairing seeds by position in the stage's seed list. A claim is gated by the positive control of
+    the rows it compares where the control measures them (transfer: extrapolate and no-rescale start from the
+    baseline's pre-training, local from its own), else by every row of the control."""
     out, nd = [], len(study.args.seeds)
     pc = study.positive
-    absent = None if pc is None or pc["passed"] else pc["capability"]
     for text, key, base, treat, sign in CLAIMS[study.args.study]:
+        gate = [r for r in (base, treat) if pc and r in pc["rows"]] or list(pc["rows"] if pc else [])
+        passed = pc is None or (all(pc["rows"][r] is not None and pc["rows"][r]["passed"] for r in gate) if gate
+                                else bool(pc["passed"]))
+        absent = None if passed else pc["capability"]  # the claim's own rows' control, else the study's
         metric = key.format(final=final)
         if base not in res or treat not in res:  # a row left out by --schedules / --betas
             continue

@@ -184,8 +184,8 @@ def test_positive_controls():
 
 
 def test_positive_control_gates_claims():
-    """A failed positive control makes every claim of the study 'inconclusive: <capability> absent', even one whose
-    Δ is decisive on both seed sets."""
+    """A failed positive control makes the claims it gates 'inconclusive: <capability> absent', even one whose Δ is
+    decisive on both seed sets; a claim is gated by the control's rows among those it compares."""
     args = reproduce.parse(["control", "--seeds", "0", "1", "2", "--confirm-seeds", "3", "4"])
     big = dict(lpips_floor=[0.001] * 5, lpips_sd=[0.001] * 5, lpips_prompts=[100] * 5)
     res = {"uniform": {"lpips": [0.05, 0.051, 0.049, 0.05, 0.05], **big},
@@ -196,6 +196,24 @@ def test_positive_control_gates_claims():
     res["uniform"]["lpips_floor"] = [0.03] * 5  # the same distances, a floor that hides them
     study.positive = reproduce.positive_control(study)
     assert [c["verdict"] for c in reproduce.claims(study, res)] == ["inconclusive: size conditioning absent"]
+    # transfer: each claim is gated by the pre-trainings its rows start from. A local pre-training that fails its
+    # control leaves the local claim inconclusive and the PE claims (the baseline's pre-training) decided
+    args = reproduce.parse(["transfer", "--seeds", "0", "1", "2", "--confirm-seeds", "3", "4"])
+    n = 500
+
+    def row(counts, pre):
+        return {"judge_acc@200": [k / n for k in counts], "judge_acc_n@200": [n] * 5,
+                "pre_judge_acc": [k / 100 for k in pre], "pre_judge_acc_n": [100] * 5, "pre_judge_acc_chance": [0.1] * 5}
+    res = {"baseline": row([200, 210, 205, 200, 207], [40] * 5), "extrapolate": row([150, 158, 152, 149, 151], []),
+           "no-rescale": row([201, 209, 206, 199, 208], []), "local": row([240, 250, 245, 244, 246], [15] * 5)}
+    study = types.SimpleNamespace(args=args, results=res, positive=None)
+    study.positive = reproduce.positive_control(study)
+    assert study.positive["passed"] is False and study.positive["rows"]["baseline"]["passed"]
+    got = {c["treatment"]: c["verdict"] for c in reproduce.claims(study, res, final=200)}
+    assert got == {"extrapolate": "reproduced", "no-rescale": "no effect",
+                   "local": "inconclusive: class drawing at 8 px absent"}, got
+    assert "baseline: 0.4" in reproduce.positive_md(study.positive, args) and "(failed)" in \
+        reproduce.positive_md(study.positive, args)
 
 
 # ----------------------------------------------------------------------------- caches keyed by the argv

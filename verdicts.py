@@ -188,7 +188,8 @@ def verdict(deltas, expected_sign, floor, confirm=None, absent=None):
     and confirmation seeds (two more). (1) Positive control: the study first measures, in the same runs, the
     capability its claims act on, against its floor (a distance: its 8-bit floor, threshold floor + max(3 standard
     errors of one run, the floor); an accuracy: chance, threshold chance + max(3 standard errors, a quarter of the
-    way from chance to 1)); if it fails, the verdict is 'inconclusive: <capability> absent'. (2) Floor: a Δ counts
+    way from chance to 1)); if it fails, the verdict is 'inconclusive: <capability> absent'. A claim is gated by
+    the control's rows among the two it compares (every control row when it compares none of them). (2) Floor: a Δ counts
     only if |mean Δ| exceeds the metric's own sampling error at N images, whatever the seeds say: for an accuracy
     the binomial standard error of a difference of two proportions, sqrt(p_b(1 − p_b)/N + p_t(1 − p_t)/N), and at
     least 2 images; for a mean over prompts its standard error. (3) Test: a two-sided paired t-test of mean Δ = 0
