@@ -610,7 +610,7 @@ def fid_reference(args, net, spec, res, n_gen):
         source, seed = spec["data"]["source"], spec["data"]["seed"]
         ds = data.build_dataset(source, resolution=res, crop="center", flip=False, seed=seed)
         n = args.ref_max or 2000
-        key = f"heldout:{seed}" if source == "embedded" else f"heldout:{source}:{seed}"  # the cache's key
+        key = f"heldout:{source}:{seed}"  # the cache's key
         mu_r, sig_r = ref(key, n, data.dataset_images_at(ds, data.heldout_indices(ds, n)))
         if args.fid_floor is not False:
             floor_idx = data.heldout_indices(ds, n_gen, start=data.HELDOUT_START + n)

@@ -734,11 +734,18 @@ def write_results(path, blocks):
         f.write(text)
 
 
+def block_command(study, argv):
+    """The command a block shows: this study's, without --results (it only says which file receives the block)."""
+    shown = [t for i, t in enumerate(argv) if not (t == "--results" or t.startswith("--results=") or
+                                                   (i and argv[i - 1] == "--results"))]
+    return shlex.join(["python", "reproduce.py", *[study if t == "all" else t for t in shown]])
+
+
 def result_block(args, argv, md, wall, ran, confirm):
     """A study's block, every line generated: when, where, the command, wall time beside the --dry-run estimate, the
     table of estimates against measured walls, then its table one heading level down (RESULTS.md nests the studies
     under a section)."""
-    cmd = shlex.join(["python", "reproduce.py", *[args.study if t == "all" else t for t in argv]])
+    cmd = block_command(args.study, argv)
     plan, walls = full_plan(args, confirm)
     est, on_cal = estimate(plan, args), estimate(plan, args, CAL_STEPS_PER_S)
     where = REF_MACHINE if args.steps_per_s == REF_STEPS_PER_S else "the machine of --steps-per-s"

@@ -69,8 +69,8 @@ def test_crop_metadata():
 
 def test_embedded_web_sizes_show():
     """embedded-web: the original's size shows in the 16 px crop the model sees (what size conditioning acts on):
-    small originals are soft (upsampled) and filled by their object, large ones sharp with a small object; the
-    embedded source's images are untouched by the web variant."""
+    small originals are soft (upsampled) and filled by their object, large ones sharp with a small object; item i
+    keeps the class and caption of embedded item i at another size."""
     ds = data.build_dataset("embedded-web", resolution=16, crop="center", flip=False, seed=0, length=300)
     small, large = [], []
     for i in range(300):

@@ -432,6 +432,14 @@ def test_reproduce_all(tmp_path):
     assert len(walls(second)) == 5 and walls(second) == walls(first) and "(0 commands" not in second
 
 
+def test_block_command():
+    """A block shows the command that made its numbers, without the file it was written to."""
+    assert reproduce.block_command("control", ["all", "--lpips-net", "pixel", "--results", "/x/R.md"]) == \
+        "python reproduce.py control --lpips-net pixel"
+    assert reproduce.block_command("flip", ["flip", "--results=/x/R.md", "--seeds", "0"]) == \
+        "python reproduce.py flip --seeds 0"
+
+
 def test_results_quotes_the_rule():
     """RESULTS.md's 'Verdict rule' paragraph is the docstring of reproduce.verdict, word for word, outside any
     generated block."""

@@ -87,8 +87,8 @@ def get_parser():
     add(g, "--crop", "crop scale: global [0.9,1], local [0.4,0.6], mix [0.4,1] of min(H,W) (§2.2); center: the "
         "centred min(H,W) square, flipped like the others unless --no-flip", "global", choices=data.CROPS)
     add(g, "--flip", "random horizontal flip, p = --flip-p", True, action=argparse.BooleanOptionalAction)
-    add(g, "--flip-p", "probability of a flip under --flip (the flip study lowers it: below 0.5 a caption's side is "
-        "still learnable without flip in φ, and φ's flip carries the rest)", data.FLIP_P, type=float)
+    add(g, "--flip-p", "probability of a flip under --flip (below 0.5 a caption's side stays learnable without flip "
+        "in φ, and φ's flip carries the rest)", data.FLIP_P, type=float)
     add(g, "--num-workers", "DataLoader worker processes per rank", 0, type=int)
     add(g, "--vae", f"'none' = pixel space; else a diffusers AutoencoderKL name/path (e.g. {latents.DEFAULT_VAE}) "
         "whose latents the model is trained on", "none")
