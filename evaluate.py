@@ -39,7 +39,7 @@ from tqdm import tqdm
 import conditioning
 import data
 import run
-from conditioning import CROP_LEFT, CROP_TOP, ORIG_H, ORIG_W
+from conditioning import CROP_LEFT, CROP_TOP, FLIP, ORIG_H, ORIG_W
 from formats import read_prompts, read_samples, write_adm_batch  # prompt files, sample sets on disk
 
 # ----------------------------------------------------------------------------- constants
@@ -71,8 +71,7 @@ def captions_sha1(captions):
 
 
 def prompts_tag(args, captions):
-    """The samples-folder suffix of the prompts: a file's name and a hash of its captions (an edited file does
-    not resume into the old images)."""
+    """The samples-folder suffix of the prompts: a file's name and its captions' hash (an edited file: new images)."""
     if captions is None:
         return "" if args.prompts == "train" else f"_{args.prompts}"
     return f"_{os.path.splitext(os.path.basename(args.prompts))[0]}-{captions_sha1(captions)[:8]}"
@@ -492,10 +491,10 @@ def get_parser():
     g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default: on)")
     g.add_argument("--beta", type=float, default=None, help="control guidance beta of Eq. 2 (default: 1.375 for a "
                    "--recipe ours checkpoint at S/B/L/XL, Tab. A3; 1 = plain CFG otherwise)")
-    g.add_argument("--size-cond", choices=["train", "fixed", "center"], default="train", help="size conditioning: "
-                   "drawn from the training distribution (Tab. 2b), orig size = resolution, or 'center': the training "
-                   "distribution's size with the crop at the centre-crop position, the view whose caption agreement "
-                   "on real images is ~1 (--caption-agreement) (default: train)")
+    g.add_argument("--size-cond", choices=["train", "fixed", "center", "mirror"], default="train", help="φ: drawn "
+                   "from the training distribution (Tab. 2b), orig size = resolution, 'center': the training size with "
+                   "the centre crop (caption agreement ~1 on real images), or 'mirror': 'center' with flip = 1, scored "
+                   "against the side opposite to the caption's (default: train)")
     g.add_argument("--prompts", default="train", help="text mode: 'train' = the captions of the training samples "
                    "the conditions are drawn from; 'leftright' = the balanced 'a <colour> <shape> on the <left/right>' "
                    "set, every shape equally often on each side; or a FILE: a COCO captions .json (the first caption "
@@ -550,9 +549,10 @@ def eval_conditions(args, spec, pool, seeds, captions=None):
     labels, phi = train_conditions(spec, pool, seeds)
     if args.size_cond == "fixed":
         phi = run.default_phi(spec, len(seeds))
-    if args.size_cond == "center":  # crop (top, left) of the centre crop of side min(h, w)
+    if args.size_cond in ("center", "mirror"):  # crop (top, left) of the centre crop of side min(h, w)
         m = phi[:, [ORIG_H, ORIG_W]].min(1).values
         phi[:, CROP_TOP], phi[:, CROP_LEFT] = ((phi[:, ORIG_H] - m) / 2).floor(), ((phi[:, ORIG_W] - m) / 2).floor()
+        phi[:, FLIP] = float(args.size_cond == "mirror")  # mirror: ask for the flipped view of the caption
     labels = data.leftright_prompts(seeds) if args.prompts == "leftright" else labels
     if captions is not None:  # image i = seed - --seed takes caption i, cycling past the file's end
         labels = [captions[(s - args.seed) % len(captions)] for s in seeds]
@@ -675,11 +675,11 @@ def judge_net(args, spec, judge_on):
     return net, jds, K
 
 
-def caption_metrics(net, images):
-    """Shape / side / colour of each sample against its sidecar prompt."""
+def caption_metrics(net, images, mirrored=False):
+    """Shape / side / colour of each sample against its sidecar prompt (mirrored: its side swapped, flip = 1)."""
     gen_x, _, files = read_samples(images)
     prompts = [open(f[:-4] + ".txt", encoding="utf-8").read().strip() for f in files]
-    agree = caption_agreement(caption_predictions(net, gen_x), prompts)
+    agree = caption_agreement(caption_predictions(net, gen_x), prompts, [mirrored] * len(prompts))
     print("caption agreement  " + "  ".join(f"{p} {agree[p]:.3f} (chance {agree[p + '_chance']:.3f})"
                                             for p in CAPTION_PARTS) + f"  mean {agree['mean']:.3f}")
     return {**{f"caption_{k}": v for k, v in agree.items()}, "caption_n": len(files)}
@@ -785,7 +785,7 @@ def main(argv=None):
         if judge_on or caption_on:  # the judge: a CNN trained on the run's real training crops (cached)
             net, jds, K = judge_net(args, spec, judge_on)
         if caption_on:
-            metrics.update(caption_metrics(net, images))
+            metrics.update(caption_metrics(net, images, args.size_cond == "mirror"))
         if judge_on:
             metrics.update(judge_metrics(args, net, jds, K, spec, images))
         print(json.dumps(metrics, indent=2))

@@ -91,6 +91,7 @@ CENTER = ["--crop", "center"]
 # the pixels to describe (on the default embedded data every original is >= 48 px and downsampled to 16 px, and the
 # size leaves no trace the model could follow)
 WEB = ["--data", "embedded-web"]
+MIRROR = "flip, mirror"  # the flip run sampled with φ's flip = 1 (design seeds): does it read the bit at all?
 # sampling steps of every evaluation (DDIM; Euler for rf, the tiny default): 25 so that three seeds at N = 500 fit
 # the budget (deviation: Fig. 8 uses 50, the paper's FID protocol 250)
 EVAL_STEPS = 25
@@ -172,7 +173,8 @@ PAPER = {
                 "noisy": "FID 6.79, CLIP 26.60 (β_txt 0.02)"},
     "flip": {"flip": "FID 8.40, CLIP 23.68 (Tab. 2c); follows left/right (Fig. 6)",
              "no-flip": "FID 8.43, CLIP 23.59 (Tab. 2c); confuses left/right (Fig. 6)",
-             "flips-off": "— (positive control: no flips, nothing contradicts a caption's side)"},
+             "flips-off": "— (positive control: no flips, nothing contradicts a caption's side)",
+             MIRROR: "— (diagnostic: side ≈ 1 − the flip row's when φ's flip is ignored, ≈ it when read)"},
     "transfer": {"baseline": "FID 6.27 with every change (Tab. A3 right)",
                  "extrapolate": "≈ +0.2 FID after 130k it. (Fig. 8a)",
                  "no-rescale": "≈ +0.7 FID after 40k it. (Fig. 8b)",
@@ -389,14 +391,15 @@ def flip(study):
     size). Centre crops keep the object on its caption's side, so a flip is the only thing that contradicts it."""
     a, rows, res = study.args, [], {}
     study.results = res
-    for name, flags, design_only in FLIP_ARMS:
-        m = study.seeds(lambda s: study.evaluate(study.train(name, s, TEXT + CENTER + flags) + "/ckpt.pt",
-                                                 "leftright",
-                                                 ["--prompts", "leftright", "--size-cond", "center", "--no-clip",
+    for name, flags, design_only, view in [(*arm, "center") for arm in FLIP_ARMS] + [(MIRROR, [], True, "mirror")]:
+        arm = name.split(",")[0]
+        m = study.seeds(lambda s: study.evaluate(study.train(arm, s, TEXT + CENTER + flags) + "/ckpt.pt",
+                                                 "leftright" if view == "center" else view,
+                                                 ["--prompts", "leftright", "--size-cond", view, "--no-clip",
                                                   "--caption-agreement"], fid=False), design_only=design_only)
         res[name] = m
-        rows.append([name, " ".join(flags) or "(default: --control crop size flip)", *caption_cols(m),
-                     PAPER["flip"][name]])
+        rows.append([name, " ".join(flags + (["(sampled: --size-cond mirror)"] if view == "mirror" else []))
+                     or "(default: --control crop size flip)", *caption_cols(m), PAPER["flip"][name]])
     write_table(study, "Flip conditioning (§3.3, Fig. 6, Tab. 2c)", ["φ", "flag", "shape", "side (left/right)",
                                                                      "colour", "mean", "paper"], rows,
                 [setting(a).split("; FID")[0] + "; FID off", f"every run: {' '.join(TEXT + CENTER)}, random flips "
@@ -405,7 +408,9 @@ def flip(study):
                  "prompts: the balanced 'a <colour> <shape> on the <left/right>' set (evaluate.py --prompts "
                  "leftright), sampled with flip = 0 in φ", CAPTION_NOTE,
                  f"the verdict is decided by the side agreement at N = {a.num_samples}; flips-off (--no-flip, design "
-                 "seeds only) is the positive control and decides nothing"])
+                 "seeds only) is the positive control and decides nothing",
+                 f"{MIRROR}: the flip run sampled with flip = 1 in φ (evaluate.py --size-cond mirror, design seeds) "
+                 "and scored against the mirrored side; it decides nothing"])
     return res
 
 

@@ -6,6 +6,7 @@ files (--prompts: lines or COCO json, FID against --ref, CLIPScore per caption, 
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -518,3 +519,41 @@ def test_progress_flag(adm_ckpt, tmp_path, capsys, one_thread):
             assert "it/s" not in err and "s/it" not in err and not any(d in err for d in names + ("sampling",)), err
         else:
             assert all(d in err for d in names + ("sampling",)), err
+
+
+@pytest.mark.parametrize("reads_flip", [True, False])
+def test_mirror_view(prompt_runs, tmp_path, reads_flip):
+    """--size-cond mirror asks for the flipped view (φ's flip = 1, the centre crop's position) and scores the side
+    against the mirrored caption: a generator that reads the flip (it mirrors its flip-0 image) scores exactly its
+    flip-0 side agreement, one that ignores it exactly the fraction of images with a side minus that."""
+    generate, seen = run.generate, {}
+
+    def spy(model, spec, seeds, labels, phi=None, **kw):  # the flip-0 image, mirrored when told and read
+        seen[float(phi[0, evaluate.FLIP])] = phi.clone()
+        unflipped = phi.clone()
+        unflipped[:, evaluate.FLIP] = 0
+        x = generate(model, spec, seeds, labels, phi=unflipped, **kw)
+        return x.flip(-1) if reads_flip and phi[0, evaluate.FLIP] == 1 else x
+    out = {}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(run, "generate", spy)
+    try:
+        for view in ("center", "mirror"):
+            path = str(tmp_path / f"{view}.json")
+            evaluate.main(["--ckpt", prompt_runs["text"], "--prompts", "leftright", "--size-cond", view,
+                           "--num-samples", "12", "--steps", "1", "--no-fid", "--no-clip", "--ref", "heldout",
+                           "--caption-agreement", "--judge-train", "64", "--cache-dir", str(tmp_path / "cache"),
+                           "--device", "cpu", "--out", path])
+            out[view] = json.load(open(path))
+    finally:
+        mp.undo()
+    assert set(seen) == {0.0, 1.0} and (seen[1.0][:, evaluate.FLIP] == 1).all()
+    keep = [c for c in range(seen[0.0].shape[1]) if c != evaluate.FLIP]  # crop and size: the centre view's
+    assert torch.equal(seen[1.0][:, keep], seen[0.0][:, keep])
+    samples = glob.glob(prompt_runs["text"][:-3] + "_samples_*_center_leftright*")
+    side, _ = evaluate.image_side_colour(formats.read_samples(samples[0])[0])
+    k0, k1 = (round(out[v]["caption_side"] * 12) for v in ("center", "mirror"))  # image counts (float32 means)
+    assert k1 == (k0 if reads_flip else int((side >= 0).sum()) - k0)
+    for view in ("center", "mirror"):  # the next parameter generates afresh
+        for d in glob.glob(prompt_runs["text"][:-3] + f"_samples_*_{view}_leftright*"):
+            shutil.rmtree(d)

@@ -400,7 +400,7 @@ def test_reproduce_all(tmp_path):
     pad = json.load(open(tmp_path / "repro" / "padding" / "padding.json"))["results"]
     assert set(pad) == {"zero", "replicate", "noisy"} and all(0 <= v <= 1 for v in pad["zero"]["caption_side"])
     flip = json.load(open(tmp_path / "repro" / "flip" / "flip.json"))["results"]
-    assert set(flip) == {"flip", "no-flip", "flips-off"}
+    assert set(flip) == {"flip", "no-flip", "flips-off", reproduce.MIRROR}
     tr = json.load(open(tmp_path / "repro" / "transfer" / "transfer.json"))["results"]
     assert set(tr["curves"]) == {"baseline", "extrapolate", "no-rescale", "local"}
     assert "judge_acc@2" in tr["curves"]["local"] and (tmp_path / "repro" / "transfer" / "transfer_judge.png").exists()
