@@ -391,15 +391,17 @@ def flip(study):
     size). Centre crops keep the object on its caption's side, so a flip is the only thing that contradicts it."""
     a, rows, res = study.args, [], {}
     study.results = res
-    for name, flags, design_only, view in [(*arm, "center") for arm in FLIP_ARMS] + [(MIRROR, [], True, "mirror")]:
-        arm = name.split(",")[0]
+    # (row, the run it samples, its train.py flags, design seeds only, --size-cond of the samples, the flag column)
+    views = [(name, name, flags, only, "center", " ".join(flags) or "(default: --control crop size flip)")
+             for name, flags, only in FLIP_ARMS]
+    views.append((MIRROR, "flip", [], True, "mirror", "(sampled: --size-cond mirror)"))
+    for name, arm, flags, design_only, view, shown in views:
         m = study.seeds(lambda s: study.evaluate(study.train(arm, s, TEXT + CENTER + flags) + "/ckpt.pt",
                                                  "leftright" if view == "center" else view,
                                                  ["--prompts", "leftright", "--size-cond", view, "--no-clip",
                                                   "--caption-agreement"], fid=False), design_only=design_only)
         res[name] = m
-        rows.append([name, " ".join(flags + (["(sampled: --size-cond mirror)"] if view == "mirror" else []))
-                     or "(default: --control crop size flip)", *caption_cols(m), PAPER["flip"][name]])
+        rows.append([name, shown, *caption_cols(m), PAPER["flip"][name]])
     write_table(study, "Flip conditioning (§3.3, Fig. 6, Tab. 2c)", ["φ", "flag", "shape", "side (left/right)",
                                                                      "colour", "mean", "paper"], rows,
                 [setting(a).split("; FID")[0] + "; FID off", f"every run: {' '.join(TEXT + CENTER)}, random flips "
